@@ -1,0 +1,86 @@
+# captioner: every target sets itself up (`make setup` is idempotent and quick once done).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+DATA ?= data/shapes-v1
+MODEL ?= models/default
+RUN ?= runs/default
+REPO ?= model_repository
+TARGET ?= auto
+PRECISION ?= fp32
+SPLIT ?= test
+TRAIN_SCENES ?= 60000
+EPOCHS ?= 14
+PYTEST_ARGS ?=
+
+.PHONY: help setup data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench clean
+
+help:
+	@grep -E '^## ' Makefile | sed 's/^## //'
+
+## setup          .venv (Python 3.11) with the pinned requirements; quick when already done
+setup: $(STAMP)
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+## data           shapes-v1 train/val/test in COCO captions layout under $(DATA)
+data: $(DATA)/captions_test.json
+$(DATA)/captions_test.json: | $(STAMP)
+	$(PY) -m captioner data --out $(DATA) --train $(TRAIN_SCENES) --val 2000 --test 2000
+
+## train          train a model on $(DATA) into $(RUN) (resumable: make train ARGS=--resume)
+train: data
+	$(PY) -m captioner train --data $(DATA) --out $(RUN) --epochs $(EPOCHS) $(ARGS)
+
+## default-model  reproduce the shipped model: data, training, evaluation, copy into models/default
+default-model: data
+	$(PY) -m captioner train --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --val-decode 2000 $(ARGS)
+	$(PY) -m captioner eval --model $(RUN) --data $(DATA) --split test --robustness --out $(RUN)/eval_test.json
+	mkdir -p models/default && cp $(RUN)/model.pt $(RUN)/loss_curve.png $(RUN)/eval_test.json models/default/
+
+## eval           score MODEL on SPLIT: BLEU, ROUGE-L, CIDEr (+METEOR with Java), share correct
+eval: data
+	$(PY) -m captioner eval --model $(MODEL) --data $(DATA) --split $(SPLIT) --out reports/eval_$(SPLIT).json
+
+## caption        caption images in-process: make caption IMAGES="a.png b.jpg"
+caption: | $(STAMP)
+	$(PY) -m captioner caption --model $(MODEL) $(IMAGES)
+
+## test           the whole suite (unit + integration against a real tritonserver)
+test: | $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## test-unit      tests/unit only (no server)
+test-unit: | $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## test-integration tests/integration only
+test-integration: | $(STAMP)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|int8|fp16
+build-engines: | $(STAMP)
+	$(PY) -m build.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --repo $(REPO)
+
+## serve          build if needed, start tritonserver, caption three sample scenes, keep serving
+serve: | $(STAMP)
+	$(PY) -m captioner.serve --model $(MODEL) --repo $(REPO) $(ARGS)
+
+## loadtest       Locust headless against a running server (starts one if none answers); reports in reports/
+loadtest: | $(STAMP)
+	$(PY) -m loadtest.run $(ARGS)
+
+## bench          in-process bound vs Triton vs a naive server; reports/bench.md and plots
+bench: | $(STAMP)
+	$(PY) -m bench.run $(ARGS)
+
+## clean          remove generated artifacts (data, runs, repository, reports); keeps .venv and models/
+clean:
+	rm -rf data runs reports build/out
+	find $(REPO) -mindepth 1 -not -name README.md -delete

@@ -1,0 +1,69 @@
+"""Checkpoint -> ONNX: the encoder (image -> h0, c0) and one decoder step
+(tokens, h, c -> log_probs, h_out, c_out), with named tensors and a dynamic batch axis.
+
+Normalisation is NOT in the encoder graph: `captioner.preprocess.normalize` does it,
+once, before the encoder (Triton's `preprocess` model, or the in-process path)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+
+from captioner.checkpoint import Checkpoint
+from captioner.model import DecoderStepExport, EncoderExport
+
+OPSET = 17
+ENCODER_INPUTS = ["image"]
+ENCODER_OUTPUTS = ["h0", "c0"]
+STEP_INPUTS = ["tokens", "h", "c"]
+STEP_OUTPUTS = ["log_probs", "h_out", "c_out"]
+
+
+def _check(path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    return inferred
+
+
+def export_encoder(ck: Checkpoint, path: str | Path, opset: int = OPSET) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = EncoderExport(ck.model).eval()
+    s = ck.preprocess.image_size
+    example = torch.zeros(2, 3, s, s)
+    with torch.inference_mode():
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=ENCODER_INPUTS,
+            output_names=ENCODER_OUTPUTS,
+            dynamic_axes={n: {0: "batch"} for n in ENCODER_INPUTS + ENCODER_OUTPUTS},
+            opset_version=opset,
+            dynamo=False,
+        )
+    _check(path)
+    return path
+
+
+def export_decoder_step(ck: Checkpoint, path: str | Path, opset: int = OPSET) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = DecoderStepExport(ck.model).eval()
+    u = ck.args.lstm_units
+    example = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, u), torch.zeros(2, u))
+    with torch.inference_mode():
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=STEP_INPUTS,
+            output_names=STEP_OUTPUTS,
+            dynamic_axes={n: {0: "batch"} for n in STEP_INPUTS + STEP_OUTPUTS},
+            opset_version=opset,
+            dynamo=False,
+        )
+    _check(path)
+    return path
