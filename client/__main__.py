@@ -1,0 +1,85 @@
+"""`python -m client IMAGE_OR_DIR...`: print `path<TAB>caption` for each image, in input order.
+
+Failures go to stderr as `path: reason`; the others are still printed and the exit
+status is 1 if any image failed (2 for bad usage or nothing to caption).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from client.core import DEFAULT_MODEL, DEFAULT_URL, AsyncCaptionClient, RetryPolicy, find_images
+
+
+def _env(name: str, default, cast=str):
+    value = os.environ.get(name)
+    return default if value in (None, "") else cast(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories (walked, sorted)")
+    p.add_argument("--url", default=_env("CAPTIONER_URL", DEFAULT_URL), help="Triton gRPC address [$CAPTIONER_URL]")
+    p.add_argument("--model-name", default=_env("CAPTIONER_MODEL_NAME", DEFAULT_MODEL),
+                   help="served model [$CAPTIONER_MODEL_NAME]")
+    p.add_argument("--beam", type=int, default=_env("CAPTIONER_BEAM", None, int),
+                   help="beam size 1-10 (default: the model's) [$CAPTIONER_BEAM]")
+    p.add_argument("--max-length", type=int, default=_env("CAPTIONER_MAX_LENGTH", None, int),
+                   help="max caption tokens 1-50 [$CAPTIONER_MAX_LENGTH]")
+    p.add_argument("--temperature", type=float, default=_env("CAPTIONER_TEMPERATURE", None, float),
+                   help="sampling temperature [$CAPTIONER_TEMPERATURE]")
+    p.add_argument("--concurrency", type=int, default=_env("CAPTIONER_CONCURRENCY", 8, int),
+                   help="requests in flight [$CAPTIONER_CONCURRENCY]")
+    p.add_argument("--timeout", type=float, default=_env("CAPTIONER_TIMEOUT", 30.0, float),
+                   help="seconds per request attempt [$CAPTIONER_TIMEOUT]")
+    p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", 4, int),
+                   help="attempts per image while the server is UNAVAILABLE [$CAPTIONER_RETRIES]")
+    p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a third column")
+    return p
+
+
+async def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr, client_factory=AsyncCaptionClient) -> int:
+    images = find_images(args.inputs)
+    if not images:
+        print("no images found in " + " ".join(args.inputs), file=err)
+        return 2
+    from tqdm import tqdm
+
+    failed = 0
+    client = client_factory(
+        args.url, args.model_name, concurrency=args.concurrency, timeout=args.timeout,
+        retry=RetryPolicy(max_attempts=args.retries),
+    )
+    async with client:
+        results = client.caption_iter(
+            [str(p) for p in images], beam_size=args.beam, max_length=args.max_length, temperature=args.temperature
+        )
+        # disable=None: the bar shows only on a terminal, never in pipes or logs.
+        with tqdm(total=len(images), unit="img", file=err, disable=None, leave=False) as bar:
+            async for r in results:
+                bar.update()
+                if r.ok:
+                    cols = [r.image, r.caption] + ([f"{r.score:.4f}"] if args.scores else [])
+                    bar.write("\t".join(cols), file=out)
+                else:
+                    failed += 1
+                    bar.write(str(r.error), file=err)
+    if failed:
+        print(f"{failed} of {len(images)} images failed", file=err)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, value, lo in (("--concurrency", args.concurrency, 1), ("--retries", args.retries, 1)):
+        if value < lo:
+            build_parser().error(f"{flag} must be >= {lo}")
+    if args.timeout <= 0:
+        build_parser().error("--timeout must be > 0")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
