@@ -1,0 +1,92 @@
+"""The in-process bound: the served ONNX artifacts and the served decode loop in one
+Python process, no server, no IPC. Each caption does the work a request does: decode
+the image bytes, resize, normalise, run the encoder, greedy-decode with
+`captioner.decoding` over `onnx_step`, turn tokens into text. Only the hops are gone,
+so a server can approach this figure but should not beat it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from captioner.checkpoint import Checkpoint
+from captioner.decoding import DecodeParams, decode, onnx_step
+from captioner.preprocess import decode_image, normalize, prepare
+
+
+def ort_session(path: str | Path, threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+class InProcessCaptioner:
+    def __init__(
+        self,
+        ck: Checkpoint,
+        encoder_onnx: str | Path,
+        decoder_onnx: str | Path,
+        threads: int | None = None,
+        max_length: int | None = None,
+    ):
+        self.cfg, self.vocab = ck.preprocess, ck.vocab
+        self.encoder = ort_session(encoder_onnx, threads)
+        self.step = onnx_step(ort_session(decoder_onnx, threads))
+        self.params = DecodeParams(
+            max_length=max_length or ck.args.max_length, length_penalty=ck.decoding.get("length_penalty", 0.7)
+        ).validate()
+        self.tokens = 0  # generated tokens so far (END excluded), to report mean caption length
+
+    def caption_bytes(self, images: Sequence[bytes]) -> list[str]:
+        batch = np.stack([prepare(decode_image(b), self.cfg) for b in images])
+        h0, c0 = self.encoder.run(["h0", "c0"], {"image": normalize(batch, self.cfg)})
+        hyps = decode(self.step, h0, c0, self.vocab.start, self.vocab.end, self.params)
+        self.tokens += sum(len(h.tokens) for h in hyps)
+        return [self.vocab.decode(h.tokens) for h in hyps]
+
+
+@dataclass
+class InProcessResult:
+    batch_size: int
+    captions: int
+    elapsed_s: float
+    captions_per_s: float
+    mean_tokens: float  # generated tokens per caption (END excluded)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(
+    cap: InProcessCaptioner, images: Sequence[bytes], batch_size: int, duration: float, warmup_batches: int = 1
+) -> InProcessResult:
+    """Caption batches of `batch_size` images back to back for about `duration` seconds
+    (whole batches only, at least one) after `warmup_batches` untimed batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(images)
+
+    def batch(k: int) -> list[bytes]:
+        return [images[(k * batch_size + j) % n] for j in range(batch_size)]
+
+    for k in range(warmup_batches):
+        cap.caption_bytes(batch(k))
+    cap.tokens = 0
+    done, k = 0, 0
+    t0 = time.perf_counter()
+    while True:
+        done += len(cap.caption_bytes(batch(k)))
+        k += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= duration:
+            break
+    return InProcessResult(batch_size, done, elapsed, done / elapsed, cap.tokens / done)

@@ -1,0 +1,268 @@
+"""Closed-loop asyncio load generator: `concurrency` workers, each sending its next
+request as soon as the previous one is answered.
+
+Two ways to bound a level: a fixed number of requests (every one counted), or a
+warm-up followed by a measured window (only requests that complete inside the window
+count, so neither start-up nor the drain at the end dilutes the steady state).
+The client's own CPU use is measured over the same window: client and server share
+the machine's cores, so a heavy client steals from the server it is measuring.
+
+Clients: `TritonClient` (tritonclient.grpc.aio, the `captioner` ensemble) and
+`HttpClient` (aiohttp, raw image bytes POSTed to a URL that answers JSON).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Awaitable, Callable, Iterable, Sequence
+
+import numpy as np
+import psutil
+
+Send = Callable[[int], Awaitable[object]]
+
+PERCENTILES = (50, 95, 99)
+MAX_ERROR_SAMPLES = 5
+
+
+def percentiles(latencies_s: Sequence[float], qs: Iterable[float] = PERCENTILES) -> dict[int | float, float]:
+    """Latency percentiles in milliseconds (linear interpolation between order statistics,
+    numpy's default); NaN for every q when there are no samples."""
+    qs = list(qs)
+    if len(latencies_s) == 0:
+        return {q: float("nan") for q in qs}
+    values = np.percentile(np.asarray(latencies_s, np.float64) * 1e3, qs)
+    return {q: float(v) for q, v in zip(qs, values)}
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    completed: int  # successful requests counted in the measurement
+    errors: int  # failed requests counted in the measurement
+    elapsed_s: float  # measured wall time
+    throughput: float  # successful requests per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    client_cpu: float  # client process CPU / (elapsed x cores): its share of the machine
+    server_cpu: float | None  # the same for the server processes, when their pids are known
+    error_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _CpuMeter:
+    """CPU seconds of this process and of the given server processes (children included),
+    turned into shares of the whole machine over a wall-clock interval."""
+
+    def __init__(self, server_pids: Sequence[int] = ()):
+        self.me = psutil.Process()
+        self.server_pids = list(server_pids)
+        self.cores = psutil.cpu_count() or 1
+
+    @staticmethod
+    def _cpu(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    def _server(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for pid in self.server_pids:
+            try:
+                root = psutil.Process(pid)
+                for p in [root] + root.children(recursive=True):
+                    out[p.pid] = self._cpu(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def snapshot(self) -> tuple[float, float, dict[int, float]]:
+        return time.perf_counter(), self._cpu(self.me), self._server()
+
+    def shares(self, a, b) -> tuple[float, float | None]:
+        wall = max(b[0] - a[0], 1e-9)
+        client = (b[1] - a[1]) / (wall * self.cores)
+        if not self.server_pids:
+            return client, None
+        # A process born inside the window counts from zero.
+        server = sum(v - a[2].get(pid, 0.0) for pid, v in b[2].items())
+        return client, server / (wall * self.cores)
+
+
+async def run_level(
+    send: Send,
+    concurrency: int,
+    *,
+    requests: int | None = None,
+    duration: float | None = None,
+    warmup: float = 1.0,
+    server_pids: Sequence[int] = (),
+) -> LevelResult:
+    """Drive `send(i)` (i = request index, 0, 1, 2, ...) from `concurrency` workers.
+
+    Exactly one of `requests` (a fixed count, all counted, `warmup` ignored) or `duration`
+    (seconds measured after `warmup` seconds) bounds the level. A request fails when
+    `send` raises; failures are counted, never timed."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if (requests is None) == (duration is None):
+        raise ValueError("give exactly one of requests= or duration=")
+    if requests is not None and requests < 1:
+        raise ValueError(f"requests must be >= 1, got {requests}")
+    if duration is not None and duration <= 0:
+        raise ValueError(f"duration must be > 0, got {duration}")
+
+    meter = _CpuMeter(server_pids)
+    counter = iter(range(requests if requests is not None else 1 << 62))
+    latencies: list[float] = []
+    errors: list[str] = []
+    n_errors = 0
+    window = [None, None]  # perf_counter bounds of the measurement; None until set
+    stop = asyncio.Event()
+
+    def counted(t_end: float) -> bool:
+        if requests is not None:
+            return True
+        return window[0] is not None and window[0] <= t_end and (window[1] is None or t_end <= window[1])
+
+    async def worker() -> None:
+        nonlocal n_errors
+        while not stop.is_set():
+            i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                await send(i)
+            except Exception as e:  # a failed request is a data point, not a crash
+                t1 = time.perf_counter()
+                if counted(t1):
+                    n_errors += 1
+                    if len(errors) < MAX_ERROR_SAMPLES:
+                        errors.append(f"{type(e).__name__}: {e}"[:300])
+                continue
+            t1 = time.perf_counter()
+            if counted(t1):
+                latencies.append(t1 - t0)
+
+    if requests is not None:
+        start = meter.snapshot()
+        window[0] = start[0]
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        end = meter.snapshot()
+    else:
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        try:
+            await asyncio.sleep(warmup)
+            start = meter.snapshot()
+            window[0] = start[0]
+            await asyncio.sleep(duration)
+            end = meter.snapshot()
+            window[1] = end[0]
+            stop.set()
+            await asyncio.gather(*tasks)  # drain: replies after the window are not counted
+        finally:
+            for t in tasks:
+                t.cancel()
+    elapsed = end[0] - start[0]
+    client_cpu, server_cpu = meter.shares(start, end)
+    p = percentiles(latencies)
+    return LevelResult(
+        concurrency=concurrency,
+        completed=len(latencies),
+        errors=n_errors,
+        elapsed_s=elapsed,
+        throughput=len(latencies) / elapsed if elapsed > 0 else float("nan"),
+        p50_ms=p[50],
+        p95_ms=p[95],
+        p99_ms=p[99],
+        mean_ms=float(np.mean(latencies) * 1e3) if latencies else float("nan"),
+        client_cpu=client_cpu,
+        server_cpu=server_cpu,
+        error_samples=errors,
+    )
+
+
+class HttpClient:
+    """POST raw image bytes to `url`; a reply counts when it is 200 with a JSON `caption`."""
+
+    def __init__(self, url: str, images: Sequence[bytes], content_type: str = "image/png"):
+        if not images:
+            raise ValueError("need at least one image")
+        self.url, self.images, self.content_type = url, list(images), content_type
+        self.session = None
+
+    async def __aenter__(self) -> "HttpClient":
+        import aiohttp
+
+        # No connection cap below the concurrency: the client must never be the queue.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def __call__(self, i: int) -> str:
+        data = self.images[i % len(self.images)]
+        async with self.session.post(self.url, data=data, headers={"Content-Type": self.content_type}) as r:
+            body = await r.json(content_type=None)
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {body}")
+        caption = body.get("caption") if isinstance(body, dict) else None
+        if not isinstance(caption, str):
+            raise RuntimeError(f"reply has no caption: {body}")
+        return caption
+
+
+class TritonClient:
+    """One `captioner` ensemble request per image over gRPC (tritonclient.grpc.aio).
+
+    The request tensors are built once per image: rebuilding them per request is client
+    CPU that the server then does not get."""
+
+    def __init__(
+        self,
+        url: str,
+        images: Sequence[bytes],
+        model: str = "captioner",
+        input_name: str = "IMAGE",
+        output_name: str = "CAPTION",
+        parameters: dict | None = None,
+    ):
+        if not images:
+            raise ValueError("need at least one image")
+        import tritonclient.grpc.aio as grpcclient
+
+        self._mod = grpcclient
+        self.url, self.model, self.output_name = url, model, output_name
+        self.parameters = parameters or None
+        self.inputs = []
+        for data in images:
+            inp = grpcclient.InferInput(input_name, [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+            self.inputs.append([inp])
+        self.outputs = [grpcclient.InferRequestedOutput(output_name)]
+        self.client = None
+
+    async def __aenter__(self) -> "TritonClient":
+        self.client = self._mod.InferenceServerClient(self.url)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+    async def __call__(self, i: int) -> str:
+        result = await self.client.infer(
+            self.model, self.inputs[i % len(self.inputs)], outputs=self.outputs, parameters=self.parameters
+        )
+        out = result.as_numpy(self.output_name)
+        if out is None or out.size != 1:
+            raise RuntimeError(f"expected one caption, got {None if out is None else out.shape}")
+        v = out.reshape(-1)[0]
+        return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,178 @@
+"""Tables, ratios and target checks of a bench run, as Markdown (reports/bench.md and the
+console). Input is the results dict bench.run builds (also saved as reports/bench.json)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SEED_MODEL = "seed-inception"
+
+
+def inprocess_bound(results: dict, model: str, variant: str) -> tuple[float, int] | None:
+    """Best in-process captions/s over the measured batch sizes, and that batch size."""
+    rows = [r for r in results.get("inprocess", []) if r["model"] == model and r["variant"] == variant]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["captions_per_s"])
+    return best["captions_per_s"], best["batch_size"]
+
+
+def _level(results: dict, model: str, stack: str, concurrency: int, variant: str | None = None) -> dict | None:
+    for lv in results.get("levels", []):
+        if lv["model"] == model and lv["stack"] == stack and lv["concurrency"] == concurrency:
+            if variant is None or lv["variant"] == variant:
+                return lv
+    return None
+
+
+def ratio_rows(results: dict) -> list[dict]:
+    """One row per Triton level: its throughput over the in-process bound of the same
+    artifacts and over the naive server at the same concurrency (same model)."""
+    rows = []
+    for lv in results.get("levels", []):
+        if lv["stack"] != "triton":
+            continue
+        bound = inprocess_bound(results, lv["model"], lv["variant"])
+        naive = _level(results, lv["model"], "naive", lv["concurrency"])
+        rows.append(
+            dict(
+                model=lv["model"],
+                variant=lv["variant"],
+                concurrency=lv["concurrency"],
+                triton=lv["throughput"],
+                inprocess=bound[0] if bound else None,
+                naive=naive["throughput"] if naive else None,
+                vs_inprocess=lv["throughput"] / bound[0] if bound and bound[0] else None,
+                vs_naive=lv["throughput"] / naive["throughput"] if naive and naive["throughput"] else None,
+            )
+        )
+    rows.sort(key=lambda r: (r["model"], r["variant"], r["concurrency"]))
+    return rows
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None
+    goal: float
+    unit: str
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.value is None or math.isnan(self.value) else self.value >= self.goal
+
+    def line(self) -> str:
+        status = {True: "MET", False: "MISSED", None: "not measured"}[self.met]
+        v = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
+        return f"- {self.name}: {v} (goal >= {self.goal:g}{self.unit}) -> **{status}**"
+
+
+def targets(results: dict, default_model: str) -> list[Target]:
+    out = []
+    variants = sorted({lv["variant"] for lv in results.get("levels", []) if lv["stack"] == "triton"})
+    for v in variants:
+        sat = [lv for lv in results["levels"] if lv["model"] == SEED_MODEL and lv["stack"] == "triton" and lv["variant"] == v]
+        bound = inprocess_bound(results, SEED_MODEL, v)
+        if sat or bound:
+            best = max((lv["throughput"] for lv in sat), default=None)
+            out.append(Target(f"{SEED_MODEL} {v}: Triton at saturation / in-process bound", best / bound[0] if best is not None and bound else None, 0.9, "x"))
+        t16 = _level(results, SEED_MODEL, "triton", 16, v)
+        n16 = _level(results, SEED_MODEL, "naive", 16)
+        if t16 or n16:
+            out.append(Target(f"{SEED_MODEL} {v}: Triton / naive at 16 clients", t16["throughput"] / n16["throughput"] if t16 and n16 and n16["throughput"] else None, 3.0, "x"))
+        d32 = _level(results, default_model, "triton", 32, v)
+        if d32 or any(lv["model"] == default_model for lv in results.get("levels", [])):
+            out.append(Target(f"{default_model} {v}: Triton at 32 clients", d32["throughput"] if d32 else None, 300.0, " captions/s"))
+    return out
+
+
+def _f(x, fmt="{:.1f}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def _pct(x) -> str:
+    return _f(None if x is None else 100 * x, "{:.0f}%")
+
+
+def inprocess_table(results: dict) -> str:
+    lines = ["| model | variant | batch | captions/s | tokens/caption |", "|---|---|---:|---:|---:|"]
+    for r in results.get("inprocess", []):
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch_size']} | {_f(r['captions_per_s'])} | {_f(r['mean_tokens'])} |")
+    return "\n".join(lines)
+
+
+def levels_table(results: dict) -> str:
+    lines = [
+        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | client CPU | server CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lv in results.get("levels", []):
+        lines.append(
+            f"| {lv['model']} | {lv['stack']} | {lv['variant']} | {lv['concurrency']} | {_f(lv['throughput'])} | "
+            f"{_f(lv['p50_ms'])} | {_f(lv['p95_ms'])} | {_f(lv['p99_ms'])} | {lv['errors']} | "
+            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} |"
+        )
+    return "\n".join(lines)
+
+
+def ratio_table(results: dict) -> str:
+    lines = [
+        "| model | variant | clients | Triton/s | in-process bound/s | naive/s | Triton / in-process | Triton / naive |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in ratio_rows(results):
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['concurrency']} | {_f(r['triton'])} | {_f(r['inprocess'])} | "
+            f"{_f(r['naive'])} | {_f(r['vs_inprocess'], '{:.2f}x')} | {_f(r['vs_naive'], '{:.2f}x')} |"
+        )
+    return "\n".join(lines)
+
+
+def config_lines(results: dict) -> str:
+    def walk(d: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += walk(v, f"{prefix}{k}.")
+            else:
+                out.append(f"- {prefix}{k}: {v}")
+        return out
+
+    return "\n".join(walk(results.get("config", {})))
+
+
+def markdown(results: dict, default_model: str) -> str:
+    parts = [
+        "# Benchmark: in-process bound vs Triton vs naive server",
+        "",
+        f"Run {results.get('started', '?')}, {results.get('machine', '?')}. "
+        "Client, server and in-process runs share the same cores, one at a time.",
+        "",
+        "## Configuration",
+        config_lines(results),
+        "",
+        "## Ratios",
+        "In-process bound = the best of its batch sizes for the same model and artifacts; "
+        "naive = the FastAPI + eager torch server at the same number of clients.",
+        "",
+        ratio_table(results),
+        "",
+        "## Targets",
+        "\n".join(t.line() for t in targets(results, default_model)),
+        "",
+        "## In-process bound",
+        inprocess_table(results),
+        "",
+        "## Load levels",
+        "CPU columns: share of the whole machine (all cores) used by the load generator and by the server processes.",
+        "",
+        levels_table(results),
+        "",
+    ]
+    if results.get("plots"):
+        parts += ["## Plots", *[f"![{p}]({p})" for p in results["plots"]], ""]
+    if results.get("notes"):
+        parts += ["## Notes", *[f"- {n}" for n in results["notes"]], ""]
+    return "\n".join(parts)
