@@ -1,0 +1,365 @@
+"""Checkpoint + exported artifacts -> a Triton model repository.
+
+Every config.pbtxt is built as a `ModelConfig` protobuf message with values taken from
+the checkpoint (image size, LSTM units, vocabulary size, max length, decoding
+defaults), written with text_format, parsed back and checked for completeness.
+
+Models (ensemble `captioner` = preprocess -> encoder -> caption_generator):
+  preprocess         Python: Pillow decode + captioner.preprocess, request checks
+  encoder            CPU: Python + onnxruntime;  GPU: tensorrt_plan
+  decoder_step       CPU: Python + onnxruntime;  GPU: onnxruntime_onnx
+  caption_generator  Python: batched greedy / beam / sampling over the decoder step
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import onnx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from captioner.checkpoint import Checkpoint
+from captioner.decoding import MAX_BEAM
+from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
+
+ENSEMBLE = "captioner"
+PREPROCESS, ENCODER, DECODER_STEP, GENERATOR = "preprocess", "encoder", "decoder_step", "caption_generator"
+MODELS = (PREPROCESS, ENCODER, DECODER_STEP, GENERATOR, ENSEMBLE)
+PYTHON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
+TARGETS = ("cpu", "gpu")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Sized for 2 CPU cores: one instance per model lets the three stages of the ensemble
+# overlap; the bench tunes these through assemble's arguments, not by editing code.
+DEFAULT_INSTANCES = {
+    "cpu": {PREPROCESS: 1, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 1},
+    "gpu": {PREPROCESS: 2, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 2},
+}
+DEFAULT_ORT_THREADS = {ENCODER: 1, DECODER_STEP: 1, GENERATOR: 1}
+# Measured on the CPU machine (README, "BLS or in-process decoder step"). On GPU the
+# step goes to the GPU decoder_step through BLS.
+DEFAULT_STEP_MODE = {"cpu": "inprocess", "gpu": "bls"}
+DEFAULT_QUEUE_DELAY_US = 1000
+
+_FP32, _INT64, _STRING = mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_STRING
+
+
+class RepositoryError(ValueError):
+    """The repository (or what it was built from) is incomplete or inconsistent."""
+
+
+# --- protobuf builders ---------------------------------------------------------------
+
+
+def _input(name: str, dtype: int, dims, reshape=None) -> mc.ModelInput:
+    t = mc.ModelInput(name=name, data_type=dtype, dims=list(dims))
+    if reshape is not None:
+        t.reshape.shape.extend(reshape)
+    return t
+
+
+def _output(name: str, dtype: int, dims) -> mc.ModelOutput:
+    return mc.ModelOutput(name=name, data_type=dtype, dims=list(dims))
+
+
+def _params(cfg: mc.ModelConfig, values: Mapping[str, object]) -> None:
+    for k, v in values.items():
+        cfg.parameters[k].string_value = str(v)
+
+
+def _base(name: str, max_batch_size: int, instances: int, kind: int, queue_delay_us: int) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
+    cfg.instance_group.add(count=instances, kind=kind)
+    cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    return cfg
+
+
+def _python(cfg: mc.ModelConfig) -> mc.ModelConfig:
+    cfg.backend = "python"
+    return cfg
+
+
+def build_configs(
+    ck: Checkpoint,
+    target: str,
+    max_batch_size: int,
+    precision: str,
+    instances: Mapping[str, int],
+    ort_threads: Mapping[str, int],
+    step_mode: str,
+    queue_delay_us: int,
+    limits: Mapping[str, int],
+) -> dict[str, mc.ModelConfig]:
+    s = ck.preprocess.image_size
+    u = ck.args.lstm_units
+    v = len(ck.vocab)
+    if ck.args.vocab_size != v:
+        raise RepositoryError(f"checkpoint vocab has {v} words but the model was built for {ck.args.vocab_size}")
+    decoding = {"max_length": ck.args.max_length, "length_penalty": ck.decoding.get("length_penalty", 0.7)}
+    cpu, gpu = mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_GPU
+    accel = gpu if target == "gpu" else cpu
+    image = [3, s, s]
+
+    pre = _python(_base(PREPROCESS, max_batch_size, instances[PREPROCESS], cpu, queue_delay_us))
+    pre.input.append(_input("IMAGE", _STRING, [1]))
+    pre.output.append(_output(ENCODER_INPUTS[0], _FP32, image))
+    _params(pre, {**decoding, "max_image_bytes": limits["max_image_bytes"], "max_image_pixels": limits["max_image_pixels"]})
+
+    enc = _base(ENCODER, max_batch_size, instances[ENCODER], accel, queue_delay_us)
+    enc.input.append(_input(ENCODER_INPUTS[0], _FP32, image))
+    enc.output.extend(_output(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
+    if target == "gpu":
+        enc.platform, enc.default_model_filename = "tensorrt_plan", "model.plan"
+        _params(enc, {"precision": precision})
+    else:
+        _python(enc)
+        _params(enc, {"precision": precision, "intra_op_threads": ort_threads[ENCODER]})
+
+    # Every live beam of every image is one row of a step: up to max_batch_size * MAX_BEAM.
+    dec = _base(DECODER_STEP, max_batch_size * MAX_BEAM, instances[DECODER_STEP], accel, queue_delay_us)
+    # A per-row scalar token: Triton needs non-empty dims, the graph takes [batch].
+    dec.input.append(_input(STEP_INPUTS[0], _INT64, [1], reshape=[]))
+    dec.input.extend(_input(n, _FP32, [u]) for n in STEP_INPUTS[1:])
+    dec.output.append(_output(STEP_OUTPUTS[0], _FP32, [v]))
+    dec.output.extend(_output(n, _FP32, [u]) for n in STEP_OUTPUTS[1:])
+    if target == "gpu":
+        dec.platform, dec.default_model_filename = "onnxruntime_onnx", "model.onnx"
+    else:
+        _python(dec)
+        _params(dec, {"intra_op_threads": ort_threads[DECODER_STEP]})
+
+    gen = _python(_base(GENERATOR, max_batch_size, instances[GENERATOR], cpu, queue_delay_us))
+    gen.input.extend(_input(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
+    gen.output.append(_output("CAPTION", _STRING, [1]))
+    gen.output.append(_output("SCORE", _FP32, [1]))
+    _params(gen, {**decoding, "step_mode": step_mode, "step_model": DECODER_STEP, "intra_op_threads": ort_threads[GENERATOR]})
+
+    ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=max_batch_size)
+    ens.input.append(_input("IMAGE", _STRING, [1]))
+    ens.output.append(_output("CAPTION", _STRING, [1]))
+    ens.output.append(_output("SCORE", _FP32, [1]))
+    steps = ens.ensemble_scheduling.step
+    step = steps.add(model_name=PREPROCESS, model_version=-1)
+    step.input_map["IMAGE"] = "IMAGE"
+    step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
+    step = steps.add(model_name=ENCODER, model_version=-1)
+    step.input_map[ENCODER_INPUTS[0]] = "preprocessed_image"
+    for n in ENCODER_OUTPUTS:
+        step.output_map[n] = f"encoded_{n}"
+    step = steps.add(model_name=GENERATOR, model_version=-1)
+    for n in ENCODER_OUTPUTS:
+        step.input_map[n] = f"encoded_{n}"
+    step.output_map["CAPTION"] = "CAPTION"
+    step.output_map["SCORE"] = "SCORE"
+    _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision})
+    return {c.name: c for c in (pre, enc, dec, gen, ens)}
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[str, list[int]]) -> None:
+    """Tensor names and the non-batch dims of an exported graph must match the config."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(vi):
+        return [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim][1:]
+
+    for kind, want, have in (
+        ("input", inputs, {i.name: dims(i) for i in graph.input}),
+        ("output", outputs, {o.name: dims(o) for o in graph.output}),
+    ):
+        if set(want) != set(have):
+            raise RepositoryError(f"{path.name}: graph {kind}s are {sorted(have)}, expected {sorted(want)}")
+        for name, d in want.items():
+            # -1: the exporter left the dim symbolic; only a known, different dim is wrong.
+            if len(have[name]) != len(d) or any(h not in (-1, w) for h, w in zip(have[name], d)):
+                raise RepositoryError(f"{path.name}: {kind} {name} has dims {have[name]}, config expects {list(d)}")
+
+
+def _required_files(cfg: mc.ModelConfig) -> list[str]:
+    main = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}.get(cfg.platform, "model.py")
+    extra = {
+        PREPROCESS: ["preprocess.json"],
+        GENERATOR: ["vocab.json"],
+        ENCODER: ["model.onnx"] if cfg.backend == "python" else [],
+        DECODER_STEP: ["model.onnx"],
+    }[cfg.name]
+    if cfg.name == GENERATOR and cfg.parameters["step_mode"].string_value == "inprocess":
+        extra.append("decoder_step.onnx")
+    return [main] + extra
+
+
+def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
+    """Parse every config back and assert the repository is complete and consistent."""
+    repo_dir = Path(repo_dir)
+    configs: dict[str, mc.ModelConfig] = {}
+    for name in MODELS:
+        path = repo_dir / name / "config.pbtxt"
+        if not path.is_file():
+            raise RepositoryError(f"missing {path}")
+        text = path.read_text()
+        cfg = text_format.Parse(text, mc.ModelConfig())
+        if cfg.name != name:
+            raise RepositoryError(f"{path}: name is {cfg.name!r}")
+        if cfg.max_batch_size < 16:
+            raise RepositoryError(f"{path}: max_batch_size {cfg.max_batch_size} < 16")
+        for t in list(cfg.input) + list(cfg.output):
+            if not t.dims or any(d <= 0 for d in t.dims):
+                raise RepositoryError(f"{path}: tensor {t.name} has dims {list(t.dims)}")
+            if t.data_type == mc.TYPE_INVALID:
+                raise RepositoryError(f"{path}: tensor {t.name} has no data type")
+        for k, p in cfg.parameters.items():
+            if not p.string_value or "{" in p.string_value:
+                raise RepositoryError(f"{path}: parameter {k} is {p.string_value!r}")
+        if name != ENSEMBLE:
+            if not cfg.HasField("dynamic_batching"):
+                raise RepositoryError(f"{path}: no dynamic batching")
+            version = repo_dir / name / "1"
+            for needed in _required_files(cfg):
+                if not (version / needed).is_file():
+                    raise RepositoryError(f"{name}: missing {version / needed}")
+        configs[name] = cfg
+
+    # Follow the ensemble's tensors: every step input is produced before it is used, with
+    # the data type and dims the consuming model declares.
+    ens = configs[ENSEMBLE]
+    if not (repo_dir / ENSEMBLE / "1").is_dir():
+        raise RepositoryError(f"{ENSEMBLE}: missing version directory 1")
+    known = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        model = configs.get(step.model_name)
+        if model is None:
+            raise RepositoryError(f"ensemble step uses unknown model {step.model_name}")
+        ins = {t.name: (t.data_type, list(t.dims)) for t in model.input}
+        outs = {t.name: (t.data_type, list(t.dims)) for t in model.output}
+        if set(step.input_map) != set(ins):
+            raise RepositoryError(f"ensemble feeds {sorted(step.input_map)} to {model.name}, which takes {sorted(ins)}")
+        for inner, outer in step.input_map.items():
+            if outer not in known:
+                raise RepositoryError(f"ensemble tensor {outer} is used by {model.name} before it is produced")
+            if known[outer] != ins[inner]:
+                raise RepositoryError(f"ensemble tensor {outer} is {known[outer]}, {model.name}.{inner} wants {ins[inner]}")
+        for inner, outer in step.output_map.items():
+            if inner not in outs:
+                raise RepositoryError(f"{model.name} has no output {inner}")
+            known[outer] = outs[inner]
+    for t in ens.output:
+        if known.get(t.name) != (t.data_type, list(t.dims)):
+            raise RepositoryError(f"ensemble output {t.name} is not produced as declared")
+    return configs
+
+
+def write_config(cfg: mc.ModelConfig, path: Path) -> None:
+    path.write_text(text_format.MessageToString(cfg))
+
+
+# --- assembly ---------------------------------------------------------------------------
+
+
+def assemble(
+    ck: Checkpoint,
+    repo_dir: str | Path,
+    target: str,
+    artifacts: Mapping[str, Path],
+    max_batch_size: int = 32,
+    precision: str = "fp32",
+    instance_counts: Mapping[str, int] | None = None,
+    ort_threads: Mapping[str, int] | None = None,
+    step_mode: str | None = None,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    max_image_bytes: int = DEFAULT_MAX_BYTES,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Path:
+    """Write the model repository for `target` ("cpu" or "gpu") into `repo_dir`.
+
+    artifacts: `encoder_onnx`, `decoder_onnx`, and `encoder_plan` for gpu. Model
+    directories of this repository are replaced; anything else in `repo_dir` is kept."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if max_batch_size < 16:
+        raise ValueError(f"max_batch_size must be >= 16, got {max_batch_size}")
+    step_mode = step_mode or DEFAULT_STEP_MODE[target]
+    if step_mode not in ("inprocess", "bls"):
+        raise ValueError(f"step_mode must be inprocess or bls, got {step_mode!r}")
+    needed = ["encoder_onnx", "decoder_onnx"] + (["encoder_plan"] if target == "gpu" else [])
+    missing = [k for k in needed if k not in artifacts or not Path(artifacts[k]).is_file()]
+    if missing:
+        raise RepositoryError(f"missing artifacts for target {target}: {missing}")
+    instances = {**DEFAULT_INSTANCES[target], **(instance_counts or {})}
+    threads = {**DEFAULT_ORT_THREADS, **(ort_threads or {})}
+    unknown = (set(instances) | set(threads)) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown model names {sorted(unknown)}; models are {MODELS}")
+
+    s, u, v = ck.preprocess.image_size, ck.args.lstm_units, len(ck.vocab)
+    _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [3, s, s]}, {n: [u] for n in ENCODER_OUTPUTS})
+    _check_onnx(
+        Path(artifacts["decoder_onnx"]),
+        {STEP_INPUTS[0]: [], STEP_INPUTS[1]: [u], STEP_INPUTS[2]: [u]},
+        {STEP_OUTPUTS[0]: [v], STEP_OUTPUTS[1]: [u], STEP_OUTPUTS[2]: [u]},
+    )
+    configs = build_configs(
+        ck,
+        target,
+        max_batch_size,
+        precision,
+        instances,
+        threads,
+        step_mode,
+        queue_delay_us,
+        {"max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels},
+    )
+
+    repo_dir = Path(repo_dir)
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    # Built beside the repository, then moved in, so a failure never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}-", dir=repo_dir.parent))
+    try:
+        files: dict[str, dict[str, Path | str]] = {
+            PREPROCESS: {"preprocess.json": json.dumps(ck.preprocess.to_dict(), indent=1)},
+            ENCODER: {"model.plan": Path(artifacts["encoder_plan"])} if target == "gpu" else {"model.onnx": Path(artifacts["encoder_onnx"])},
+            DECODER_STEP: {"model.onnx": Path(artifacts["decoder_onnx"])},
+            GENERATOR: {"vocab.json": json.dumps(ck.vocab.to_list())},
+            ENSEMBLE: {},
+        }
+        if step_mode == "inprocess":
+            files[GENERATOR]["decoder_step.onnx"] = Path(artifacts["decoder_onnx"])
+        for name, cfg in configs.items():
+            version = staging / name / "1"
+            version.mkdir(parents=True)
+            write_config(cfg, staging / name / "config.pbtxt")
+            if cfg.backend == "python":
+                shutil.copy2(PYTHON_MODELS_DIR / name / "model.py", version / "model.py")
+            for filename, content in files[name].items():
+                if isinstance(content, Path):
+                    shutil.copy2(content, version / filename)
+                else:
+                    (version / filename).write_text(content)
+        check_repository(staging)
+        for name in MODELS:
+            dest = repo_dir / name
+            if dest.exists():
+                shutil.rmtree(dest)
+            (staging / name).rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    check_repository(repo_dir)
+    return repo_dir
+
+
+def recorded_checkpoint(repo_dir: str | Path) -> str | None:
+    """The sha256 of the checkpoint a repository was assembled from (None: no repository)."""
+    path = Path(repo_dir) / ENSEMBLE / "config.pbtxt"
+    if not path.is_file():
+        return None
+    cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+    return cfg.parameters["checkpoint_sha256"].string_value if "checkpoint_sha256" in cfg.parameters else None

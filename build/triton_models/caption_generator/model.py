@@ -1,0 +1,72 @@
+"""Triton model `caption_generator`: (h0, c0) -> CAPTION, SCORE.
+
+One execution merges every request of its batch, groups them by decoding parameters
+and runs captioner.decoding (one batched decoder step per token for all live
+sequences) once per group. The step runs in this process through onnxruntime
+(`step_mode: inprocess`) or calls the `decoder_step` model through BLS
+(`step_mode: bls`); the README explains the choice."""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from captioner.decoding import onnx_step
+from captioner.serving import Rejected
+from captioner.serving.generator import GenRequest, bls_step, generate
+from captioner.serving.ort import OrtSettings, session
+from captioner.serving.params import DecodeDefaults, ParamError, decode_params
+from captioner.serving.triton import (
+    OutputMetrics,
+    config_parameters,
+    input_array,
+    internal_error_responses,
+    model_config,
+    read_json,
+    rejected_response,
+    version_dir,
+)
+from captioner.vocab import Vocabulary
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = config_parameters(model_config(args))
+        here = version_dir(args)
+        self.vocab = Vocabulary(read_json(here / "vocab.json"))
+        self.defaults = DecodeDefaults.from_config(params)
+        mode = params.get("step_mode", "inprocess")
+        if mode == "inprocess":
+            self.step = onnx_step(session(here / "decoder_step.onnx", OrtSettings.from_config(params)))
+        elif mode == "bls":
+            self.step = bls_step(pb_utils, params.get("step_model", "decoder_step"))
+        else:
+            raise ValueError(f"step_mode must be inprocess or bls, got {mode!r}")
+        self.metrics = OutputMetrics(pb_utils)
+
+    def _parse(self, request):
+        try:
+            params = decode_params(request.parameters(), self.defaults)
+        except ParamError as e:
+            return Rejected("bad_parameter", str(e))
+        return GenRequest(input_array(pb_utils, request, "h0"), input_array(pb_utils, request, "c0"), params)
+
+    def execute(self, requests):
+        try:
+            parsed = [self._parse(r) for r in requests]
+            good = [p for p in parsed if not isinstance(p, Rejected)]
+            results = iter(generate(self.step, self.vocab, good))
+        except Exception as e:
+            return internal_error_responses(pb_utils, len(requests), "caption_generator", e)
+        responses = []
+        for p in parsed:
+            if isinstance(p, Rejected):
+                responses.append(rejected_response(pb_utils, p))
+                continue
+            out = next(results)
+            self.metrics.produced(len(out.texts), out.tokens)
+            caption = np.array([t.encode("utf-8") for t in out.texts], dtype=np.object_).reshape(-1, 1)
+            score = out.scores.reshape(-1, 1)
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("CAPTION", caption), pb_utils.Tensor("SCORE", score)]
+                )
+            )
+        return responses

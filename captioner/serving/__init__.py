@@ -1,0 +1,17 @@
+"""Triton-free logic behind the Triton models in build/triton_models/.
+
+Each model.py only moves tensors between Triton and these functions, so everything
+that decides an answer (parameter validation, decoding images, batching, decoding
+captions, error messages) is reachable by unit tests without a server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One request's error: `message` goes to the client, `reason` is a metric label."""
+
+    reason: str
+    message: str

@@ -1,0 +1,90 @@
+"""The `preprocess` model's work: every request's encoded images -> one normalised batch.
+
+Decoding goes through captioner.preprocess (the function training uses), one image at
+a time because each may fail on its own; normalisation then runs once over every good
+image of the whole Triton batch, and the result is split back per request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..preprocess import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    Limits,
+    PreprocessConfig,
+    decode_image,
+    normalize,
+    prepare,
+)
+from . import Rejected
+from .batching import concat, split
+from .params import DecodeDefaults, ParamError, decode_params
+
+# Every reason a request can be refused for; metrics pre-create one series per reason.
+REJECT_REASONS = (
+    "bad_type",
+    "empty",
+    "too_large",
+    "not_an_image",
+    "zero_size",
+    "too_many_pixels",
+    "corrupt",
+    "bad_parameter",
+)
+
+
+def limits_from_config(params: Mapping[str, str]) -> Limits:
+    """Byte and pixel limits: captioner.preprocess defaults unless the model config overrides them."""
+    return Limits(
+        max_bytes=int(params.get("max_image_bytes", DEFAULT_MAX_BYTES)),
+        max_pixels=int(params.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
+    )
+
+
+@dataclass
+class Preprocessor:
+    cfg: PreprocessConfig
+    limits: Limits
+    defaults: DecodeDefaults | None = None  # set: request parameters are checked here, first
+
+    def prepare_request(self, images: np.ndarray) -> np.ndarray | Rejected:
+        """One request's IMAGE tensor ([n, 1] bytes) -> uint8 [n, S, S, 3], or why not."""
+        items = np.asarray(images, dtype=object).reshape(-1)
+        if items.size == 0:
+            return Rejected("empty", "IMAGE holds no images")
+        out = []
+        for i, data in enumerate(items):
+            try:
+                out.append(prepare(decode_image(data, self.limits), self.cfg))
+            except ImageError as e:
+                where = "IMAGE" if items.size == 1 else f"IMAGE[{i}]"
+                return Rejected(e.reason, f"{where}: {e}")
+        return np.stack(out)
+
+    def check_parameters(self, raw: Any) -> Rejected | None:
+        if self.defaults is None:
+            return None
+        try:
+            decode_params(raw, self.defaults)
+        except ParamError as e:
+            return Rejected("bad_parameter", str(e))
+        return None
+
+    def run(self, images: Sequence[np.ndarray], parameters: Sequence[Any] | None = None) -> list[np.ndarray | Rejected]:
+        """Per request: float32 [n, 3, S, S] for the encoder, or a Rejected for that request alone.
+
+        A bad parameter is refused before the image is decoded: it is the cheaper check."""
+        parameters = parameters if parameters is not None else [None] * len(images)
+        prepared = [self.check_parameters(p) or self.prepare_request(x) for x, p in zip(images, parameters)]
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, Rejected)]
+        if not good:
+            return prepared
+        batch, sizes = concat([prepared[i] for i in good])
+        for i, part in zip(good, split(normalize(batch, self.cfg), sizes)):
+            prepared[i] = part
+        return prepared

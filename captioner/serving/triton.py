@@ -1,0 +1,91 @@
+"""Glue shared by the Python-backend models. The Triton module
+`triton_python_backend_utils` is passed in (it exists only inside the stub), which
+keeps this file importable and testable anywhere."""
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import Rejected
+
+CAPTIONS = ("captioner_captions_total", "Captions returned by caption_generator")
+TOKENS = ("captioner_tokens_total", "Caption tokens generated (END excluded)")
+REJECTED = ("captioner_rejected_total", "Requests refused as invalid, by reason")
+
+
+def model_config(args: Mapping[str, str]) -> dict:
+    return json.loads(args["model_config"])
+
+
+def config_parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    """config.pbtxt `parameters` -> {key: string_value}."""
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def version_dir(args: Mapping[str, str]) -> Path:
+    """Where the model's own files (model.py, ONNX, vocab) lie."""
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def error_response(pb_utils, message: str, code: str = "INVALID_ARG"):
+    error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def rejected_response(pb_utils, rejected: Rejected):
+    return error_response(pb_utils, rejected.message, "INVALID_ARG")
+
+
+def internal_error_responses(pb_utils, n: int, model: str, exc: BaseException) -> list:
+    """A failure that is not the client's fault: traceback to the server log, a short
+    INTERNAL error to each request of the batch."""
+    pb_utils.Logger.log_error(f"{model}: {''.join(traceback.format_exception(exc))}")
+    message = f"{model}: internal error ({type(exc).__name__}); see the server log"
+    return [error_response(pb_utils, message, "INTERNAL") for _ in range(n)]
+
+
+def input_array(pb_utils, request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise KeyError(f"request lacks input {name}")
+    return tensor.as_numpy()
+
+
+def _counter(pb_utils, spec: tuple[str, str]):
+    return pb_utils.MetricFamily(name=spec[0], description=spec[1], kind=pb_utils.MetricFamily.COUNTER)
+
+
+class OutputMetrics:
+    """captioner_captions_total and captioner_tokens_total (caption_generator)."""
+
+    def __init__(self, pb_utils):
+        # The families must outlive their metrics, so both are kept.
+        self._families = (_counter(pb_utils, CAPTIONS), _counter(pb_utils, TOKENS))
+        self._captions = self._families[0].Metric(labels={})
+        self._tokens = self._families[1].Metric(labels={})
+
+    def produced(self, captions: int, tokens: int) -> None:
+        if captions:
+            self._captions.increment(captions)
+        if tokens:
+            self._tokens.increment(tokens)
+
+
+class RejectMetrics:
+    """captioner_rejected_total{reason=...} (preprocess, where every input is checked)."""
+
+    def __init__(self, pb_utils, reasons: Iterable[str]):
+        self._family = _counter(pb_utils, REJECTED)
+        # A series for every known reason exists from the start: dashboards see 0, not "no data".
+        self._series = {r: self._family.Metric(labels={"reason": r}) for r in reasons}
+
+    def rejected(self, reason: str) -> None:
+        if reason not in self._series:
+            self._series[reason] = self._family.Metric(labels={"reason": reason})
+        self._series[reason].increment(1)
