@@ -1,0 +1,310 @@
+"""`make build-engines`: checkpoint -> ONNX -> parity checks -> (TensorRT engine on a
+CUDA machine) -> (reduced-precision encoder when asked) -> Triton model repository,
+with a build manifest next to the artifacts and in the repository.
+
+Exit status: 0 built; 1 a check failed (parity, engine); 2 bad arguments or missing
+checkpoint; 3 TARGET=gpu could not be met (the CPU repository is still built);
+4 the reduced-precision variant was refused (no repository written)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MAX_BATCH = 32  # the one default: Triton configs and the TensorRT profile both take it from here
+TARGETS = ("auto", "cpu", "gpu")
+PRECISIONS = ("fp32", "fp16", "int8")
+MANIFEST = "build_manifest.json"
+STEPS = 6
+
+EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_GPU_UNMET, EXIT_REFUSED = 1, 2, 3, 4
+
+
+class BuildFailed(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+@contextmanager
+def step(n: int, title: str):
+    log(f"[{n}/{STEPS}] {title}")
+    t0 = time.perf_counter()
+    yield
+    log(f"      ({time.perf_counter() - t0:.1f} s)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m build.build_engines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=env("CAPTIONER_MODEL"),
+                   help="checkpoint dir/file, or 'seed-inception' (env CAPTIONER_MODEL; default: models/default)")
+    p.add_argument("--target", choices=TARGETS, default=env("CAPTIONER_TARGET", "auto"),
+                   help="auto: TensorRT when a CUDA device is present, else CPU (env CAPTIONER_TARGET)")
+    p.add_argument("--precision", choices=PRECISIONS, default=env("CAPTIONER_PRECISION", "fp32"),
+                   help="encoder precision; fp16 is GPU-only, int8 is checked for caption agreement "
+                        "(env CAPTIONER_PRECISION)")
+    p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"),
+                   help="Triton model repository to write (env CAPTIONER_REPO)")
+    p.add_argument("--max-batch-size", type=int, default=int(env("CAPTIONER_MAX_BATCH", DEFAULT_MAX_BATCH)),
+                   help=f"Triton max_batch_size and TensorRT profile max (env CAPTIONER_MAX_BATCH, default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--out", default=env("CAPTIONER_BUILD_OUT"),
+                   help="artifact directory (env CAPTIONER_BUILD_OUT; default build/out/<model name>)")
+    p.add_argument("--data", default=env("CAPTIONER_DATA", "data/shapes-v1"),
+                   help="dataset whose test split measures reduced-precision agreement (env CAPTIONER_DATA); "
+                        "generated scenes when it is absent")
+    p.add_argument("--agreement-images", type=int, default=int(env("CAPTIONER_AGREEMENT_IMAGES", 0)) or None,
+                   help="cap on the images used for the agreement check (default: the whole split)")
+    p.add_argument("--min-agreement", type=float, default=float(env("CAPTIONER_MIN_AGREEMENT", 0.98)),
+                   help="refuse a reduced-precision encoder below this share of fp32-identical captions")
+    p.add_argument("--parity-scenes", type=int, default=int(env("CAPTIONER_PARITY_SCENES", 200)),
+                   help="scenes whose greedy captions must be identical through ONNX and torch")
+    p.add_argument("--trt-version", default=env("CAPTIONER_TRT_VERSION"),
+                   help="TensorRT version of the target Triton image (e.g. 10.5): the build refuses another "
+                        "(env CAPTIONER_TRT_VERSION)")
+    p.add_argument("--timing-cache", default=env("CAPTIONER_TRT_TIMING_CACHE"),
+                   help="TensorRT timing cache file (default <out>/tensorrt_timing.cache)")
+    a = p.parse_args(argv)
+    if a.max_batch_size < 1:
+        p.error("--max-batch-size must be >= 1")
+    if not 0.0 <= a.min_agreement <= 1.0:
+        p.error("--min-agreement must be in [0, 1]")
+    if a.target == "cpu" and a.precision == "fp16":
+        p.error("PRECISION=fp16 is a TensorRT precision; on CPU use fp32 or int8")
+    return a
+
+
+def resolve_model(arg: str | None) -> tuple[Path, str]:
+    """(checkpoint path, model name). 'seed-inception' is created on first use."""
+    from captioner import checkpoint as ckpt_mod
+
+    from . import seed_inception
+
+    if arg == seed_inception.NAME and not Path(arg).exists():
+        return ckpt_mod.resolve(seed_inception.ensure()), seed_inception.NAME
+    try:
+        path = ckpt_mod.resolve(arg)
+    except FileNotFoundError as e:
+        raise BuildFailed(EXIT_USAGE, f"{e}. Train one (make default-model) or pass MODEL=<checkpoint dir> "
+                                      f"or MODEL={seed_inception.NAME}") from None
+    return path, path.parent.name
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    import onnx
+    import onnxruntime
+    import torch
+
+    try:
+        trt = metadata.version("tensorrt")
+    except metadata.PackageNotFoundError:
+        trt = None
+    if trt is None and "tensorrt" in sys.modules:
+        trt = getattr(sys.modules["tensorrt"], "__version__", None)
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "tensorrt": trt}
+
+
+def _sha(path: Path) -> str:
+    from captioner.checkpoint import file_sha256
+
+    return file_sha256(path)
+
+
+def build(a: argparse.Namespace) -> dict:
+    """Run the pipeline; returns the manifest. Raises BuildFailed with an exit code."""
+    from captioner import checkpoint as ckpt_mod
+
+    from . import parity, quantize
+    from . import tensorrt_engine as te
+    from .export import OPSET, export_decoder_step, export_encoder
+
+    started = time.perf_counter()
+    ck_path, name = resolve_model(a.model)
+    out_dir = Path(a.out) if a.out else ROOT / "build" / "out" / name
+    repo_dir = Path(a.repo)
+    manifest: dict = {"model": name, "requested": {"target": a.target, "precision": a.precision}}
+    gpu_unmet: str | None = None
+
+    with step(1, "checkpoint"):
+        ck = ckpt_mod.load(ck_path)
+        speed_only = bool(ck.meta.get("speed_only"))
+        log(f"      {ck_path}  sha256 {ck.sha256[:16]}")
+        log(f"      {ck.args.backbone} {ck.preprocess.image_size}px, vocabulary {len(ck.vocab)}, "
+            f"lstm {ck.args.lstm_units}, max batch {a.max_batch_size}")
+        if speed_only:
+            log(f"      SPEED-ONLY MODEL: {ck.meta.get('note', 'random weights')}")
+        if a.target == "gpu" and not te.cuda_available():
+            log(f"      TARGET=gpu but {te.NO_CUDA.split(':')[0]}: the CPU repository will be built and the "
+                f"build will exit {EXIT_GPU_UNMET}")
+
+    with step(2, f"ONNX export (opset {OPSET}) -> {out_dir}"):
+        enc_onnx = export_encoder(ck, out_dir / "encoder.onnx")
+        dec_onnx = export_decoder_step(ck, out_dir / "decoder_step.onnx")
+        for f in (enc_onnx, dec_onnx):
+            log(f"      {f.name}: {f.stat().st_size / 1e6:.1f} MB, named I/O, dynamic batch, onnx.checker ok")
+
+    with step(3, f"parity onnxruntime vs torch (batch 1 and 7; greedy captions on {a.parity_scenes} scenes)"):
+        report = parity.check_exports(ck, enc_onnx, dec_onnx, caption_scenes=a.parity_scenes)
+        for line in report.lines():
+            log("      " + line)
+        manifest["parity"] = report.to_dict()
+        if not report.passed:
+            raise BuildFailed(EXIT_CHECK_FAILED, f"parity FAILED (tolerance {report.tolerance:.0e}, captions must be "
+                                                 "identical): the ONNX graphs do not compute what the checkpoint does")
+        log("      parity PASSED")
+
+    artifacts = {"encoder_onnx": enc_onnx, "decoder_onnx": dec_onnx}
+    target, precision = "cpu", "fp32"
+    eval_cache: dict = {}
+
+    def eval_images():
+        if "images" not in eval_cache:
+            from tqdm import tqdm
+
+            eval_cache["images"] = quantize.evaluation_images(ck, a.data, limit=a.agreement_images, progress=tqdm)
+        return eval_cache["images"]
+
+    with step(4, "TensorRT engine"):
+        if a.target == "cpu":
+            log("      skipped: TARGET=cpu")
+            manifest["tensorrt"] = {"skipped": "TARGET=cpu"}
+        else:
+            onnx_files = {"fp32": enc_onnx}
+
+            def onnx_for(kind: str) -> Path:
+                if kind not in onnx_files:
+                    if kind == "fp16":
+                        import torch
+
+                        onnx_files[kind] = quantize.export_encoder_cast(ck, out_dir / "encoder.fp16.onnx",
+                                                                        torch.float16)
+                    elif kind == "int8_qdq":
+                        log(f"      Q/DQ graph: symmetric int8, calibrated on {quantize.CALIBRATION_SCENES} scenes")
+                        onnx_files[kind] = quantize.quantize_int8(enc_onnx, out_dir / "encoder.int8_qdq.onnx",
+                                                                  quantize.calibration_images(ck),
+                                                                  symmetric_activations=True)
+                return onnx_files[kind]
+
+            try:
+                result = te.build_encoder_plan(
+                    ck, onnx_for, out_dir, a.max_batch_size, a.precision,
+                    timing_cache=a.timing_cache, expected_version=a.trt_version, log=lambda m: log("      " + m))
+            except te.EngineUnavailable as e:
+                msg = str(e) if isinstance(e, te.NoCudaDevice) else f"{e}: TensorRT engine skipped, CPU repository built"
+                log("      " + msg)
+                manifest["tensorrt"] = {"skipped": msg}
+                if a.target == "gpu":
+                    gpu_unmet = msg
+            else:
+                for d in result.diffs:
+                    log(f"      engine vs onnxruntime batch {d.batch:<2} {d.inputs:<7} max|diff| "
+                        + "  ".join(f"{k}={v:.2e}" for k, v in d.max_abs.items()))
+                manifest["tensorrt"] = result.to_dict()
+                if not result.passed:
+                    raise BuildFailed(EXIT_CHECK_FAILED, f"TensorRT engine differs from onnxruntime by more than "
+                                                         f"{result.tolerance:.0e}")
+                if a.precision != "fp32":
+                    images, source = eval_images()
+                    agreement = quantize.caption_agreement(ck, parity.onnx_encode(parity.session(enc_onnx)),
+                                                           result.encode, parity.session(dec_onnx), images)
+                    log(f"      greedy captions engine {a.precision} == fp32 on {source}: "
+                        f"{agreement.agree}/{agreement.total} = {agreement.share:.2%}")
+                    manifest["tensorrt"]["agreement"] = {"total": agreement.total, "agree": agreement.agree,
+                                                         "share": agreement.share, "evaluated_on": source}
+                    if agreement.share < a.min_agreement:
+                        raise BuildFailed(EXIT_REFUSED, f"{a.precision} engine REFUSED: {agreement.share:.2%} caption "
+                                                        f"agreement with fp32 is below {a.min_agreement:.0%}")
+                artifacts["encoder_plan"] = result.plan_path
+                target, precision = "gpu", a.precision
+                log(f"      {result.plan_path.name}: engine check PASSED")
+
+    with step(5, "reduced-precision CPU encoder"):
+        if target == "gpu":
+            log("      not needed: the encoder runs in TensorRT")
+        elif a.precision == "fp16":
+            log("      PRECISION=fp16 is a TensorRT precision: the CPU repository stays fp32")
+        elif a.precision == "fp32":
+            log("      not requested (PRECISION=int8 builds it and checks its caption agreement with fp32)")
+        else:
+            images, source = eval_images()
+            variant = quantize.build_cpu_variant(ck, enc_onnx, dec_onnx, out_dir, images, source,
+                                                 batch_sizes=(1, a.max_batch_size), min_agreement=a.min_agreement,
+                                                 log=lambda m: log("      " + m))
+            for line in variant.lines():
+                log("      " + line)
+            manifest["cpu_reduced_precision"] = variant.to_dict()
+            if variant.chosen is None:
+                raise BuildFailed(EXIT_REFUSED, "no reduced-precision encoder runs on this CPU")
+            if not variant.accepted:
+                raise BuildFailed(EXIT_REFUSED, f"{variant.chosen.name} encoder REFUSED: "
+                                                f"{variant.agreement.share:.2%} caption agreement with fp32 is below "
+                                                f"{a.min_agreement:.0%}; build with PRECISION=fp32")
+            artifacts["encoder_onnx"] = variant.chosen.path
+            precision = variant.chosen.name
+
+    with step(6, f"Triton repository ({target}, {precision}) -> {repo_dir}"):
+        try:
+            from .repository import assemble
+        except ImportError as e:
+            raise BuildFailed(EXIT_CHECK_FAILED, f"build/repository.py is not available ({e})") from None
+        try:
+            repo = Path(assemble(ck, repo_dir, target, artifacts, max_batch_size=a.max_batch_size,
+                                 precision=precision))
+        except ValueError as e:  # RepositoryError included: the repository could not be made consistent
+            raise BuildFailed(EXIT_CHECK_FAILED, f"repository assembly failed: {e}") from None
+        manifest.update({
+            "speed_only": speed_only,
+            "checkpoint": {"path": str(ck_path), "sha256": ck.sha256, "meta": ck.meta},
+            "preprocess": ck.preprocess.to_dict(),
+            "target": target,
+            "precision": precision,
+            "max_batch_size": a.max_batch_size,
+            "opset": OPSET,
+            "versions": versions(),
+            "artifacts": {k: {"file": str(v), "sha256": _sha(Path(v))} for k, v in artifacts.items()},
+            "repository": str(repo),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - started, 1),
+        })
+        text = json.dumps(manifest, indent=2, default=str) + "\n"
+        for d in (repo, out_dir):
+            (d / MANIFEST).write_text(text)
+        for child in sorted(p for p in repo.iterdir() if p.is_dir()):
+            log(f"      {child.name}/")
+        log(f"      {MANIFEST} written to {repo} and {out_dir}")
+
+    if gpu_unmet:
+        raise BuildFailed(EXIT_GPU_UNMET, gpu_unmet)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        manifest = build(a)
+    except BuildFailed as e:
+        log(f"build-engines: {e}")
+        return e.code
+    log(f"build-engines: {manifest['model']} -> {manifest['repository']} ({manifest['target']}, "
+        f"{manifest['precision']}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Reduced-precision encoders.
+
+CPU: int8 by onnxruntime static quantization (QDQ format, per-channel weights),
+calibrated on real scenes that went through `captioner.preprocess`; bf16 is probed
+too, and the faster of the two that onnxruntime can run here is offered. A variant
+is only accepted when its greedy captions agree with fp32's on at least
+`MIN_AGREEMENT` of the evaluation images.
+
+The same quantizer with symmetric int8 activations gives the Q/DQ graph that
+TensorRT builds int8 engines from (explicit quantization)."""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from captioner.checkpoint import Checkpoint
+from captioner.decoding import onnx_step
+from captioner.preprocess import load_path, normalize, prepare
+
+from . import parity
+from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, OPSET
+
+MIN_AGREEMENT = 0.98
+CALIBRATION_SCENES = 128
+CALIBRATION_SEED = 7  # distinct from the parity and fallback evaluation seeds
+FALLBACK_EVAL_SCENES = 500
+EVAL_SEED = 2024
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol over normalised images."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 32, input_name: str = ENCODER_INPUTS[0]):
+        self._batches = [{input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)]
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._batches)
+
+
+def calibration_images(ck: Checkpoint, n: int = CALIBRATION_SCENES, seed: int = CALIBRATION_SEED) -> np.ndarray:
+    images, _ = parity.scene_batch(n, ck.preprocess, seed=seed)
+    return normalize(images, ck.preprocess)
+
+
+def quantize_int8(fp32_onnx: str | Path, out_path: str | Path, calibration: np.ndarray,
+                  symmetric_activations: bool = False) -> Path:
+    """Static int8 QDQ. Activations are uint8 with a zero point for onnxruntime on CPU
+    (its fastest u8s8 kernels); `symmetric_activations=True` gives int8 activations with
+    zero point 0, which TensorRT's explicit quantization requires."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(fp32_onnx), str(prepped))
+        quantize_static(
+            str(prepped),
+            str(out_path),
+            CalibrationReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+        )
+    onnx.checker.check_model(onnx.load(str(out_path)), full_check=True)
+    return out_path
+
+
+def export_encoder_cast(ck: Checkpoint, path: str | Path, dtype: torch.dtype) -> Path:
+    """The encoder computing in `dtype` (fp16/bf16), casts at its boundary so that its
+    inputs and outputs stay float32 like the fp32 graph's (same Triton config, same
+    preprocessing)."""
+
+    class Cast(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module):
+            super().__init__()
+            self.encoder = copy.deepcopy(encoder).to(dtype)
+
+        def forward(self, image):
+            h0, c0 = self.encoder(image.to(dtype))
+            return h0.float(), c0.float()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s = ck.preprocess.image_size
+    with torch.inference_mode():
+        torch.onnx.export(
+            Cast(ck.model.encoder).eval(),
+            (torch.zeros(2, 3, s, s),),
+            str(path),
+            input_names=ENCODER_INPUTS,
+            output_names=ENCODER_OUTPUTS,
+            dynamic_axes={n: {0: "batch"} for n in ENCODER_INPUTS + ENCODER_OUTPUTS},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def probe_bf16(ck: Checkpoint, path: str | Path) -> tuple[bool, str]:
+    """Can onnxruntime's CPU provider run a bf16 encoder at all? (False, reason) if not."""
+    try:
+        export_encoder_cast(ck, path, torch.bfloat16)
+        sess = parity.session(path)
+        x = parity.random_images(1, ck.preprocess)
+        sess.run(None, {ENCODER_INPUTS[0]: x})
+    except Exception as e:  # export or kernel gaps: both mean "not available here"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, f"onnxruntime CPU cannot run it: {msg[:240]}"
+    return True, "runs"
+
+
+def throughput(sess: ort.InferenceSession, images: np.ndarray, batch: int, min_seconds: float = 1.0,
+               min_runs: int = 3) -> float:
+    """Images per second for one batch size (after a warm-up run)."""
+    x = np.ascontiguousarray(images[:batch])
+    if len(x) < batch:
+        x = np.concatenate([x] * (batch // len(x) + 1))[:batch]
+    feed = {ENCODER_INPUTS[0]: x}
+    sess.run(None, feed)
+    runs, t0 = 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - t0 < min_seconds:
+        sess.run(None, feed)
+        runs += 1
+    return runs * batch / (time.perf_counter() - t0)
+
+
+@dataclass
+class Agreement:
+    total: int
+    agree: int
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        return self.agree / self.total if self.total else 0.0
+
+
+def caption_agreement(ck: Checkpoint, reference: parity.EncodeFn, candidate: parity.EncodeFn,
+                      dec_sess: ort.InferenceSession, images_uint8: np.ndarray) -> Agreement:
+    """Share of images whose greedy caption is identical through `candidate` and `reference`
+    encoders (same decoder-step graph for both, so only the encoder differs)."""
+    step = onnx_step(dec_sess)
+    ref = parity.greedy_tokens(ck, reference, step, images_uint8)
+    got = parity.greedy_tokens(ck, candidate, step, images_uint8)
+    same = [a == b for a, b in zip(ref, got)]
+    examples = [
+        {"fp32": ck.vocab.decode(a), "variant": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s
+    ][:3]
+    return Agreement(len(same), int(sum(same)), examples)
+
+
+def evaluation_images(ck: Checkpoint, data_dir: str | Path | None, split: str = "test", limit: int | None = None,
+                      fallback: int = FALLBACK_EVAL_SCENES,
+                      progress: Callable | None = None) -> tuple[np.ndarray, str]:
+    """The dataset split's images prepared by THE preprocessing when the split exists,
+    else freshly generated scenes. Returns (uint8 [N,S,S,3], description)."""
+    ann = Path(data_dir) / f"captions_{split}.json" if data_dir else None
+    if ann is not None and ann.is_file():
+        meta = json.loads(ann.read_text())
+        files = [Path(data_dir) / im["file_name"] for im in meta["images"]][:limit]
+        it = progress(files, desc=f"loading {split}", unit="img") if progress else files
+        images = np.stack([prepare(load_path(f), ck.preprocess) for f in it])
+        return images, f"{ann.parent}/{split} ({len(images)} images)"
+    n = min(fallback, limit) if limit else fallback
+    images, _ = parity.scene_batch(n, ck.preprocess, seed=EVAL_SEED)
+    return images, f"{n} generated scenes (no {split} split at {data_dir})"
+
+
+@dataclass
+class Candidate:
+    name: str
+    path: Path | None
+    runs: bool
+    note: str = ""
+    images_per_s: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class CpuVariantReport:
+    fp32_images_per_s: dict[int, float]
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    agreement: Agreement | None
+    evaluated_on: str
+    min_agreement: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.chosen is not None and self.agreement is not None and self.agreement.share >= self.min_agreement
+
+    def lines(self) -> list[str]:
+        bs = sorted(self.fp32_images_per_s)
+        out = ["fp32: " + ", ".join(f"{self.fp32_images_per_s[b]:.1f} img/s at batch {b}" for b in bs)]
+        for c in self.candidates:
+            if c.runs:
+                speed = ", ".join(
+                    f"{c.images_per_s[b]:.1f} img/s at batch {b} ({c.images_per_s[b] / self.fp32_images_per_s[b]:.2f}x fp32)"
+                    for b in bs
+                )
+                out.append(f"{c.name}: {speed}")
+            else:
+                out.append(f"{c.name}: not available here ({c.note})")
+        if self.chosen is not None:
+            out.append(f"faster reduced-precision variant here: {self.chosen.name}")
+            slower = [b for b in bs if self.chosen.images_per_s[b] < self.fp32_images_per_s[b]]
+            if slower:
+                out.append(f"note: {self.chosen.name} is SLOWER than fp32 at batch {', '.join(map(str, slower))}")
+        if self.agreement is not None:
+            a = self.agreement
+            verdict = "accepted" if self.accepted else f"REFUSED (below {self.min_agreement:.0%})"
+            out.append(f"greedy captions {self.chosen.name} == fp32 on {self.evaluated_on}: "
+                       f"{a.agree}/{a.total} = {a.share:.2%}  {verdict}")
+            for ex in a.examples:
+                out.append(f"  differs: fp32 {ex['fp32']!r} vs {self.chosen.name} {ex['variant']!r}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "fp32_images_per_s": self.fp32_images_per_s,
+            "candidates": [
+                {"name": c.name, "runs": c.runs, "note": c.note, "images_per_s": c.images_per_s} for c in self.candidates
+            ],
+            "chosen": None if self.chosen is None else self.chosen.name,
+            "agreement": None if self.agreement is None else {
+                "total": self.agreement.total, "agree": self.agreement.agree, "share": self.agreement.share,
+                "examples": self.agreement.examples,
+            },
+            "evaluated_on": self.evaluated_on,
+            "min_agreement": self.min_agreement,
+            "accepted": self.accepted,
+        }
+
+
+def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_dir: Path, eval_images: np.ndarray,
+                      evaluated_on: str, batch_sizes: tuple[int, ...] = (1, 32), min_agreement: float = MIN_AGREEMENT,
+                      calibration_scenes: int = CALIBRATION_SCENES, log: Callable[[str], None] = print) -> CpuVariantReport:
+    """Build int8, probe bf16, time what runs against fp32, keep the faster, and measure
+    its caption agreement with fp32."""
+    timing_images = normalize(eval_images[: max(batch_sizes)], ck.preprocess)
+    fp32 = parity.session(fp32_onnx)
+    fp32_speed = {b: throughput(fp32, timing_images, b) for b in batch_sizes}
+
+    log(f"int8: calibrating on {calibration_scenes} generated scenes")
+    int8_path = quantize_int8(fp32_onnx, out_dir / "encoder.int8.onnx", calibration_images(ck, calibration_scenes))
+    candidates = [Candidate("int8", int8_path, True, "onnxruntime static QDQ, per-channel weights, u8 activations")]
+    bf16_path = out_dir / "encoder.bf16.onnx"
+    ok, note = probe_bf16(ck, bf16_path)
+    candidates.append(Candidate("bf16", bf16_path if ok else None, ok, note))
+    if not ok:
+        bf16_path.unlink(missing_ok=True)
+    sessions = {}
+    for c in candidates:
+        if c.runs:
+            sessions[c.name] = parity.session(c.path)
+            c.images_per_s = {b: throughput(sessions[c.name], timing_images, b) for b in batch_sizes}
+    runnable = [c for c in candidates if c.runs]
+    chosen = max(runnable, key=lambda c: c.images_per_s[max(batch_sizes)]) if runnable else None
+    agreement = None
+    if chosen is not None:
+        agreement = caption_agreement(ck, parity.onnx_encode(fp32), parity.onnx_encode(sessions[chosen.name]),
+                                      parity.session(decoder_onnx), eval_images)
+    return CpuVariantReport(fp32_speed, candidates, chosen, agreement, evaluated_on, min_agreement)
