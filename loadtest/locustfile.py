@@ -1,0 +1,211 @@
+"""Locust users that caption shapes-v1 scenes through the `captioner` Triton ensemble over gRPC.
+
+    locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 60s --host localhost:8001
+
+Every call goes through a gRPC client interceptor that reports it with Locust's request
+event (name, response time, response length, exception), as in Locust's own gRPC example.
+Captions are also checked against each scene's ground truth; that share is reported at the
+end, but a wrong caption is a quality figure, not a failed request.
+"""
+# grpc must run on gevent's loop, not its own threads, or one user blocks all the others;
+# this has to happen before any channel exists.
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from locust import User, events, task  # noqa: E402
+from locust.exception import LocustError  # noqa: E402
+from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
+from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc  # noqa: E402
+from tritonclient.utils import serialize_byte_tensor  # noqa: E402
+
+# Locust puts the locustfile's own folder on sys.path; the pool needs the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioner.scenes import caption_is_correct  # noqa: E402
+from loadtest.pool import build_pool, parse_sizes  # noqa: E402
+
+log = logging.getLogger("loadtest")
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser):
+    g = parser.add_argument_group("captioner")
+    g.add_argument("--model-name", default="captioner", env_var="CAPTIONER_MODEL_NAME", help="served model")
+    g.add_argument("--beam-size", type=int, default=None, env_var="LOADTEST_BEAM",
+                   help="beam_size request parameter (default: the server's)")
+    g.add_argument("--max-length", type=int, default=None, env_var="LOADTEST_MAX_LENGTH",
+                   help="max_length request parameter (default: the server's)")
+    g.add_argument("--request-timeout", type=float, default=30.0, env_var="LOADTEST_REQUEST_TIMEOUT",
+                   help="gRPC deadline per request, seconds")
+    g.add_argument("--think-time", type=float, default=0.0, env_var="LOADTEST_THINK_TIME",
+                   help="seconds each user waits between requests (0: closed loop)")
+    g.add_argument("--pool-size", type=int, default=48, env_var="LOADTEST_POOL_SIZE", help="scenes in the pool")
+    g.add_argument("--pool-seed", type=int, default=1234, env_var="LOADTEST_POOL_SEED")
+    g.add_argument("--pool-sizes", default="64,128,128,256,512,1024", env_var="LOADTEST_POOL_SIZES",
+                   help="image sides drawn from, comma separated")
+    g.add_argument("--jpeg-share", type=float, default=0.5, env_var="LOADTEST_JPEG_SHARE",
+                   help="share of the pool encoded as JPEG (the rest PNG)")
+    g.add_argument("--quality-out", default="", env_var="LOADTEST_QUALITY_OUT",
+                   help="write the caption-correctness summary here (JSON)")
+
+
+class Pool:
+    """Built once per process in the init event; users share it read-only."""
+
+    images: list = []
+    requests: list = []
+    correct = 0
+    checked = 0
+
+
+def infer_request(model: str, image, params: dict) -> service_pb2.ModelInferRequest:
+    """One ModelInfer request for one image, as tritonclient builds it. The image's label
+    rides in the request id, which names the call in Locust's statistics."""
+    req = service_pb2.ModelInferRequest(model_name=model, id=image.label)
+    req.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    req.raw_input_contents.append(serialize_byte_tensor(np.array([[image.data]], dtype=np.object_)).item())
+    req.outputs.add(name="CAPTION")
+    req.outputs.add(name="SCORE")
+    for key, value in params.items():
+        if value is not None:
+            req.parameters[key].int64_param = int(value)
+    return req
+
+
+@events.init.add_listener
+def _build_pool(environment, **_kwargs):
+    opts = environment.parsed_options
+    if opts is None:  # library use without a command line
+        return
+    t0 = time.perf_counter()
+    Pool.images = build_pool(opts.pool_size, opts.pool_seed, parse_sizes(opts.pool_sizes), opts.jpeg_share)
+    params = {"beam_size": opts.beam_size, "max_length": opts.max_length}
+    Pool.requests = [infer_request(opts.model_name, im, params) for im in Pool.images]
+    mb = sum(len(im.data) for im in Pool.images) / 1e6
+    log.info("pool: %d scenes, %.1f MB, built in %.1f s", len(Pool.images), mb, time.perf_counter() - t0)
+    # The event loop's clock stood still while the pool was built; without this, --run-time
+    # would count the build and the test would end early.
+    gevent.get_hub().loop.update_now()
+
+
+@events.quitting.add_listener
+def _report_quality(environment, **_kwargs):
+    if environment.parsed_options and environment.parsed_options.csv_prefix:
+        # Locust writes its CSVs once a second and not again at exit: give its writer one more
+        # turn now that users have stopped, so the CSVs hold the final figures.
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
+    if not Pool.checked:
+        return
+    summary = {"checked": Pool.checked, "correct": Pool.correct, "share_correct": Pool.correct / Pool.checked}
+    log.info("captions correct: %d/%d (%.1f%%)", Pool.correct, Pool.checked, 100 * summary["share_correct"])
+    out = environment.parsed_options.quality_out if environment.parsed_options else ""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class BadResponse(Exception):
+    """The call succeeded at the gRPC level but its answer is unusable."""
+
+
+class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Times every unary call and fires Locust's request event for it. `check(request,
+    response)` may raise BadResponse to fail a call whose answer is unusable."""
+
+    def __init__(self, environment, check=None):
+        self.env = environment
+        self.check = check
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        start = time.perf_counter()
+        response, exception, length = None, None, 0
+        call = continuation(client_call_details, request)
+        try:
+            response = call.result()
+            length = response.ByteSize()
+            if self.check is not None:
+                self.check(request, response)
+        except (grpc.RpcError, BadResponse) as e:
+            exception = e
+        method = client_call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        label = getattr(request, "id", "")
+        self.env.events.request.fire(
+            request_type="grpc",
+            name=f"{getattr(request, 'model_name', '')} {label}".strip() if label else method.rsplit("/", 1)[-1],
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            response=response,
+            context={},
+            exception=exception,
+        )
+        return call
+
+
+class TritonGrpcUser(User):
+    """A User with its own gRPC channel to Triton, every call reported through the interceptor."""
+
+    abstract = True
+    host = os.environ.get("CAPTIONER_URL", "localhost:8001")
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        if not self.host:
+            raise LocustError("set --host to Triton's gRPC address, e.g. localhost:8001")
+        target = self.host.split("://", 1)[-1]  # tolerate grpc://host:port
+        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+        self._raw_channel = grpc.insecure_channel(target, options=options)
+        channel = grpc.intercept_channel(self._raw_channel, LocustInterceptor(environment, check=self.check_response))
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def check_response(self, request, response):
+        """Override to validate answers."""
+
+    def on_stop(self):
+        self._raw_channel.close()
+
+
+class CaptionUser(TritonGrpcUser):
+    def wait_time(self):
+        return self.environment.parsed_options.think_time if self.environment.parsed_options else 0.0
+
+    def on_start(self):
+        if not Pool.requests:
+            raise LocustError("the image pool is empty: was the locustfile's init event skipped?")
+        self._rng = random.Random()
+        self._timeout = self.environment.parsed_options.request_timeout
+
+    def check_response(self, request, response):
+        try:
+            result = InferResult(response)
+            caption = result.as_numpy("CAPTION").reshape(-1)[0]
+            score = float(result.as_numpy("SCORE").reshape(-1)[0])
+        except Exception as e:  # any shape or type surprise is the server's fault here
+            raise BadResponse(f"response lacks CAPTION/SCORE: {e}") from None
+        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        if not caption.strip() or not np.isfinite(score):
+            raise BadResponse(f"empty caption or non-finite score: {caption!r} {score}")
+        Pool.checked += 1
+        Pool.correct += caption_is_correct(caption, self._current.scene)
+
+    @task
+    def caption(self):
+        i = self._rng.randrange(len(Pool.requests))
+        self._current = Pool.images[i]
+        try:
+            self.stub.ModelInfer(Pool.requests[i], timeout=self._timeout)
+        except grpc.RpcError:
+            pass  # already reported to Locust by the interceptor
