@@ -8,6 +8,7 @@ here, not in the encoder graph, so there is exactly one place that does it.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,14 @@ def decode_image(data: bytes, limits: Limits | None = None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(bytes(data)))
     except Exception as e:  # Pillow raises several types for junk
+        # Pillow refuses 0-pixel images and huge ones (DecompressionBombError) before we can
+        # look at their size; the header still tells the client what is wrong.
+        size = _declared_size(bytes(data))
+        if size is not None and (size[0] == 0 or size[1] == 0):
+            raise ImageError("zero_size", f"image has no pixels ({size[0]}x{size[1]})") from None
+        if isinstance(e, Image.DecompressionBombError):
+            what = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else str(e)
+            raise ImageError("too_many_pixels", f"image is {what}, over the limit of {limits.max_pixels}") from None
         raise ImageError("not_an_image", f"bytes are not a decodable image ({type(e).__name__})") from None
     w, h = img.size
     if w == 0 or h == 0:
@@ -81,6 +90,26 @@ def decode_image(data: bytes, limits: Limits | None = None) -> Image.Image:
     except Exception as e:
         raise ImageError("corrupt", f"image data is truncated or corrupt ({img.format}: {e})") from None
     return to_rgb(img)
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, GIF, BMP or JPEG header, without decoding."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:2] == b"\xff\xd8":  # JPEG: walk the segments to the frame header (SOFn)
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
