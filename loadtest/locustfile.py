@@ -143,9 +143,10 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         method = client_call_details.method
         method = method.decode() if isinstance(method, bytes) else method
         label = getattr(request, "id", "")
+        name = f"{request.model_name} {label}" if label else method.rsplit("/", 1)[-1]
         self.env.events.request.fire(
             request_type="grpc",
-            name=f"{getattr(request, 'model_name', '')} {label}".strip() if label else method.rsplit("/", 1)[-1],
+            name=name,
             response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length,
             response=response,
@@ -187,6 +188,7 @@ class CaptionUser(TritonGrpcUser):
             raise LocustError("the image pool is empty: was the locustfile's init event skipped?")
         self._rng = random.Random()
         self._timeout = self.environment.parsed_options.request_timeout
+        self._current = None  # the pool image of the call in flight, for check_response
 
     def check_response(self, request, response):
         try:

@@ -105,17 +105,28 @@ def locust_command(args, url: str, extra: list[str]) -> list[str]:
     ]
 
 
+# Pool building before the run and Locust's stop timeout after it, with room to spare.
+OVERRUN_S = 120
+
+
 def run_locust(cmd: list[str], seconds: float, log_path: Path) -> int:
-    """Run Locust with a tqdm bar over its run time; its console output goes to a file."""
+    """Run Locust with a tqdm bar over its run time; its console output goes to a file.
+    A Locust that outlives its run time by OVERRUN_S is killed (status -9)."""
     from tqdm import tqdm
 
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         start = time.monotonic()
-        with tqdm(total=round(seconds), unit="s", desc="locust", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s") as bar:
+        with tqdm(total=round(seconds), unit="s", desc="locust", disable=None,
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total}s") as bar:
             while proc.poll() is None:
+                elapsed = time.monotonic() - start
+                if elapsed > seconds + OVERRUN_S:
+                    proc.kill()
+                    proc.wait()
+                    break
                 time.sleep(0.5)
-                bar.n = min(bar.total, round(time.monotonic() - start))
+                bar.n = min(bar.total, round(elapsed))
                 bar.refresh()
         return proc.returncode
 
