@@ -1,0 +1,137 @@
+"""captioner.server (the tritonserver launcher) and captioner.serve's staleness check,
+against stand-in binaries: no real server here (tests/integration starts one)."""
+import os
+import stat
+import sys
+import textwrap
+
+import pytest
+
+from captioner import server as srv
+from captioner.server import ServerError, TritonServer
+
+
+def _fake_triton(bin_dir, body: str):
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    exe = bin_dir / "tritonserver"
+    exe.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "repo" / "captioner").mkdir(parents=True)
+    (tmp_path / "repo" / "captioner" / "config.pbtxt").write_text('name: "captioner"')
+    return tmp_path / "repo"
+
+
+HEALTHY = """
+import http.server, signal, sys, threading
+port = int([a for a in sys.argv if a.startswith("--http-port=")][0].split("=")[1])
+print("args", " ".join(sys.argv[1:]), flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/v2/health/ready" else 404); self.end_headers()
+    def log_message(self, *a): pass
+httpd = http.server.HTTPServer(("127.0.0.1", port), H)
+def bye(*a):
+    print("got SIGINT, shutting down", flush=True)
+    threading.Thread(target=httpd.shutdown).start()
+signal.signal(signal.SIGINT, bye)
+httpd.serve_forever()
+"""
+
+
+def test_a_tritonserver_on_path_is_preferred_and_run_without_the_wheel_backend(tmp_path, repo, monkeypatch):
+    exe = _fake_triton(tmp_path / "bin", HEALTHY)
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "logs" / "triton.log"
+    with TritonServer(repo, log_file=log) as server:
+        assert server.binary == srv.Binary(exe, None)
+        assert server.is_ready()
+        ports = set(server.ports.values())
+        assert len(ports) == 3 and all(p > 0 for p in ports)
+        assert server.grpc_url == f"127.0.0.1:{server.ports['grpc']}"
+        assert server.metrics_url == f"http://127.0.0.1:{server.ports['metrics']}/metrics"
+        process = server.process
+    assert process.poll() is not None and not server.running()
+    text = log.read_text()
+    assert "--model-control-mode=none" in text and f"--model-repository={repo}" in text
+    assert "--http-address=127.0.0.1" in text and "--backend-directory" not in text
+    assert "got SIGINT" in text  # asked to stop in order, not killed
+
+
+def test_a_server_that_dies_at_startup_reports_its_log(tmp_path, repo, monkeypatch):
+    exe = _fake_triton(tmp_path / "bin", 'import sys\nprint("E model load failed: boom", flush=True)\nsys.exit(3)\n')
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    server = TritonServer(repo)
+    with pytest.raises(ServerError, match=r"(?s)exited with code 3.*boom"):
+        server.start(timeout_s=20)
+    assert not server.running()
+    server.close()
+
+
+def test_a_directory_without_the_captioner_repository_is_refused(tmp_path):
+    with pytest.raises(ServerError, match="no captioner model repository"):
+        TritonServer(tmp_path).start()
+
+
+def test_the_wheel_binary_gets_a_backend_directory_and_its_libraries(tmp_path, repo, monkeypatch):
+    monkeypatch.setattr(srv.shutil, "which", lambda name: None)
+    server = TritonServer(repo, host="0.0.0.0", http_port=8000, grpc_port=8001, metrics_port=8002)
+    try:
+        root = server.binary.wheel_root
+        assert root is not None and server.binary.path == root / "bin" / "tritonserver"
+        cmd = server.command()
+        backend = [a.split("=", 1)[1] for a in cmd if a.startswith("--backend-directory=")][0]
+        python_dir = srv.Path(backend) / "python"
+        names = {p.name for p in python_dir.iterdir()}
+        assert names == {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
+        assert all((python_dir / n).resolve().is_file() for n in names)
+        v = f"{sys.version_info.major}.{sys.version_info.minor}"
+        assert (python_dir / "triton_python_backend_stub").resolve().parent.name == v
+        assert "--grpc-address=0.0.0.0" in cmd and "--grpc-port=8001" in cmd and "--metrics-port=8002" in cmd
+        env = server.environment()
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(srv.PROJECT_ROOT)
+        assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0].endswith("nvidia_pytriton.libs")
+        assert server.grpc_url == "127.0.0.1:8001"  # a wildcard bind is reached through loopback
+    finally:
+        server.close()
+
+
+def test_free_ports_are_bindable():
+    import socket
+
+    port = srv.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+# --- captioner.serve: when must the repository be rebuilt? --------------------------------
+
+
+def test_stale_reason(tmp_path):
+    from build.export import export_decoder_step, export_encoder
+    from build.repository import assemble
+    from captioner import checkpoint
+    from captioner.serve import stale_reason
+    from serving_support import tiny_checkpoint
+
+    ck_path = tiny_checkpoint(tmp_path / "ck")
+    ck = checkpoint.load(ck_path)
+    repo = tmp_path / "repo"
+    assert "no model repository" in stale_reason(repo, ck_path, "auto")
+    art = {"encoder_onnx": export_encoder(ck, tmp_path / "e.onnx"), "decoder_onnx": export_decoder_step(ck, tmp_path / "d.onnx")}
+    assemble(ck, repo, "cpu", art)
+    assert stale_reason(repo, ck_path, "auto") is None
+    assert stale_reason(repo, ck_path, "cpu") is None
+    assert "built for cpu, not gpu" in stale_reason(repo, ck_path, "gpu")
+    served = repo / "preprocess" / "1" / "model.py"
+    served.write_text(served.read_text() + "\n# edited\n")
+    assert "differs from" in stale_reason(repo, ck_path, "auto")
+    assemble(ck, repo, "cpu", art)
+    (repo / "encoder" / "1" / "model.onnx").unlink()
+    assert "incomplete" in stale_reason(repo, ck_path, "auto")
+    other = tiny_checkpoint(tmp_path / "other", seed=1)
+    assert "another checkpoint" in stale_reason(repo, other, "auto")
