@@ -34,6 +34,7 @@ class Diff:
     inputs: str  # "random" | "scenes"
     batch: int
     max_abs: dict[str, float]  # per output tensor
+    ref_max: float = 0.0  # largest |value| of the reference outputs, for relative tolerances
 
     @property
     def worst(self) -> float:
@@ -148,7 +149,9 @@ def encoder_diffs(ck: Checkpoint, candidate: EncodeFn, graph: str = "encoder",
     for b in batch_sizes:
         real, _ = scene_batch(b, cfg, seed=seed + b)
         for kind, x in (("random", random_images(b, cfg, seed=seed + b)), ("scenes", normalize(real, cfg))):
-            diffs.append(Diff(graph, kind, b, _max_abs(candidate(x), reference(x), ("h0", "c0"))))
+            ref = reference(x)
+            ref_max = float(max(np.abs(r).max() for r in ref))
+            diffs.append(Diff(graph, kind, b, _max_abs(candidate(x), ref, ("h0", "c0")), ref_max))
     return diffs
 
 

@@ -84,10 +84,35 @@ def quantize_int8(fp32_onnx: str | Path, out_path: str | Path, calibration: np.n
     return out_path
 
 
+def convert_fp16(fp32_onnx: str | Path, out_path: str | Path) -> Path:
+    """The fp32 graph computing in fp16, with float32 inputs and outputs kept (same
+    Triton config, same preprocessing): what a strongly typed TensorRT 11 network needs
+    for an fp16 engine. Graph-level conversion (onnxconverter-common) rather than a
+    half-precision torch export, whose tracer leaves some ops in fp32."""
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(fp32_onnx))
+    # Casts the exporter wrote to float32 (coordinate channels) must now produce fp16,
+    # and stale value_info would contradict the converted types.
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                    attr.i = onnx.TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, check_fp16_ready=False)
+    del converted.graph.value_info[:]
+    onnx.checker.check_model(converted, full_check=True)
+    onnx.shape_inference.infer_shapes(converted, check_type=True, strict_mode=True)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(converted, str(out_path))
+    return out_path
+
+
 def export_encoder_cast(ck: Checkpoint, path: str | Path, dtype: torch.dtype) -> Path:
-    """The encoder computing in `dtype` (fp16/bf16), casts at its boundary so that its
-    inputs and outputs stay float32 like the fp32 graph's (same Triton config, same
-    preprocessing)."""
+    """The encoder exported from torch computing in `dtype`, casts at its boundary.
+    Used to probe bf16, which has no graph-level converter."""
 
     class Cast(torch.nn.Module):
         def __init__(self, encoder: torch.nn.Module):

@@ -28,7 +28,7 @@ NAME = "seed-inception"
 VOCAB_SIZE = 8769  # the seed's vocabulary size, specials included
 DEFAULT_DIR = Path(__file__).resolve().parent / "out" / NAME
 SPEED_ONLY_NOTE = "random weights: captions are meaningless; for speed measurements only"
-BN_CALIBRATION_IMAGES = 16
+BN_CALIBRATION_IMAGES = 8
 
 
 def synthetic_vocab(size: int = VOCAB_SIZE) -> Vocabulary:

@@ -24,9 +24,11 @@ import numpy as np
 NO_CUDA = "no CUDA device: TensorRT engine skipped, CPU repository built"
 OPT_BATCH = 8
 WORKSPACE_BYTES = 2 << 30
-# Engine vs onnxruntime on the graph it was built from. TensorRT picks other kernels
-# than onnxruntime (and rounds differently in reduced precision), hence per precision.
-ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 5e-2}
+# Engine vs onnxruntime on the graph it was built from: max |diff| <= tolerance x
+# max(1, max |reference|). TensorRT picks other kernels than onnxruntime and rounds
+# differently in reduced precision, hence one figure per precision; whether reduced
+# precision still captions like fp32 is the separate agreement check.
+ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-1}
 PRECISIONS = tuple(ENGINE_TOLERANCE)
 
 
@@ -249,7 +251,7 @@ class EngineResult:
 
     @property
     def passed(self) -> bool:
-        return all(d.worst <= self.tolerance for d in self.diffs)
+        return all(d.worst <= self.tolerance * max(1.0, d.ref_max) for d in self.diffs)
 
     def to_dict(self) -> dict:
         return {
