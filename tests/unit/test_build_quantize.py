@@ -1,0 +1,99 @@
+"""The reduced-precision CPU encoder: a real static int8 Q/DQ graph (per-channel
+weights), symmetric for TensorRT, timed against fp32, and on the trained model its
+greedy captions agree with fp32's on at least 98% of scenes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from build import parity, quantize
+from build.export import export_decoder_step, export_encoder
+from captioner import checkpoint
+from captioner.checkpoint import Checkpoint
+from captioner.model import CaptionModel, ModelArgs
+from captioner.preprocess import PreprocessConfig
+from captioner.vocab import SPECIALS, Vocabulary
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    vocab = Vocabulary(list(SPECIALS) + ["a", "red", "blue", "circle", "square"])
+    args = ModelArgs(vocab_size=len(vocab), cnn_channels=(8, 16), cnn_grid=2, max_length=6)
+    ck = Checkpoint(args, PreprocessConfig(32), vocab, CaptionModel(args).eval())
+    d = tmp_path_factory.mktemp("quant_tiny")
+    return ck, export_encoder(ck, d / "encoder.onnx"), export_decoder_step(ck, d / "decoder_step.onnx"), d
+
+
+def _initializers(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_graph_is_static_qdq_with_per_channel_weights(tiny, symmetric):
+    ck, enc, _, d = tiny
+    out = quantize.quantize_int8(enc, d / f"int8_{symmetric}.onnx", quantize.calibration_images(ck, 16),
+                                 symmetric_activations=symmetric)
+    model = onnx.load(str(out))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    inits = _initializers(model)
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    per_channel = 0
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0] in conv_weights:
+            scale = inits[n.input[1]]
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            assert axis == 0 and scale.ndim == 1 and len(scale) > 1
+            per_channel += 1
+    assert per_channel == 4  # every conv of the tiny backbone
+    act_zero_points = [inits[n.input[2]] for n in model.graph.node
+                       if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert act_zero_points
+    for zp in act_zero_points:
+        if symmetric:  # what TensorRT's explicit quantization requires
+            assert zp.dtype == np.int8 and not zp.any()
+        else:
+            assert zp.dtype == np.uint8
+
+
+def test_cpu_variant_is_timed_against_fp32_and_checked_for_agreement(tiny):
+    ck, enc, dec, d = tiny
+    images, _ = parity.scene_batch(24, ck.preprocess, seed=11)
+    report = quantize.build_cpu_variant(ck, enc, dec, d / "variant", images, "24 scenes", batch_sizes=(1, 8),
+                                        calibration_scenes=16, log=lambda m: None)
+    assert set(report.fp32_images_per_s) == {1, 8} and min(report.fp32_images_per_s.values()) > 0
+    names = {c.name: c for c in report.candidates}
+    assert set(names) == {"int8", "bf16"}
+    assert names["int8"].runs and min(names["int8"].images_per_s.values()) > 0
+    assert names["bf16"].runs or names["bf16"].note  # either timed or the reason it cannot run
+    runnable = [c for c in report.candidates if c.runs]
+    assert report.chosen is max(runnable, key=lambda c: c.images_per_s[8])
+    assert report.agreement.total == 24
+    assert report.accepted == (report.agreement.share >= 0.98)
+    text = "\n".join(report.lines())
+    assert "fp32:" in text and "img/s at batch 8" in text and "greedy captions" in text
+
+
+def trained_or_skip() -> Checkpoint:
+    for where in (None, "runs/default"):
+        try:
+            return checkpoint.load(where)
+        except FileNotFoundError:
+            continue
+    pytest.skip("no trained checkpoint (models/default or runs/default)")
+
+
+def test_int8_captions_agree_with_fp32_on_the_trained_model(tmp_path):
+    ck = trained_or_skip()
+    enc = export_encoder(ck, tmp_path / "encoder.onnx")
+    dec = export_decoder_step(ck, tmp_path / "decoder_step.onnx")
+    int8 = quantize.quantize_int8(enc, tmp_path / "encoder.int8.onnx", quantize.calibration_images(ck))
+    images, _ = parity.scene_batch(400, ck.preprocess, seed=quantize.EVAL_SEED)
+    agreement = quantize.caption_agreement(ck, parity.onnx_encode(parity.session(enc)),
+                                           parity.onnx_encode(parity.session(int8)), parity.session(dec), images)
+    print(f"int8 == fp32 greedy captions: {agreement.agree}/{agreement.total} = {agreement.share:.2%}")
+    assert agreement.share >= quantize.MIN_AGREEMENT, agreement.examples
