@@ -198,8 +198,8 @@ class CaptionUser(TritonGrpcUser):
         except Exception as e:  # any shape or type surprise is the server's fault here
             raise BadResponse(f"response lacks CAPTION/SCORE: {e}") from None
         caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-        if not caption.strip() or not np.isfinite(score):
-            raise BadResponse(f"empty caption or non-finite score: {caption!r} {score}")
+        if not np.isfinite(score) or score > 0:
+            raise BadResponse(f"score {score} is not a log-probability (caption {caption!r})")
         Pool.checked += 1
         Pool.correct += caption_is_correct(caption, self._current.scene)
 
