@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from captioner import checkpoint as ckpt_mod
 
 from . import plots, report
 from .inprocess import InProcessCaptioner, measure
-from .loadgen import HttpClient, run_level
+from .loadgen import HttpClient, TritonClient, run_level
 from .naive_server import NaiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ MODELS = ("default", "seed-inception")
 STACKS = ("inprocess", "triton", "naive")
 SEED_MAX_LENGTH = 20  # random weights rarely emit END: every caption costs the full 20 steps
 N_IMAGES = 64
+EXIT_REFUSED = 4  # build_engines: the reduced-precision variant was refused
 
 
 def _csv(cast):
@@ -73,6 +75,37 @@ def bench_images(n: int = N_IMAGES, seed: int = 7) -> list[bytes]:
         render(random_scene(rng), nrng).save(buf, "PNG")
         out.append(buf.getvalue())
     return out
+
+
+def _kv(s: str) -> dict[str, int]:
+    """`encoder=2,preprocess=1` -> {"encoder": 2, "preprocess": 1}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in s.split(","))):
+        k, _, v = item.partition("=")
+        out[k.strip()] = int(v)
+    return out
+
+
+def repo_summary(repo: Path) -> str:
+    """What the served repository actually says: instances, batching, ORT threads."""
+    from build.repository import check_repository
+
+    parts = []
+    for name, cfg in check_repository(repo).items():
+        if cfg.platform == "ensemble":
+            continue
+        p = {k: v.string_value for k, v in cfg.parameters.items()}
+        db = cfg.dynamic_batching
+        bits = [f"{sum(g.count for g in cfg.instance_group)} inst", f"max batch {cfg.max_batch_size}",
+                f"delay {db.max_queue_delay_microseconds} us"]
+        if db.preferred_batch_size:
+            bits.append(f"preferred {list(db.preferred_batch_size)}")
+        if "intra_op_threads" in p:
+            bits.append(f"ORT threads {p['intra_op_threads']}")
+        if "step_mode" in p:
+            bits.append(f"step {p['step_mode']}")
+        parts.append(f"{name} ({', '.join(bits)})")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -118,7 +151,7 @@ class Bench:
 
     def inprocess(self, spec: ModelSpec, variant: str, paths: dict, bar: tqdm) -> None:
         ck = ckpt_mod.load(spec.checkpoint)
-        cap = InProcessCaptioner(ck, paths["encoder"], paths["decoder"], threads=self.a.inproc_threads, max_length=spec.max_length)
+        cap = InProcessCaptioner(ck, paths["encoder"], paths["decoder"], threads=self.a.inproc_threads, max_length=spec.max_length, spinning=self.a.inproc_spinning)
         for b in self.a.batches:
             bar.set_postfix_str(f"{spec.name} in-process {variant} batch {b}")
             r = measure(cap, self.images, b, self.a.inproc_duration)
@@ -149,18 +182,93 @@ class Bench:
 
     # --- orchestration -----------------------------------------------------------------
 
-    def artifacts(self, spec: ModelSpec, variant: str) -> dict:
-        """fp32: the exported ONNX graphs. Other precisions come from the build."""
-        from build.export import export_decoder_step, export_encoder
+    def build(self, spec: ModelSpec) -> dict[str, dict]:
+        """Precision -> the ONNX graphs to serve, made by build.build_engines (the command
+        `make build-engines` runs, with its parity checks). One build per model: a
+        reduced-precision build also leaves the checked fp32 graphs in its artifact
+        directory. Reused while the checkpoint and the requested precisions are unchanged."""
+        a = self.a
+        d = self.work / spec.name
+        out, built, stamp = d / "out", d / "built", d / "bench_build.json"
+        sha = ckpt_mod.file_sha256(ckpt_mod.resolve(spec.checkpoint))
+        reduced = any(p != "fp32" for p in a.precisions)
+        if stamp.is_file() and not a.rebuild:
+            cached = json.loads(stamp.read_text())
+            if cached["checkpoint_sha256"] == sha and cached["reduced"] == reduced:
+                self.results["notes"] += cached["notes"]
+                return {k: {n: Path(p) for n, p in v.items()} for k, v in cached["variants"].items()}
+        speed_only = bool(ckpt_mod.load(spec.checkpoint).meta.get("speed_only"))
+        cmd = [sys.executable, "-m", "build.build_engines", "--model", str(spec.checkpoint), "--target", "cpu",
+               "--precision", "int8" if reduced else "fp32", "--repo", str(built), "--out", str(out),
+               "--parity-scenes", str(a.parity_scenes), "--agreement-images", str(a.agreement_images)]
+        if speed_only:
+            # Random weights: captions are noise, so agreement with fp32 says nothing about
+            # quality; the variant is measured for speed and its agreement reported.
+            cmd += ["--min-agreement", "0"]
+        log = self.out / f"build-{spec.name}.log"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as f:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        lines = log.read_text(errors="replace").strip().splitlines()
+        if rc not in (0, EXIT_REFUSED):
+            raise RuntimeError(f"build_engines exited {rc}: {' / '.join(lines[-3:])} (log: {log})")
+        notes = [f"{spec.name}: " + ln.strip() for ln in lines if "caption agreement" in ln or "greedy captions" in ln and "fp32 on" in ln]
+        variants = {"fp32": {"encoder": out / "encoder.onnx", "decoder": out / "decoder_step.onnx"}}
+        if reduced and rc == 0:
+            manifest = json.loads((built / "build_manifest.json").read_text())
+            variants[manifest["precision"]] = {"encoder": built / "encoder" / "1" / "model.onnx", "decoder": out / "decoder_step.onnx"}
+        elif reduced:
+            notes.append(f"{spec.name}: the build provides no reduced-precision encoder: {lines[-1].strip()}")
+        stamp.write_text(json.dumps({"checkpoint_sha256": sha, "reduced": reduced, "notes": notes,
+                                     "variants": {k: {n: str(p) for n, p in v.items()} for k, v in variants.items()}}, indent=1))
+        self.results["notes"] += notes
+        return variants
 
-        d = self.work / f"{spec.name}-{variant}"
-        ck = ckpt_mod.load(spec.checkpoint)
-        if variant != "fp32":
-            raise ValueError(f"precision {variant} needs build.build_engines")
-        return {
-            "encoder": export_encoder(ck, d / "encoder.onnx"),
-            "decoder": export_decoder_step(ck, d / "decoder_step.onnx"),
-        }
+    def triton_repo(self, spec: ModelSpec, variant: str, paths: dict) -> Path:
+        """The repository the bench serves: the built graphs, assembled with the bench's
+        batching, instance and thread settings (build.repository's own parameters)."""
+        from build.repository import assemble
+
+        a = self.a
+        return assemble(
+            ckpt_mod.load(spec.checkpoint),
+            self.work / spec.name / f"repo-{variant}",
+            "cpu",
+            {"encoder_onnx": paths["encoder"], "decoder_onnx": paths["decoder"]},
+            max_batch_size=a.max_batch_size,
+            precision=variant,
+            instance_counts=a.instances or None,
+            ort_threads=a.ort_threads or None,
+            step_mode=a.step_mode,
+            queue_delay_us=a.queue_delay_us,
+        )
+
+    def triton(self, spec: ModelSpec, variant: str, paths: dict, bar: tqdm) -> None:
+        from captioner.server import TritonServer
+
+        repo = self.triton_repo(spec, variant, paths)
+        self.results["config"].setdefault("triton", {})[f"{spec.name} {variant}"] = repo_summary(repo)
+        params = {"max_length": spec.max_length} if spec.max_length else None
+        log = self.out / f"triton-{spec.name}-{variant}.log"
+        log.unlink(missing_ok=True)
+        with TritonServer(repo, log_file=log) as server:
+            self._parity(spec, variant, paths, server.grpc_url, params)
+            make = lambda: TritonClient(server.grpc_url, self.images, parameters=params)  # noqa: E731
+            self._levels(spec, "triton", variant, make, [server.process.pid], bar)
+
+    def _parity(self, spec: ModelSpec, variant: str, paths: dict, url: str, params) -> None:
+        """The server must be doing the in-process work: same captions for a few images."""
+        n = 8
+        cap = InProcessCaptioner(ckpt_mod.load(spec.checkpoint), paths["encoder"], paths["decoder"], threads=1, max_length=spec.max_length)
+        expected = cap.caption_bytes(self.images[:n])
+
+        async def go():
+            async with TritonClient(url, self.images[:n], parameters=params) as c:
+                return [await c(i) for i in range(n)]
+
+        got = run_async(go())
+        same = sum(x == y for x, y in zip(got, expected))
+        self.results["notes"].append(f"{spec.name} {variant}: Triton and in-process captions agree on {same}/{n} images")
 
     def run(self) -> dict:
         a = self.a
@@ -170,18 +278,25 @@ class Bench:
         for _ in specs:
             if "inprocess" in a.stacks:
                 steps += len(a.batches) * len(a.precisions)
+            if "triton" in a.stacks:
+                steps += len(a.concurrency) * len(a.precisions)
             if "naive" in a.stacks:
                 steps += len(a.concurrency)
         with tqdm(total=steps, desc="bench", unit="step") as bar:
             for spec in specs:
-                for variant in a.precisions:
-                    try:
-                        paths = self.artifacts(spec, variant)
-                    except Exception as e:  # one missing variant must not sink the whole bench
-                        self.results["notes"].append(f"{spec.name} {variant}: no artifacts ({e})")
-                        continue
-                    if "inprocess" in a.stacks:
-                        self.inprocess(spec, variant, paths, bar)
+                if "inprocess" in a.stacks or "triton" in a.stacks:
+                    bar.set_postfix_str(f"{spec.name}: build")
+                    variants = self.build(spec)
+                    for variant in a.precisions:
+                        # "int8" asks for the build's reduced-precision encoder, whatever it chose
+                        label = "fp32" if variant == "fp32" else next((k for k in variants if k != "fp32"), None)
+                        if label is None:
+                            bar.update(len(a.batches) * ("inprocess" in a.stacks) + len(a.concurrency) * ("triton" in a.stacks))
+                            continue
+                        if "inprocess" in a.stacks:
+                            self.inprocess(spec, label, variants[label], bar)
+                        if "triton" in a.stacks:
+                            self.triton(spec, label, variants[label], bar)
                 if "naive" in a.stacks:
                     self.naive(spec, bar)
         self.results["machine"] += f"; at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
@@ -196,7 +311,7 @@ class Bench:
             "load": f"closed loop, concurrency {a.concurrency}, {a.warmup:g} s warm-up + {a.duration:g} s measured per level, "
             f"{len(self.images)} distinct 128 px PNG scenes",
             "in-process": f"batches {a.batches}, {a.inproc_duration:g} s each, onnxruntime intra-op threads "
-            f"{a.inproc_threads or 'ORT default'}, inter-op 1, PNG decode + resize + normalise + encoder + greedy decode",
+            f"{a.inproc_threads or 'ORT default'} (spinning {'on' if a.inproc_spinning else 'off'}), inter-op 1, PNG decode + resize + normalise + encoder + greedy decode",
             "naive": f"FastAPI + uvicorn (1 worker, sync endpoint in the anyio thread pool), eager torch, batch 1, "
             f"torch threads {a.naive_threads or 'torch default'}",
         }
@@ -215,7 +330,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=float(env("BENCH_WARMUP", "1.5")), help="unmeasured seconds before each level")
     p.add_argument("--inproc-duration", type=float, default=float(env("BENCH_INPROC_DURATION", "4")))
     p.add_argument("--inproc-threads", type=int, default=int(env("BENCH_INPROC_THREADS", "0")) or psutil.cpu_count(), help="ORT intra-op threads in-process (default: all cores)")
+    p.add_argument("--inproc-spinning", action="store_true", default=env("BENCH_INPROC_SPINNING", "0") == "1", help="let ORT worker threads spin in-process")
     p.add_argument("--naive-threads", type=int, default=int(env("BENCH_NAIVE_THREADS", "0")) or None, help="torch threads of the naive server (default: torch's)")
+    p.add_argument("--max-batch-size", type=int, default=int(env("BENCH_MAX_BATCH_SIZE", "32")), help="Triton max_batch_size")
+    p.add_argument("--instances", type=_kv, default=_kv(env("BENCH_INSTANCES", "")), help="Triton instance counts, e.g. preprocess=1,encoder=2 (default: the build's)")
+    p.add_argument("--ort-threads", type=_kv, default=_kv(env("BENCH_ORT_THREADS", "")), help="ORT intra-op threads per Triton model, e.g. encoder=2 (default: the build's)")
+    p.add_argument("--queue-delay-us", type=int, default=int(env("BENCH_QUEUE_DELAY_US", "1000")), help="Triton dynamic batching max queue delay")
+    p.add_argument("--step-mode", default=env("BENCH_STEP_MODE") or None, choices=("inprocess", "bls"), help="decoder step in the generator's process or through BLS (default: the build's)")
+    p.add_argument("--parity-scenes", type=int, default=int(env("BENCH_PARITY_SCENES", "32")), help="build_engines --parity-scenes")
+    p.add_argument("--agreement-images", type=int, default=int(env("BENCH_AGREEMENT_IMAGES", "64")), help="build_engines --agreement-images")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the artifacts even when the cached ones match")
     p.add_argument("--quick", action="store_true", help="short levels (2 s + 0.5 s warm-up, 1.5 s per batch): a smoke run")
     p.add_argument("--out", default=env("BENCH_OUT", str(ROOT / "reports")))
     p.add_argument("--work", default=env("BENCH_WORK", str(ROOT / "build" / "out" / "bench")), help="built artifacts and repositories")
