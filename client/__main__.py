@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"{flag} must be >= {lo}")
     if args.timeout <= 0:
         build_parser().error("--timeout must be > 0")
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
