@@ -138,8 +138,12 @@ def _network_flags(trt, strongly_typed: bool) -> int:
 
 def _load_timing_cache(trt, config, path: Path, log: Callable[[str], None]):
     blob = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    if cache is None or not config.set_timing_cache(cache, False):
+    try:
+        cache = config.create_timing_cache(blob)
+        loaded = cache is not None and config.set_timing_cache(cache, False)
+    except Exception:  # a truncated or foreign file: timings are only a speed-up
+        loaded = False
+    if not loaded:
         log(f"timing cache {path} does not match this GPU/TensorRT: starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), False)
     elif blob:
@@ -206,37 +210,55 @@ def _torch_dtype(trt, dt):
     raise EngineBuildError(f"unsupported engine I/O dtype {dt}")
 
 
-def run_engine(trt, engine_bytes: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Execute a serialized engine once on the GPU (torch allocates the device buffers)."""
-    import torch
+class GpuEngine:
+    """A deserialized engine with one execution context; torch allocates the device
+    buffers (no extra CUDA binding package needed)."""
 
-    require_cuda()
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise EngineBuildError("TensorRT could not deserialize the engine it just built")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    buffers: dict[str, torch.Tensor] = {}
-    for name in inputs:
-        t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda")
-        context.set_input_shape(name, tuple(t.shape))
-        context.set_tensor_address(name, t.data_ptr())
-        buffers[name] = t
-    outputs = {}
-    for name in names:
-        if name in inputs:
-            continue
-        shape = tuple(context.get_tensor_shape(name))
-        t = torch.empty(shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)), device="cuda")
-        context.set_tensor_address(name, t.data_ptr())
-        outputs[name] = t
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise EngineBuildError("engine execution failed")
-    stream.synchronize()
-    return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+    def __init__(self, trt, engine_bytes: bytes):
+        require_cuda()
+        self.trt = trt
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise EngineBuildError("TensorRT could not deserialize the engine it just built")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        keep = []
+        for name in self.inputs:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda")
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            t = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device="cuda")
+            self.context.set_tensor_address(name, t.data_ptr())
+            outputs[name] = t
+        stream = torch.cuda.Stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineBuildError("engine execution failed")
+        stream.synchronize()
+        return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+
+
+def open_engine(trt, engine_bytes: bytes) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """feeds -> outputs on the GPU, for batches within the engine's profile."""
+    return GpuEngine(trt, engine_bytes)
+
+
+def in_batches(run: Callable[[dict], dict], feeds: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
+    """Run `feeds` through `run` in slices of at most `max_batch` rows (the profile's
+    max) and concatenate the outputs."""
+    n = len(next(iter(feeds.values())))
+    parts = [run({k: v[i : i + max_batch] for k, v in feeds.items()}) for i in range(0, n, max_batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 @dataclass
@@ -292,9 +314,10 @@ def build_encoder_plan(ck, onnx_for: Callable[[str], Path], out_dir: str | Path,
     _atomic_write(plan_path, engine)
 
     reference = parity.onnx_encode(parity.session(onnx_path))
+    run = open_engine(trt, engine)
 
     def on_engine(x: np.ndarray):
-        out = run_engine(trt, engine, {"image": x})
+        out = in_batches(run, {"image": x}, max_batch)
         return out["h0"], out["c0"]
 
     diffs = parity.encoder_diffs(ck, on_engine, graph="engine", batch_sizes=sorted({1, 7, max_batch}),

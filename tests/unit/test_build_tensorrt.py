@@ -2,7 +2,7 @@
 10.x / 11.x API, and drives the builder as TensorRT needs (strong typing, one profile
 1 / 8 / max batch, timing cache on disk). The builder is a fake `tensorrt` module with
 only the API surface the code calls; the one thing not run here is executing the
-engine on a GPU (`run_engine`), which the orchestration test replaces."""
+engine on a GPU (`open_engine`), which the orchestration tests replace."""
 from __future__ import annotations
 
 import sys
@@ -127,8 +127,8 @@ def test_fp16_graph_for_11x_computes_in_fp16_with_float32_io(ck, encoder_onnx, t
 
 @pytest.mark.parametrize("version,weak,kind", [("10.5.0", True, "fp32"), ("11.4.0", False, "fp16")])
 def test_encoder_plan_orchestration_with_a_fake_gpu(ck, encoder_onnx, tmp_path, monkeypatch, version, weak, kind):
-    """Everything build_encoder_plan does, with `run_engine` (the GPU execution) replaced
-    by onnxruntime on the same graph plus a configurable error."""
+    """Everything build_encoder_plan does, with `open_engine` (execution on the GPU)
+    replaced by onnxruntime on the same graph plus a configurable error."""
     trt = fake_tensorrt(version, weak)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(te, "cuda_available", lambda: True)
@@ -139,21 +139,29 @@ def test_encoder_plan_orchestration_with_a_fake_gpu(ck, encoder_onnx, tmp_path, 
         made[k] = encoder_onnx if k == "fp32" else convert_fp16(encoder_onnx, tmp_path / "encoder.fp16.onnx")
         return made[k]
 
-    def run_engine(trt_mod, engine, feeds):
+    def open_engine(trt_mod, engine):
         assert trt_mod is trt and engine == b"ENGINE-" + version.encode()
-        h0, c0 = parity.session(made[kind]).run(["h0", "c0"], feeds)
-        return {"h0": h0 + error["value"], "c0": c0}
+        sess = parity.session(made[kind])
 
-    monkeypatch.setattr(te, "run_engine", run_engine)
+        def run(feeds):
+            assert len(feeds["image"]) <= 16, "the engine's profile ends at max batch"
+            h0, c0 = sess.run(["h0", "c0"], feeds)
+            return {"h0": h0 + error["value"], "c0": c0}
+
+        return run
+
+    monkeypatch.setattr(te, "open_engine", open_engine)
     precision = "fp32" if kind == "fp32" else "fp16"
-    result = te.build_encoder_plan(ck, onnx_for, tmp_path, 32, precision, expected_version=version[:4],
+    result = te.build_encoder_plan(ck, onnx_for, tmp_path, 16, precision, expected_version=version[:4],
                                    log=lambda m: None)
     assert list(made) == [kind]
     assert result.plan_path.read_bytes() == b"ENGINE-" + version.encode()
-    assert result.passed and {d.batch for d in result.diffs} == {1, 7, 32}
+    assert result.passed and {d.batch for d in result.diffs} == {1, 7, 16}
+    h0, _ = result.encode(parity.random_images(40, ck.preprocess))  # more rows than the profile's max
+    assert h0.shape == (40, ck.args.lstm_units)
     assert (tmp_path / "tensorrt_timing.cache").is_file()
     assert result.to_dict()["tensorrt_version"] == version
 
     error["value"] = 0.5  # an engine that computes something else is caught
-    bad = te.build_encoder_plan(ck, onnx_for, tmp_path, 32, precision, log=lambda m: None)
+    bad = te.build_encoder_plan(ck, onnx_for, tmp_path, 16, precision, log=lambda m: None)
     assert not bad.passed
