@@ -13,7 +13,7 @@ TARGET ?= auto
 PRECISION ?= fp32
 SPLIT ?= test
 TRAIN_SCENES ?= 60000
-EPOCHS ?= 14
+EPOCHS ?= 12
 PYTEST_ARGS ?=
 
 .PHONY: help setup data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench clean
