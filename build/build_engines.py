@@ -191,9 +191,10 @@ def build(a: argparse.Namespace) -> dict:
                     if kind == "fp16":
                         onnx_files[kind] = quantize.convert_fp16(enc_onnx, out_dir / "encoder.fp16.onnx")
                     elif kind == "int8_qdq":
-                        log(f"      Q/DQ graph: symmetric int8, calibrated on {quantize.CALIBRATION_SCENES} scenes")
+                        n = quantize.calibration_count(enc_onnx)
+                        log(f"      Q/DQ graph: symmetric int8, calibrated on {n} scenes")
                         onnx_files[kind] = quantize.quantize_int8(enc_onnx, out_dir / "encoder.int8_qdq.onnx",
-                                                                  quantize.calibration_images(ck),
+                                                                  quantize.calibration_images(ck, n),
                                                                   symmetric_activations=True)
                 return onnx_files[kind]
 

@@ -33,6 +33,8 @@ from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, OPSET
 MIN_AGREEMENT = 0.98
 CALIBRATION_SCENES = 128
 CALIBRATION_SEED = 7  # distinct from the parity and fallback evaluation seeds
+CALIBRATION_BATCH = 8
+CALIBRATION_MEMORY = 1536 << 20
 FALLBACK_EVAL_SCENES = 500
 EVAL_SEED = 2024
 
@@ -49,6 +51,33 @@ class CalibrationReader:
 
     def rewind(self):
         self._it = iter(self._batches)
+
+
+def activation_bytes_per_image(onnx_path: str | Path) -> int:
+    """float32 bytes of all intermediate tensors of the graph for one image."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for t in list(model.graph.input) + list(model.graph.output):
+        batch = t.type.tensor_type.shape.dim[0]
+        batch.ClearField("dim_param")
+        batch.dim_value = 1
+    del model.graph.value_info[:]
+    total = 0
+    for v in onnx.shape_inference.infer_shapes(model).graph.value_info:
+        tt = v.type.tensor_type
+        dims = [d.dim_value for d in tt.shape.dim]
+        if tt.elem_type == onnx.TensorProto.FLOAT and dims and all(d > 0 for d in dims):
+            total += int(np.prod(dims)) * 4
+    return total
+
+
+def calibration_count(onnx_path: str | Path, wanted: int = CALIBRATION_SCENES,
+                      budget_bytes: int = CALIBRATION_MEMORY) -> int:
+    """onnxruntime's MinMax calibration keeps every intermediate tensor of every
+    calibration image until the end (its incremental option discards data in this
+    release), so the sample is capped by memory: 128 scenes for the small CNN, about
+    16 for InceptionV3 at 299 px (92 MB of activations per image)."""
+    per_image = max(1, activation_bytes_per_image(onnx_path))
+    return int(max(CALIBRATION_BATCH, min(wanted, budget_bytes // per_image)))
 
 
 def calibration_images(ck: Checkpoint, n: int = CALIBRATION_SCENES, seed: int = CALIBRATION_SEED) -> np.ndarray:
@@ -72,7 +101,7 @@ def quantize_int8(fp32_onnx: str | Path, out_path: str | Path, calibration: np.n
         quantize_static(
             str(prepped),
             str(out_path),
-            CalibrationReader(calibration),
+            CalibrationReader(calibration, batch_size=CALIBRATION_BATCH),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
@@ -285,8 +314,9 @@ def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_d
     fp32 = parity.session(fp32_onnx)
     fp32_speed = {b: throughput(fp32, timing_images, b) for b in batch_sizes}
 
-    log(f"int8: calibrating on {calibration_scenes} generated scenes")
-    int8_path = quantize_int8(fp32_onnx, out_dir / "encoder.int8.onnx", calibration_images(ck, calibration_scenes))
+    n = calibration_count(fp32_onnx, calibration_scenes)
+    log(f"int8: calibrating on {n} generated scenes")
+    int8_path = quantize_int8(fp32_onnx, out_dir / "encoder.int8.onnx", calibration_images(ck, n))
     candidates = [Candidate("int8", int8_path, True, "onnxruntime static QDQ, per-channel weights, u8 activations")]
     bf16_path = out_dir / "encoder.bf16.onnx"
     ok, note = probe_bf16(ck, bf16_path)
