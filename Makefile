@@ -42,7 +42,10 @@ train: data
 default-model: data
 	$(PY) -m captioner train --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --val-decode 2000 $(ARGS)
 	$(PY) -m captioner eval --model $(RUN) --data $(DATA) --split test --robustness --out $(RUN)/eval_test.json
-	mkdir -p models/default && cp $(RUN)/model.pt $(RUN)/loss_curve.png $(RUN)/eval_test.json models/default/
+	mkdir -p models/default
+	cp $(RUN)/model.pt $(RUN)/loss_curve.png $(RUN)/history.json $(RUN)/eval_test.json models/default/
+	$(PY) -m captioner card --model models/default --history models/default/history.json --eval models/default/eval_test.json \
+	  --command "make default-model" --out models/default/README.md
 
 ## eval           score MODEL on SPLIT: BLEU, ROUGE-L, CIDEr (+METEOR with Java), share correct
 eval: data

@@ -1,4 +1,4 @@
-"""python -m captioner {caption,train,data,eval} ..."""
+"""python -m captioner {caption,train,data,eval,card} ..."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,7 @@ def _data(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"caption": _caption, "data": _data}
-    if not argv or argv[0] not in commands | {"train": 0, "eval": 0}:
+    if not argv or argv[0] not in commands | {"train": 0, "eval": 0, "card": 0}:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate import main as eval_main
 
         return eval_main(rest)
+    if cmd == "card":
+        from .modelcard import main as card_main
+
+        return card_main(rest)
     return commands[cmd](rest)
 
 
