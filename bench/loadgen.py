@@ -100,12 +100,16 @@ async def run_level(
     requests: int | None = None,
     duration: float | None = None,
     warmup: float = 1.0,
+    min_completed: int = 0,
+    max_duration: float | None = None,
     server_pids: Sequence[int] = (),
 ) -> LevelResult:
     """Drive `send(i)` (i = request index, 0, 1, 2, ...) from `concurrency` workers.
 
     Exactly one of `requests` (a fixed count, all counted, `warmup` ignored) or `duration`
-    (seconds measured after `warmup` seconds) bounds the level. A request fails when
+    (seconds measured after `warmup` seconds) bounds the level. In duration mode the
+    window is stretched, up to `max_duration`, until `min_completed` replies fell in it:
+    a slow stack must not be summarised from a handful of replies. A request fails when
     `send` raises; failures are counted, never timed."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -161,6 +165,9 @@ async def run_level(
             start = meter.snapshot()
             window[0] = start[0]
             await asyncio.sleep(duration)
+            limit = window[0] + max(duration, max_duration or duration)
+            while len(latencies) + n_errors < min_completed and time.perf_counter() < limit:
+                await asyncio.sleep(0.05)
             end = meter.snapshot()
             window[1] = end[0]
             stop.set()

@@ -170,7 +170,8 @@ class Bench:
                 out = []
                 for c in self.a.concurrency:
                     bar.set_postfix_str(f"{spec.name} {stack} {variant} x{c}")
-                    r = await run_level(client, c, duration=self.a.duration, warmup=self.a.warmup, server_pids=pids)
+                    r = await run_level(client, c, duration=self.a.duration, warmup=self.a.warmup, min_completed=2 * c,
+                                        max_duration=4 * self.a.duration, server_pids=pids)
                     out.append(r)
                     bar.update(1)
                 return out
@@ -308,7 +309,8 @@ class Bench:
             "models": {s.name: f"{s.checkpoint} (max_length {s.max_length or 'from checkpoint'})" for s in specs},
             "precisions": ",".join(a.precisions),
             "stacks": ",".join(a.stacks),
-            "load": f"closed loop, concurrency {a.concurrency}, {a.warmup:g} s warm-up + {a.duration:g} s measured per level, "
+            "load": f"closed loop, concurrency {a.concurrency}, {a.warmup:g} s warm-up + {a.duration:g} s measured per level "
+            f"(stretched up to {4 * a.duration:g} s until 2 x clients replies are in), "
             f"{len(self.images)} distinct 128 px PNG scenes",
             "in-process": f"batches {a.batches}, {a.inproc_duration:g} s each, onnxruntime intra-op threads "
             f"{a.inproc_threads or 'ORT default'} (spinning {'on' if a.inproc_spinning else 'off'}), inter-op 1, PNG decode + resize + normalise + encoder + greedy decode",

@@ -121,3 +121,11 @@ def test_send_receives_consecutive_indices():
     r = asyncio.run(run_level(send, 5, requests=37))
     assert sorted(seen) == list(range(37)) and r.completed == 37
     assert np.isfinite(r.p99_ms)
+
+
+def test_a_slow_level_is_stretched_until_enough_replies_are_in():
+    async def send(i):
+        await asyncio.sleep(0.15)
+
+    r = asyncio.run(run_level(send, 2, duration=0.1, warmup=0.0, min_completed=6, max_duration=5.0))
+    assert r.completed >= 6 and r.elapsed_s < 5.0
