@@ -217,13 +217,16 @@ def build(a: argparse.Namespace) -> dict:
                     raise BuildFailed(EXIT_CHECK_FAILED, f"TensorRT engine differs from onnxruntime by more than "
                                                          f"{result.tolerance:.0e} x max(1, max|reference|)")
                 if a.precision != "fp32":
-                    images, source = eval_images()
+                    evalset = eval_images()
                     agreement = quantize.caption_agreement(ck, parity.onnx_encode(parity.session(enc_onnx)),
-                                                           result.encode, parity.session(dec_onnx), images)
-                    log(f"      greedy captions engine {a.precision} == fp32 on {source}: "
+                                                           result.encode, parity.session(dec_onnx), evalset.images,
+                                                           evalset.scenes)
+                    log(f"      greedy captions engine {a.precision} == fp32 on {evalset.source}: "
                         f"{agreement.agree}/{agreement.total} = {agreement.share:.2%}")
                     manifest["tensorrt"]["agreement"] = {"total": agreement.total, "agree": agreement.agree,
-                                                         "share": agreement.share, "evaluated_on": source}
+                                                         "share": agreement.share, "evaluated_on": evalset.source,
+                                                         "fp32_correct": agreement.fp32_correct,
+                                                         "engine_correct": agreement.variant_correct}
                     if agreement.share < a.min_agreement:
                         raise BuildFailed(EXIT_REFUSED, f"{a.precision} engine REFUSED: {agreement.share:.2%} caption "
                                                         f"agreement with fp32 is below {a.min_agreement:.0%}")
@@ -239,8 +242,7 @@ def build(a: argparse.Namespace) -> dict:
         elif a.precision == "fp32":
             log("      not requested (PRECISION=int8 builds it and checks its caption agreement with fp32)")
         else:
-            images, source = eval_images()
-            variant = quantize.build_cpu_variant(ck, enc_onnx, dec_onnx, out_dir, images, source,
+            variant = quantize.build_cpu_variant(ck, enc_onnx, dec_onnx, out_dir, eval_images(),
                                                  batch_sizes=(1, a.max_batch_size), min_agreement=a.min_agreement,
                                                  log=lambda m: log("      " + m))
             for line in variant.lines():

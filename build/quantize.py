@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from captioner import scenes
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import onnx_step
 from captioner.preprocess import load_path, normalize, prepare
@@ -211,14 +212,26 @@ class Agreement:
     total: int
     agree: int
     examples: list[dict] = field(default_factory=list)
+    # Share of captions correct by the scene spec's rule, when ground truth is known:
+    # disagreements between two equally valid templates are not errors.
+    fp32_correct: float | None = None
+    variant_correct: float | None = None
 
     @property
     def share(self) -> float:
         return self.agree / self.total if self.total else 0.0
 
 
+@dataclass
+class EvalSet:
+    images: np.ndarray  # uint8 [N, S, S, 3], prepared by THE preprocessing
+    source: str
+    scenes: list[scenes.Scene] | None = None
+
+
 def caption_agreement(ck: Checkpoint, reference: parity.EncodeFn, candidate: parity.EncodeFn,
-                      dec_sess: ort.InferenceSession, images_uint8: np.ndarray) -> Agreement:
+                      dec_sess: ort.InferenceSession, images_uint8: np.ndarray,
+                      truth: list[scenes.Scene] | None = None) -> Agreement:
     """Share of images whose greedy caption is identical through `candidate` and `reference`
     encoders (same decoder-step graph for both, so only the encoder differs)."""
     step = onnx_step(dec_sess)
@@ -228,24 +241,33 @@ def caption_agreement(ck: Checkpoint, reference: parity.EncodeFn, candidate: par
     examples = [
         {"fp32": ck.vocab.decode(a), "variant": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s
     ][:3]
-    return Agreement(len(same), int(sum(same)), examples)
+    result = Agreement(len(same), int(sum(same)), examples)
+    if truth is not None:
+        def correct(seqs):
+            return float(np.mean([scenes.caption_is_correct(ck.vocab.decode(t), sc) for t, sc in zip(seqs, truth)]))
+
+        result.fp32_correct, result.variant_correct = correct(ref), correct(got)
+    return result
 
 
 def evaluation_images(ck: Checkpoint, data_dir: str | Path | None, split: str = "test", limit: int | None = None,
-                      fallback: int = FALLBACK_EVAL_SCENES,
-                      progress: Callable | None = None) -> tuple[np.ndarray, str]:
+                      fallback: int = FALLBACK_EVAL_SCENES, progress: Callable | None = None) -> EvalSet:
     """The dataset split's images prepared by THE preprocessing when the split exists,
-    else freshly generated scenes. Returns (uint8 [N,S,S,3], description)."""
+    else freshly generated scenes; with their ground-truth scenes."""
     ann = Path(data_dir) / f"captions_{split}.json" if data_dir else None
     if ann is not None and ann.is_file():
         meta = json.loads(ann.read_text())
-        files = [Path(data_dir) / im["file_name"] for im in meta["images"]][:limit]
+        chosen = meta["images"][:limit]
+        by_id = {int(s["image_id"]): scenes.Scene.from_json(s) for s in meta.get("scenes", [])}
+        files = [Path(data_dir) / im["file_name"] for im in chosen]
         it = progress(files, desc=f"loading {split}", unit="img") if progress else files
         images = np.stack([prepare(load_path(f), ck.preprocess) for f in it])
-        return images, f"{ann.parent}/{split} ({len(images)} images)"
+        truth = [by_id.get(int(im["id"])) for im in chosen]
+        return EvalSet(images, f"{ann.parent}/{split} ({len(images)} images)",
+                       truth if all(t is not None for t in truth) else None)
     n = min(fallback, limit) if limit else fallback
-    images, _ = parity.scene_batch(n, ck.preprocess, seed=EVAL_SEED)
-    return images, f"{n} generated scenes (no {split} split at {data_dir})"
+    images, drawn = parity.scene_batch(n, ck.preprocess, seed=EVAL_SEED)
+    return EvalSet(images, f"{n} generated scenes (no {split} split at {data_dir})", drawn)
 
 
 @dataclass
@@ -292,6 +314,9 @@ class CpuVariantReport:
             verdict = "accepted" if self.accepted else f"REFUSED (below {self.min_agreement:.0%})"
             out.append(f"greedy captions {self.chosen.name} == fp32 on {self.evaluated_on}: "
                        f"{a.agree}/{a.total} = {a.share:.2%}  {verdict}")
+            if a.fp32_correct is not None:
+                out.append(f"captions correct by the scene spec: fp32 {a.fp32_correct:.2%}, "
+                           f"{self.chosen.name} {a.variant_correct:.2%}")
             for ex in a.examples:
                 out.append(f"  differs: fp32 {ex['fp32']!r} vs {self.chosen.name} {ex['variant']!r}")
         return out
@@ -305,7 +330,8 @@ class CpuVariantReport:
             "chosen": None if self.chosen is None else self.chosen.name,
             "agreement": None if self.agreement is None else {
                 "total": self.agreement.total, "agree": self.agreement.agree, "share": self.agreement.share,
-                "examples": self.agreement.examples,
+                "examples": self.agreement.examples, "fp32_correct": self.agreement.fp32_correct,
+                "variant_correct": self.agreement.variant_correct,
             },
             "evaluated_on": self.evaluated_on,
             "min_agreement": self.min_agreement,
@@ -313,12 +339,12 @@ class CpuVariantReport:
         }
 
 
-def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_dir: Path, eval_images: np.ndarray,
-                      evaluated_on: str, batch_sizes: tuple[int, ...] = (1, 32), min_agreement: float = MIN_AGREEMENT,
+def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_dir: Path, evalset: EvalSet,
+                      batch_sizes: tuple[int, ...] = (1, 32), min_agreement: float = MIN_AGREEMENT,
                       calibration_scenes: int = CALIBRATION_SCENES, log: Callable[[str], None] = print) -> CpuVariantReport:
     """Build int8, probe bf16, time what runs against fp32, keep the faster, and measure
     its caption agreement with fp32."""
-    timing_images = normalize(eval_images[: max(batch_sizes)], ck.preprocess)
+    timing_images = normalize(evalset.images[: max(batch_sizes)], ck.preprocess)
     fp32 = parity.session(fp32_onnx)
     fp32_speed = {b: throughput(fp32, timing_images, b) for b in batch_sizes}
 
@@ -342,5 +368,5 @@ def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_d
     agreement = None
     if chosen is not None:
         agreement = caption_agreement(ck, parity.onnx_encode(fp32), parity.onnx_encode(sessions[chosen.name]),
-                                      parity.session(decoder_onnx), eval_images)
-    return CpuVariantReport(fp32_speed, candidates, chosen, agreement, evaluated_on, min_agreement)
+                                      parity.session(decoder_onnx), evalset.images, evalset.scenes)
+    return CpuVariantReport(fp32_speed, candidates, chosen, agreement, evalset.source, min_agreement)

@@ -163,9 +163,10 @@ def test_parity_failure_stops_the_build_before_the_repository(model_dir, tmp_pat
 def test_a_refused_int8_variant_writes_no_repository(model_dir, tmp_path, no_cuda, monkeypatch, capsys):
     from build import quantize
 
-    def low_agreement(ck, enc, dec, out_dir, images, source, **kw):
+    def low_agreement(ck, enc, dec, out_dir, evalset, **kw):
+        assert len(evalset.images) == 20 and len(evalset.scenes) == 20
         int8 = quantize.Candidate("int8", enc, True, "", {1: 2.0, 32: 2.0})
-        return quantize.CpuVariantReport({1: 1.0, 32: 1.0}, [int8], int8, quantize.Agreement(100, 90), source,
+        return quantize.CpuVariantReport({1: 1.0, 32: 1.0}, [int8], int8, quantize.Agreement(100, 90), evalset.source,
                                          kw["min_agreement"])
 
     monkeypatch.setattr(quantize, "build_cpu_variant", low_agreement)

@@ -71,9 +71,9 @@ def test_int8_graph_is_static_qdq_with_per_channel_weights(tiny, symmetric):
 
 def test_cpu_variant_is_timed_against_fp32_and_checked_for_agreement(tiny):
     ck, enc, dec, d = tiny
-    images, _ = parity.scene_batch(24, ck.preprocess, seed=11)
-    report = quantize.build_cpu_variant(ck, enc, dec, d / "variant", images, "24 scenes", batch_sizes=(1, 8),
-                                        calibration_scenes=16, log=lambda m: None)
+    images, drawn = parity.scene_batch(24, ck.preprocess, seed=11)
+    report = quantize.build_cpu_variant(ck, enc, dec, d / "variant", quantize.EvalSet(images, "24 scenes", drawn),
+                                        batch_sizes=(1, 8), calibration_scenes=16, log=lambda m: None)
     assert set(report.fp32_images_per_s) == {1, 8} and min(report.fp32_images_per_s.values()) > 0
     names = {c.name: c for c in report.candidates}
     assert set(names) == {"int8", "bf16"}
@@ -82,6 +82,7 @@ def test_cpu_variant_is_timed_against_fp32_and_checked_for_agreement(tiny):
     runnable = [c for c in report.candidates if c.runs]
     assert report.chosen is max(runnable, key=lambda c: c.images_per_s[8])
     assert report.agreement.total == 24
+    assert 0.0 <= report.agreement.fp32_correct <= 1.0 and 0.0 <= report.agreement.variant_correct <= 1.0
     assert report.accepted == (report.agreement.share >= 0.98)
     text = "\n".join(report.lines())
     assert "fp32:" in text and "img/s at batch 8" in text and "greedy captions" in text
