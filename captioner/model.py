@@ -93,10 +93,21 @@ class SmallCNN(nn.Module):
 
 
 def _load_state_dict_file(module: nn.Module, path: str | Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch's own message suggests weights_only=False, which we never want
+        raise ValueError(f"{path}: not a torch state-dict file ({type(e).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: a different architecture's weights
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ValueError(f"{path}: weights do not fit {type(module).__name__}: {detail}") from None
     # The classifier head (fc / AuxLogits) is dropped for feature extraction.
     real_missing = [k for k in missing if not k.startswith(("fc.", "AuxLogits."))]
     if real_missing:
