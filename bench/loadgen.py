@@ -264,6 +264,27 @@ class TritonClient:
     async def __aexit__(self, *exc) -> None:
         await self.client.close()
 
+    async def model_stats(self) -> dict[str, dict[str, float]]:
+        """Cumulative per-model counters from Triton's statistics extension: executions,
+        inferences (rows), and nanoseconds queued and computing."""
+        stats = await self.client.get_inference_statistics(as_json=True)
+        phases = ("compute_input", "compute_infer", "compute_output")
+        out = {}
+        for m in stats.get("model_stats", []):
+            inf = m.get("inference_stats", {})
+            # inference_stats charge a batch's compute time to every request in it;
+            # batch_stats count each execution once.
+            batches = m.get("batch_stats", [])
+            out[m["name"]] = {
+                "executions": float(m.get("execution_count", 0)),
+                "inferences": float(m.get("inference_count", 0)),
+                "queue_ns": float(inf.get("queue", {}).get("ns", 0)),
+                "requests": float(inf.get("success", {}).get("count", 0)),
+                "exec_compute_ns": sum(float(b.get(k, {}).get("ns", 0)) for b in batches for k in phases),
+                "request_compute_ns": sum(float(inf.get(k, {}).get("ns", 0)) for k in phases),
+            }
+        return out
+
     async def __call__(self, i: int) -> str:
         result = await self.client.infer(
             self.model, self.inputs[i % len(self.inputs)], outputs=self.outputs, parameters=self.parameters

@@ -130,6 +130,23 @@ def ratio_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(results: dict) -> str:
+    """Per Triton level and model: mean batch, queue ms per request, compute ms per execution."""
+    rows = [lv for lv in results.get("levels", []) if lv.get("models")]
+    if not rows:
+        return "(no Triton levels)"
+    names = [n for n in ("preprocess", "encoder", "caption_generator", "decoder_step", "captioner")
+             if any(n in lv["models"] for lv in rows)]
+    lines = ["| model | variant | clients | " + " | ".join(names) + " |", "|---|---|---:|" + "---|" * len(names)]
+    for lv in rows:
+        cells = []
+        for n in names:
+            m = lv["models"].get(n)
+            cells.append("-" if m is None else f"b {m['batch']:.1f}, q {m['queue_ms']:.1f}, c {m['compute_ms']:.1f}")
+        lines.append(f"| {lv['model']} | {lv['variant']} | {lv['concurrency']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def config_lines(results: dict) -> str:
     def walk(d: dict, prefix: str = "") -> list[str]:
         out = []
@@ -169,6 +186,13 @@ def markdown(results: dict, default_model: str) -> str:
         "CPU columns: share of the whole machine (all cores) used by the load generator and by the server processes.",
         "",
         levels_table(results),
+        "",
+        "## Inside Triton",
+        "Per model and level, from Triton's statistics: b = mean requests per execution (dynamic batching), "
+        "q = mean ms a request waited in the model's queue, c = mean ms per execution (input, execute, output). "
+        "`captioner` is the ensemble as a whole.",
+        "",
+        breakdown_table(results),
         "",
     ]
     if results.get("plots"):

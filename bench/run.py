@@ -108,6 +108,26 @@ def repo_summary(repo: Path) -> str:
     return "; ".join(parts)
 
 
+def model_breakdown(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per Triton model over one level (warm-up and drain included): executions, mean
+    rows per execution (the dynamic batcher's work), queue ms per request and compute
+    ms per execution."""
+    out = {}
+    for name, b in after.items():
+        a = before.get(name, {})
+        d = {k: v - a.get(k, 0.0) for k, v in b.items()}
+        if d["executions"] <= 0:
+            continue
+        out[name] = {
+            "executions": d["executions"],
+            "batch": d["inferences"] / d["executions"],
+            "queue_ms": d["queue_ns"] / max(d["requests"], 1) / 1e6,
+            # an ensemble has no batch_stats: its time per request is the whole pipeline
+            "compute_ms": (d["exec_compute_ns"] / d["executions"] if d["exec_compute_ns"] else d["request_compute_ns"] / max(d["requests"], 1)) / 1e6,
+        }
+    return out
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -167,19 +187,24 @@ class Bench:
         async def go():
             async with make_client() as client:
                 await client(0)  # first request: connections, lazy initialisation
+                stats = getattr(client, "model_stats", None)
                 out = []
                 for c in self.a.concurrency:
                     bar.set_postfix_str(f"{spec.name} {stack} {variant} x{c}")
+                    before = await stats() if stats else None
                     r = await run_level(client, c, duration=self.a.duration, warmup=self.a.warmup, min_completed=2 * c,
                                         max_duration=4 * self.a.duration, server_pids=pids)
-                    out.append(r)
+                    out.append((r, model_breakdown(before, await stats()) if stats else None))
                     bar.update(1)
                 return out
 
-        for r in run_async(go()):
+        for r, models in run_async(go()):
             if r.errors:
                 self.results["notes"].append(f"{spec.name} {stack} {variant} x{r.concurrency}: {r.errors} errors, e.g. {r.error_samples[:1]}")
-            self.results["levels"].append({"model": spec.name, "stack": stack, "variant": variant, **r.to_dict()})
+            level = {"model": spec.name, "stack": stack, "variant": variant, **r.to_dict()}
+            if models:
+                level["models"] = models
+            self.results["levels"].append(level)
 
     # --- orchestration -----------------------------------------------------------------
 
