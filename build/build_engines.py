@@ -251,9 +251,11 @@ def build(a: argparse.Namespace) -> dict:
             if variant.chosen is None:
                 raise BuildFailed(EXIT_REFUSED, "no reduced-precision encoder runs on this CPU")
             if not variant.accepted:
+                hint = ("; this SPEED-ONLY model has meaningless captions: CAPTIONER_MIN_AGREEMENT=0 builds it "
+                        "for speed measurements" if speed_only else "; build with PRECISION=fp32")
                 raise BuildFailed(EXIT_REFUSED, f"{variant.chosen.name} encoder REFUSED: "
                                                 f"{variant.agreement.share:.2%} caption agreement with fp32 is below "
-                                                f"{a.min_agreement:.0%}; build with PRECISION=fp32")
+                                                f"{a.min_agreement:.0%}{hint}")
             artifacts["encoder_onnx"] = variant.chosen.path
             precision = variant.chosen.name
 
