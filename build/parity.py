@@ -176,10 +176,13 @@ def decoder_diffs(ck: Checkpoint, sess: ort.InferenceSession, batch_sizes: Seque
 
 
 def greedy_tokens(ck: Checkpoint, encode: EncodeFn, step, images_uint8: np.ndarray,
-                  batch_size: int = 64) -> list[tuple[int, ...]]:
+                  batch_size: int = 64, desc: str | None = None) -> list[tuple[int, ...]]:
     """Greedy token sequences for prepared uint8 images, through any encoder and step."""
+    from tqdm import tqdm
+
     out: list[tuple[int, ...]] = []
-    for i in range(0, len(images_uint8), batch_size):
+    starts = range(0, len(images_uint8), batch_size)
+    for i in tqdm(starts, desc=desc, unit="batch", mininterval=2.0, leave=False, disable=desc is None):
         h0, c0 = encode(normalize(images_uint8[i : i + batch_size], ck.preprocess))
         hyps = greedy(step, h0, c0, ck.vocab.start, ck.vocab.end, ck.args.max_length)
         out += [h.tokens for h in hyps]
@@ -190,8 +193,8 @@ def caption_parity(ck: Checkpoint, enc_sess: ort.InferenceSession, dec_sess: ort
                    n: int = CAPTION_SCENES, seed: int = 1000) -> CaptionParity:
     """Greedy captions through both ONNX graphs against torch's, scene by scene."""
     images, _ = scene_batch(n, ck.preprocess, seed=seed)
-    ref = greedy_tokens(ck, torch_encode(ck), torch_step(ck.model.decoder), images)
-    got = greedy_tokens(ck, onnx_encode(enc_sess), onnx_step(dec_sess), images)
+    ref = greedy_tokens(ck, torch_encode(ck), torch_step(ck.model.decoder), images, desc="greedy captions, torch")
+    got = greedy_tokens(ck, onnx_encode(enc_sess), onnx_step(dec_sess), images, desc="greedy captions, onnx")
     same = [a == b for a, b in zip(ref, got)]
     examples = [
         {"torch": ck.vocab.decode(a), "onnx": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s

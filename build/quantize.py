@@ -235,8 +235,8 @@ def caption_agreement(ck: Checkpoint, reference: parity.EncodeFn, candidate: par
     """Share of images whose greedy caption is identical through `candidate` and `reference`
     encoders (same decoder-step graph for both, so only the encoder differs)."""
     step = onnx_step(dec_sess)
-    ref = parity.greedy_tokens(ck, reference, step, images_uint8)
-    got = parity.greedy_tokens(ck, candidate, step, images_uint8)
+    ref = parity.greedy_tokens(ck, reference, step, images_uint8, desc="greedy captions, fp32")
+    got = parity.greedy_tokens(ck, candidate, step, images_uint8, desc="greedy captions, variant")
     same = [a == b for a, b in zip(ref, got)]
     examples = [
         {"fp32": ck.vocab.decode(a), "variant": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s
@@ -260,7 +260,7 @@ def evaluation_images(ck: Checkpoint, data_dir: str | Path | None, split: str = 
         chosen = meta["images"][:limit]
         by_id = {int(s["image_id"]): scenes.Scene.from_json(s) for s in meta.get("scenes", [])}
         files = [Path(data_dir) / im["file_name"] for im in chosen]
-        it = progress(files, desc=f"loading {split}", unit="img") if progress else files
+        it = progress(files, desc=f"loading {split}", unit="img", mininterval=2.0, leave=False) if progress else files
         images = np.stack([prepare(load_path(f), ck.preprocess) for f in it])
         truth = [by_id.get(int(im["id"])) for im in chosen]
         return EvalSet(images, f"{ann.parent}/{split} ({len(images)} images)",
