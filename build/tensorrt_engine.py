@@ -14,7 +14,6 @@ typed network over the fp32 graph or over the Q/DQ graph.
 `tensorrt` is imported lazily: CPU machines never need it."""
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -323,7 +322,3 @@ def build_encoder_plan(ck, onnx_for: Callable[[str], Path], out_dir: str | Path,
     diffs = parity.encoder_diffs(ck, on_engine, graph="engine", batch_sizes=sorted({1, 7, max_batch}),
                                  reference=reference)
     return EngineResult(plan_path, api, recipe, onnx_path, diffs, ENGINE_TOLERANCE[precision], on_engine)
-
-
-def expected_version_from_env() -> str | None:
-    return os.environ.get("CAPTIONER_TRT_VERSION") or None
