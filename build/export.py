@@ -27,43 +27,30 @@ def _check(path: Path) -> onnx.ModelProto:
     return inferred
 
 
-def export_encoder(ck: Checkpoint, path: str | Path, opset: int = OPSET) -> Path:
+def _export(module: torch.nn.Module, example: tuple, path: str | Path, inputs: list[str], outputs: list[str], opset: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = EncoderExport(ck.model).eval()
-    s = ck.preprocess.image_size
-    example = torch.zeros(2, 3, s, s)
     with torch.inference_mode():
         torch.onnx.export(
-            module,
-            (example,),
+            module.eval(),
+            example,
             str(path),
-            input_names=ENCODER_INPUTS,
-            output_names=ENCODER_OUTPUTS,
-            dynamic_axes={n: {0: "batch"} for n in ENCODER_INPUTS + ENCODER_OUTPUTS},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
             opset_version=opset,
-            dynamo=False,
+            dynamo=False,  # the dynamo exporter needs onnxscript, which we don't ship
         )
     _check(path)
     return path
+
+
+def export_encoder(ck: Checkpoint, path: str | Path, opset: int = OPSET) -> Path:
+    s = ck.preprocess.image_size
+    return _export(EncoderExport(ck.model), (torch.zeros(2, 3, s, s),), path, ENCODER_INPUTS, ENCODER_OUTPUTS, opset)
 
 
 def export_decoder_step(ck: Checkpoint, path: str | Path, opset: int = OPSET) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = DecoderStepExport(ck.model).eval()
     u = ck.args.lstm_units
     example = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, u), torch.zeros(2, u))
-    with torch.inference_mode():
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            input_names=STEP_INPUTS,
-            output_names=STEP_OUTPUTS,
-            dynamic_axes={n: {0: "batch"} for n in STEP_INPUTS + STEP_OUTPUTS},
-            opset_version=opset,
-            dynamo=False,
-        )
-    _check(path)
-    return path
+    return _export(DecoderStepExport(ck.model), example, path, STEP_INPUTS, STEP_OUTPUTS, opset)
