@@ -3,9 +3,22 @@ console). Input is the results dict bench.run builds (also saved as reports/benc
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 SEED_MODEL = "seed-inception"
+
+
+def investigation(doc: str | Path, heading: str = "## Investigation") -> str | None:
+    """The tuning log kept in docs/bench.md (each change's prediction and outcome), so
+    that every generated report carries it: the section under `heading`, up to the next
+    section of the same level."""
+    p = Path(doc)
+    if not p.is_file():
+        return None
+    m = re.search(rf"^{re.escape(heading)}[^\n]*\n(.*?)(?=^## |\Z)", p.read_text(), re.S | re.M)
+    return m.group(1).strip() if m else None
 
 
 def inprocess_bound(results: dict, model: str, variant: str) -> tuple[float, int] | None:
@@ -197,6 +210,8 @@ def markdown(results: dict, default_model: str) -> str:
     ]
     if results.get("plots"):
         parts += ["## Plots", *[f"![{p}]({p})" for p in results["plots"]], ""]
+    if results.get("investigation"):
+        parts += ["## Investigation (from docs/bench.md)", results["investigation"], ""]
     if results.get("notes"):
         parts += ["## Notes", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(parts)

@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         plots.throughput_plot(results, out / "bench_throughput.png").name,
         plots.latency_plot(results, out / "bench_latency.png").name,
     ]
+    results["investigation"] = report.investigation(ROOT / "docs" / "bench.md")
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     default_name = "default"
     md = report.markdown(results, default_name)

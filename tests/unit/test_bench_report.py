@@ -67,3 +67,10 @@ def test_cli_parses_tuning_and_refuses_unknown_names():
     assert a.models == ["seed-inception"] and a.instances == {"encoder": 2} and a.duration < 6
     with pytest.raises(SystemExit):
         parse_args(["--models", "resnet"])
+
+
+def test_the_investigation_section_is_lifted_from_the_docs(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Bench\n\n## Investigation\n### 1. encoder threads\nprediction: x2\n\n## Caveats\nnoise\n")
+    assert report.investigation(doc) == "### 1. encoder threads\nprediction: x2"
+    assert report.investigation(tmp_path / "missing.md") is None
