@@ -29,7 +29,7 @@ from captioner.decoding import onnx_step
 from captioner.preprocess import load_path, normalize, prepare
 
 from . import parity
-from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, OPSET
+from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, export_module
 
 MIN_AGREEMENT = 0.98
 CALIBRATION_SCENES = 128
@@ -161,22 +161,8 @@ def export_encoder_cast(ck: Checkpoint, path: str | Path, dtype: torch.dtype) ->
             h0, c0 = self.encoder(image.to(dtype))
             return h0.float(), c0.float()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     s = ck.preprocess.image_size
-    with torch.inference_mode():
-        torch.onnx.export(
-            Cast(ck.model.encoder).eval(),
-            (torch.zeros(2, 3, s, s),),
-            str(path),
-            input_names=ENCODER_INPUTS,
-            output_names=ENCODER_OUTPUTS,
-            dynamic_axes={n: {0: "batch"} for n in ENCODER_INPUTS + ENCODER_OUTPUTS},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    return path
+    return export_module(Cast(ck.model.encoder), (torch.zeros(2, 3, s, s),), path, ENCODER_INPUTS, ENCODER_OUTPUTS, strict=False)
 
 
 def probe_bf16(ck: Checkpoint, path: str | Path) -> tuple[bool, str]:
