@@ -172,7 +172,15 @@ def train(a: argparse.Namespace) -> Path:
         )
         cfg = default_preprocess(a.backbone, a.image_size)
         frozen = a.mode == "frozen"
-    model = CaptionModel(args, a.backbone_weights if not state else None)
+    if state:
+        import warnings
+
+        with warnings.catch_warnings():
+            # Resuming: the backbone's weights come from last.pt, not from random init.
+            warnings.simplefilter("ignore", UserWarning)
+            model = CaptionModel(args)
+    else:
+        model = CaptionModel(args, a.backbone_weights)
     print(f"model: {args.backbone}, vocab {len(vocab)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, input {cfg.image_size}px, mode {'frozen' if frozen else 'end-to-end'}")
 
     train_imgs = cache_images(train_data, cfg, a.augment_share, a.seed)
@@ -225,7 +233,7 @@ def train(a: argparse.Namespace) -> Path:
             torch.nn.utils.clip_grad_norm_(params, a.clip)
             opt.step()
             sched.step()
-            run_loss += float(loss)
+            run_loss += loss.item()
             n_loss += 1
             bar.set_postfix(loss=f"{run_loss / n_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         metrics = {"epoch": epoch, "train_loss": run_loss / n_loss, **evaluate(model, va, cfg, vocab, frozen, args.max_length, a.val_decode)}
