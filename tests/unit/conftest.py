@@ -14,9 +14,10 @@ if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the r
 
 MEMO_SCENES = 16
 MEMO_REPEAT = 64
-# 10 epochs x 32 steps at 32 px: ~25 s of one core; it reaches 1.0 on the memorised scenes by epoch ~8.
+# 12 epochs x 32 steps at 32 px: ~30 s of one core. With seeds 0 and 1 it captions 15 of the 16
+# scenes right by epoch 12 (0.94); test_train asserts at least 0.75.
 MEMO_TRAIN_ARGS = [
-    "--image-size", "32", "--batch-size", "32", "--lr", "3e-3", "--epochs", "10",
+    "--image-size", "32", "--batch-size", "32", "--lr", "3e-3", "--epochs", "12",
     "--augment-share", "0", "--val-decode", str(MEMO_SCENES), "--threads", "1", "--min-count", "1", "--seed", "0",
 ]
 
