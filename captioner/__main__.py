@@ -10,10 +10,11 @@ def _caption(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption images in-process.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", default=os.environ.get("CAPTIONER_MODEL"), help="checkpoint dir (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--beam", type=int, default=int(os.environ.get("CAPTIONER_BEAM", "1")), help="beam size (1 = greedy)")
     p.add_argument("--max-length", type=int)
     p.add_argument("--temperature", type=float, help="sample at this temperature instead of deterministic decoding")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, help="sampling seed (with --temperature)")
+    p.add_argument("--batch-size", type=int, default=int(os.environ.get("CAPTIONER_BATCH", "64")))
     a = p.parse_args(argv)
 
     import numpy as np
@@ -21,9 +22,13 @@ def _caption(argv: list[str]) -> int:
     from .inference import Captioner
     from .preprocess import ImageError, load_path, prepare
 
-    cap = Captioner(a.model)
     try:
-        params = cap.params(beam_size=a.beam, max_length=a.max_length, temperature=a.temperature)
+        cap = Captioner(a.model)
+    except (FileNotFoundError, ValueError) as e:
+        hint = "" if a.model else " (no shipped model yet? `make default-model`, or pass --model DIR)"
+        p.exit(2, f"{p.prog}: error: cannot load the model: {e}{hint}\n")
+    try:
+        params = cap.params(beam_size=a.beam, max_length=a.max_length, temperature=a.temperature, seed=a.seed)
     except ValueError as e:
         p.error(str(e))
     failed = 0
