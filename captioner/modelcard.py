@@ -9,7 +9,7 @@ from pathlib import Path
 from . import checkpoint as ckpt_mod
 
 
-def render(ck: ckpt_mod.Checkpoint, history: list[dict], report: dict, command: str) -> str:
+def render(ck: ckpt_mod.Checkpoint, history: list[dict], report: dict, command: str, note: str = "") -> str:
     a, p = ck.args, ck.preprocess
     n_params = sum(t.numel() for t in ck.model.parameters())
     best = ck.meta.get("metrics", {})
@@ -38,7 +38,7 @@ def render(ck: ckpt_mod.Checkpoint, history: list[dict], report: dict, command: 
         "of the spec are captioned as well as the generator's PNGs.",
         "",
         "## Training",
-        f"- Reproduce: `{command}`",
+        f"- Reproduce: `{command}`" + (f". {note}" if note else ""),
         f"- Adam, cosine learning-rate schedule from 2e-3 with warm-up, batch 128, gradient clipping at 5, masked "
         f"cross-entropy, {len(history)} epochs; the checkpoint kept is the epoch with the best greedy share correct on "
         f"the validation split (epoch {best.get('epoch', '?')}).",
@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", required=True, help="history.json of the training run")
     p.add_argument("--eval", required=True, help="evaluation report JSON")
     p.add_argument("--command", required=True, help="the command that reproduces the model")
+    p.add_argument("--note", default="", help="how this particular checkpoint's run differed from the command")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     ck = ckpt_mod.load(a.model)
-    text = render(ck, json.loads(Path(a.history).read_text()), json.loads(Path(a.eval).read_text()), a.command)
+    text = render(ck, json.loads(Path(a.history).read_text()), json.loads(Path(a.eval).read_text()), a.command, a.note)
     Path(a.out).write_text(text)
     print(f"wrote {a.out}")
     return 0
