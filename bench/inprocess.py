@@ -6,7 +6,6 @@ so a server can approach this figure but should not beat it.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,8 @@ import numpy as np
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import DecodeParams, decode, onnx_step
 from captioner.preprocess import decode_image, normalize, prepare
+
+from .loadgen import _CpuMeter
 
 
 def ort_session(path: str | Path, threads: int | None, spinning: bool = False):
@@ -65,6 +66,8 @@ class InProcessResult:
     elapsed_s: float
     captions_per_s: float
     mean_tokens: float  # generated tokens per caption (END excluded)
+    cpu: float  # this process's CPU / (elapsed x cores)
+    other_cpu: float  # the rest of the machine's busy time, competing with the measurement
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,11 +89,14 @@ def measure(
         cap.caption_bytes(batch(k))
     cap.tokens = 0
     done, k = 0, 0
-    t0 = time.perf_counter()
+    meter = _CpuMeter()
+    start = meter.snapshot()
     while True:
         done += len(cap.caption_bytes(batch(k)))
         k += 1
-        elapsed = time.perf_counter() - t0
+        end = meter.snapshot()
+        elapsed = end[0] - start[0]
         if elapsed >= duration:
             break
-    return InProcessResult(batch_size, done, elapsed, done / elapsed, cap.tokens / done)
+    cpu, _, other = meter.shares(start, end)
+    return InProcessResult(batch_size, done, elapsed, done / elapsed, cap.tokens / done, cpu, other)

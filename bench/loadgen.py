@@ -49,6 +49,7 @@ class LevelResult:
     mean_ms: float
     client_cpu: float  # client process CPU / (elapsed x cores): its share of the machine
     server_cpu: float | None  # the same for the server processes, when their pids are known
+    other_cpu: float  # the rest of the machine's busy time: other work competing with the measurement
     error_samples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -80,17 +81,22 @@ class _CpuMeter:
                 continue
         return out
 
-    def snapshot(self) -> tuple[float, float, dict[int, float]]:
-        return time.perf_counter(), self._cpu(self.me), self._server()
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
-    def shares(self, a, b) -> tuple[float, float | None]:
-        wall = max(b[0] - a[0], 1e-9)
-        client = (b[1] - a[1]) / (wall * self.cores)
-        if not self.server_pids:
-            return client, None
+    def snapshot(self) -> tuple[float, float, dict[int, float], float]:
+        return time.perf_counter(), self._cpu(self.me), self._server(), self._busy()
+
+    def shares(self, a, b) -> tuple[float, float | None, float]:
+        """(client, server or None, everything else) as shares of the machine."""
+        capacity = max(b[0] - a[0], 1e-9) * self.cores
+        client = (b[1] - a[1]) / capacity
         # A process born inside the window counts from zero.
-        server = sum(v - a[2].get(pid, 0.0) for pid, v in b[2].items())
-        return client, server / (wall * self.cores)
+        server = sum(v - a[2].get(pid, 0.0) for pid, v in b[2].items()) / capacity if self.server_pids else None
+        other = (b[3] - a[3]) / capacity - client - (server or 0.0)
+        return client, server, max(other, 0.0)
 
 
 async def run_level(
@@ -176,7 +182,7 @@ async def run_level(
             for t in tasks:
                 t.cancel()
     elapsed = end[0] - start[0]
-    client_cpu, server_cpu = meter.shares(start, end)
+    client_cpu, server_cpu, other_cpu = meter.shares(start, end)
     p = percentiles(latencies)
     return LevelResult(
         concurrency=concurrency,
@@ -190,6 +196,7 @@ async def run_level(
         mean_ms=float(np.mean(latencies) * 1e3) if latencies else float("nan"),
         client_cpu=client_cpu,
         server_cpu=server_cpu,
+        other_cpu=other_cpu,
         error_samples=errors,
     )
 

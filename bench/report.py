@@ -110,22 +110,23 @@ def _pct(x) -> str:
 
 
 def inprocess_table(results: dict) -> str:
-    lines = ["| model | variant | batch | captions/s | tokens/caption |", "|---|---|---:|---:|---:|"]
+    lines = ["| model | variant | batch | captions/s | tokens/caption | CPU | others' CPU |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results.get("inprocess", []):
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch_size']} | {_f(r['captions_per_s'])} | {_f(r['mean_tokens'])} |")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch_size']} | {_f(r['captions_per_s'])} | {_f(r['mean_tokens'])} | "
+                     f"{_pct(r.get('cpu'))} | {_pct(r.get('other_cpu'))} |")
     return "\n".join(lines)
 
 
 def levels_table(results: dict) -> str:
     lines = [
-        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | client CPU | server CPU |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | client CPU | server CPU | others' CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in results.get("levels", []):
         lines.append(
             f"| {lv['model']} | {lv['stack']} | {lv['variant']} | {lv['concurrency']} | {_f(lv['throughput'])} | "
             f"{_f(lv['p50_ms'])} | {_f(lv['p95_ms'])} | {_f(lv['p99_ms'])} | {lv['errors']} | "
-            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} |"
+            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} | {_pct(lv.get('other_cpu'))} |"
         )
     return "\n".join(lines)
 
@@ -196,7 +197,8 @@ def markdown(results: dict, default_model: str) -> str:
         inprocess_table(results),
         "",
         "## Load levels",
-        "CPU columns: share of the whole machine (all cores) used by the load generator and by the server processes.",
+        "CPU columns: share of the whole machine (all cores) used by the load generator, by the server processes, "
+        "and by everything else running at the time (anything above a few % means the level was measured on a busy machine).",
         "",
         levels_table(results),
         "",

@@ -9,7 +9,7 @@ from bench.run import _kv, parse_args
 
 def _level(model, stack, variant, c, tput):
     return dict(model=model, stack=stack, variant=variant, concurrency=c, throughput=tput, completed=10, errors=0,
-                elapsed_s=1.0, p50_ms=10.0 * c, p95_ms=12.0 * c, p99_ms=13.0 * c, mean_ms=10.0, client_cpu=0.05, server_cpu=0.9)
+                elapsed_s=1.0, p50_ms=10.0 * c, p95_ms=12.0 * c, p99_ms=13.0 * c, mean_ms=10.0, client_cpu=0.05, server_cpu=0.9, other_cpu=0.0)
 
 
 @pytest.fixture
