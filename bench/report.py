@@ -117,16 +117,25 @@ def inprocess_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_ms_per_caption(level: dict, cores: int) -> float | None:
+    """Client + server CPU time per caption: robust to other work on the machine, and
+    cores / this is the throughput the stack could reach on idle cores."""
+    if level.get("server_cpu") is None or not level["throughput"]:
+        return None
+    return (level["client_cpu"] + level["server_cpu"]) * cores / level["throughput"] * 1e3
+
+
 def levels_table(results: dict) -> str:
+    cores = results.get("cores", 1)
     lines = [
-        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | client CPU | server CPU | others' CPU |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | client CPU | server CPU | others' CPU | CPU ms/caption |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in results.get("levels", []):
         lines.append(
             f"| {lv['model']} | {lv['stack']} | {lv['variant']} | {lv['concurrency']} | {_f(lv['throughput'])} | "
             f"{_f(lv['p50_ms'])} | {_f(lv['p95_ms'])} | {_f(lv['p99_ms'])} | {lv['errors']} | "
-            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} | {_pct(lv.get('other_cpu'))} |"
+            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} | {_pct(lv.get('other_cpu'))} | {_f(cpu_ms_per_caption(lv, cores))} |"
         )
     return "\n".join(lines)
 
@@ -198,7 +207,8 @@ def markdown(results: dict, default_model: str) -> str:
         "",
         "## Load levels",
         "CPU columns: share of the whole machine (all cores) used by the load generator, by the server processes, "
-        "and by everything else running at the time (anything above a few % means the level was measured on a busy machine).",
+        "and by everything else running at the time (anything above a few % means the level was measured on a busy machine). "
+        "CPU ms/caption: client + server CPU time per caption; cores / that is what the stack could reach on idle cores.",
         "",
         levels_table(results),
         "",

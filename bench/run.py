@@ -161,6 +161,7 @@ class Bench:
             "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.node()}: {self.cores} cores, {platform.python_version()}, "
             f"load average at start {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            "cores": self.cores,
             "config": {},
             "inprocess": [],
             "levels": [],
