@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         log_file=args.log_file,
     )
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: restore it so Ctrl-C (or kill -INT) always stops us in order.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(f"Starting {server.binary.path} on {repo} (log: {server.log_file}) ...", flush=True)
         server.start(timeout_s=args.startup_timeout)

@@ -225,9 +225,17 @@ class TritonServer:
         return self.process is not None and self.process.poll() is None
 
     def wait(self) -> int:
-        """Block until the server exits on its own; its exit code."""
+        """Block until the server exits on its own; its exit code.
+
+        Waits in short slices: a signal the kernel hands to another thread (gRPC's) does
+        not interrupt a blocking waitpid in the main thread, so Ctrl-C would otherwise
+        wait until the server died by itself."""
         assert self.process is not None
-        return self.process.wait()
+        while True:
+            try:
+                return self.process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
 
     def stop(self) -> None:
         proc, self.process = self.process, None
