@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -20,15 +18,9 @@ import numpy as np
 
 
 def _scene_pngs(n: int, seed: int) -> list[bytes]:
-    from captioner.scenes import random_scene, render
+    from captioner.scenes import encoded_scenes
 
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        render(random_scene(rng), nrng).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return [data for data, _ in encoded_scenes(n, seed)]
 
 
 async def _load(url: str, images: list[bytes], concurrency: int, requests: int, beam: int) -> dict:

@@ -168,6 +168,21 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
 
 
+def encoded_scenes(n: int, seed: int, fmt: str = "PNG", **save_args) -> list[tuple[bytes, Scene]]:
+    """`n` scenes rendered and encoded in memory, with their ground truth: what a
+    client sends (samples, benchmarks, measurements)."""
+    import io
+
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        buf = io.BytesIO()
+        render(scene, nrng).save(buf, fmt, **save_args)
+        out.append((buf.getvalue(), scene))
+    return out
+
+
 def generate_split(out_dir: str | Path, split: str, count: int, seed: int, progress: bool = True) -> Path:
     """Write `<out>/<split>/NNNNNN.png` and `<out>/captions_<split>.json` (COCO captions layout,
     plus a `scenes` list so tests and evaluation can check captions against ground truth)."""

@@ -7,9 +7,7 @@ scenes over gRPC so you see it work, then keeps serving (log in a file) until Ct
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -79,16 +77,9 @@ def build(args: argparse.Namespace) -> None:
 
 def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
     """Scenes drawn to the spec, as PNG bytes, with their ground truth."""
-    from .scenes import random_scene, render
+    from .scenes import encoded_scenes
 
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        scene = random_scene(rng)
-        buf = io.BytesIO()
-        render(scene, nrng).save(buf, "PNG")
-        out.append((buf.getvalue(), scene))
-    return out
+    return encoded_scenes(n, seed)
 
 
 def caption_samples(server: TritonServer, n: int) -> None:
