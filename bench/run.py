@@ -267,7 +267,7 @@ class Bench:
             instance_counts=a.instances or None,
             ort_threads=a.ort_threads or None,
             step_mode=a.step_mode,
-            queue_delay_us=a.queue_delay_us,
+            **({"queue_delay_us": a.queue_delay_us} if a.queue_delay_us >= 0 else {}),
         )
 
     def triton(self, spec: ModelSpec, variant: str, paths: dict, bar: tqdm) -> None:
@@ -363,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=int(env("BENCH_MAX_BATCH_SIZE", "32")), help="Triton max_batch_size")
     p.add_argument("--instances", type=_kv, default=_kv(env("BENCH_INSTANCES", "")), help="Triton instance counts, e.g. preprocess=1,encoder=2 (default: the build's)")
     p.add_argument("--ort-threads", type=_kv, default=_kv(env("BENCH_ORT_THREADS", "")), help="ORT intra-op threads per Triton model, e.g. encoder=2 (default: the build's)")
-    p.add_argument("--queue-delay-us", type=int, default=int(env("BENCH_QUEUE_DELAY_US", "1000")), help="Triton dynamic batching max queue delay")
+    p.add_argument("--queue-delay-us", type=int, default=int(env("BENCH_QUEUE_DELAY_US", "-1")), help="Triton dynamic batching max queue delay (default: the build's)")
     p.add_argument("--step-mode", default=env("BENCH_STEP_MODE") or None, choices=("inprocess", "bls"), help="decoder step in the generator's process or through BLS (default: the build's)")
     p.add_argument("--parity-scenes", type=int, default=int(env("BENCH_PARITY_SCENES", "32")), help="build_engines --parity-scenes")
     p.add_argument("--agreement-images", type=int, default=int(env("BENCH_AGREEMENT_IMAGES", "64")), help="build_engines --agreement-images")

@@ -41,11 +41,15 @@ DEFAULT_INSTANCES = {
     "cpu": {PREPROCESS: 1, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 1},
     "gpu": {PREPROCESS: 2, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 2},
 }
-DEFAULT_ORT_THREADS = {ENCODER: 1, DECODER_STEP: 1, GENERATOR: 1}
+# The encoder gets both cores: with one thread a heavy encoder (seed-inception) caps the
+# whole stack at one core, 0.55x the in-process bound; two reach 1.1x (docs/bench.md).
+DEFAULT_ORT_THREADS = {ENCODER: 2, DECODER_STEP: 1, GENERATOR: 1}
 # Measured on the CPU machine (README, "BLS or in-process decoder step"). On GPU the
 # step goes to the GPU decoder_step through BLS.
 DEFAULT_STEP_MODE = {"cpu": "inprocess", "gpu": "bls"}
-DEFAULT_QUEUE_DELAY_US = 1000
+# No waiting for company: requests that queue while an instance is busy still batch,
+# and a 1 ms delay per stage halved throughput at 1-4 clients (docs/bench.md).
+DEFAULT_QUEUE_DELAY_US = 0
 
 _FP32, _INT64, _STRING = mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_STRING
 
