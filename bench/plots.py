@@ -24,6 +24,14 @@ def _series(results: dict) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
+def _concurrency_axis(ax, levels_by_label) -> None:
+    xs = sorted({lv["concurrency"] for levels in levels_by_label.values() for lv in levels})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("concurrent clients")
+
+
 def _colours(labels):
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {label: cycle[i % len(cycle)] for i, label in enumerate(sorted(labels))}
@@ -48,8 +56,7 @@ def throughput_plot(results: dict, path: str | Path) -> Path:
         for variant, best in sorted(bounds.items()):
             label = f"in-process {variant}"
             ax.axhline(best, ls="--", color=colour[label], label=f"{label} bound ({best:.0f}/s)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
+        _concurrency_axis(ax, series[model])
         ax.set_ylabel("captions / s")
         ax.set_title(model)
         ax.set_ylim(bottom=0)
@@ -74,9 +81,8 @@ def latency_plot(results: dict, path: str | Path) -> Path:
             xs = [lv["concurrency"] for lv in levels]
             for key, style, name in PERCENTILE_STYLES:
                 ax.plot(xs, [lv[key] for lv in levels], style, marker="o", ms=3, color=colour[label], label=f"{label} {name}")
-        ax.set_xscale("log", base=2)
+        _concurrency_axis(ax, series[model])
         ax.set_yscale("log")
-        ax.set_xlabel("concurrent clients")
         ax.set_ylabel("latency (ms)")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)

@@ -239,7 +239,8 @@ class Bench:
         lines = log.read_text(errors="replace").strip().splitlines()
         if rc not in (0, EXIT_REFUSED):
             raise RuntimeError(f"build_engines exited {rc}: {' / '.join(lines[-3:])} (log: {log})")
-        notes = [f"{spec.name}: " + ln.strip() for ln in lines if "caption agreement" in ln or "greedy captions" in ln and "fp32 on" in ln]
+        notes = [f"{spec.name}: " + ln.strip() + (" (speed-only model: built with --min-agreement 0)" if speed_only else "")
+                 for ln in lines if "greedy captions" in ln and "fp32 on" in ln]
         variants = {"fp32": {"encoder": out / "encoder.onnx", "decoder": out / "decoder_step.onnx"}}
         if reduced and rc == 0:
             manifest = json.loads((built / "build_manifest.json").read_text())
