@@ -3,7 +3,7 @@ measured one after the other on the same machine with the same images and the sa
 model, then compared. Writes reports/bench.md, reports/bench.json and PNG plots, and
 prints the configuration and the ratio table.
 
-    python -m bench.run                       # everything (~10-15 min on 2 cores)
+    python -m bench.run                       # everything (6.5 min on 2 quiet cores, cold builds)
     python -m bench.run --quick               # short levels, for a smoke run
     python -m bench.run --models default --stacks inprocess,naive
 
@@ -373,6 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=env("BENCH_OUT", str(ROOT / "reports")))
     p.add_argument("--work", default=env("BENCH_WORK", str(ROOT / "build" / "out" / "bench")), help="built artifacts and repositories")
     p.add_argument("--note", action="append", help="a line for the report's notes (repeatable)")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the report and plots from <out>/bench.json")
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.inproc_duration = 2.0, 0.5, 1.5
@@ -387,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    bench = Bench(a)
-    results = bench.run()
-    results["wall_s"] = round(time.monotonic() - t0, 1)
+    if a.report_only:
+        results = json.loads((out / "bench.json").read_text())
+    else:
+        t0 = time.monotonic()
+        results = Bench(a).run()
+        results["wall_s"] = round(time.monotonic() - t0, 1)
     results["plots"] = [
         plots.throughput_plot(results, out / "bench_throughput.png").name,
         plots.latency_plot(results, out / "bench_latency.png").name,
