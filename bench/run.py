@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
-import random
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import psutil
 from tqdm import tqdm
 
@@ -66,15 +62,9 @@ def default_checkpoint() -> Path:
 
 def bench_images(n: int = N_IMAGES, seed: int = 7) -> list[bytes]:
     """shapes-v1 scenes as 128 px PNG bytes: what a client sends for every stack."""
-    from captioner.scenes import random_scene, render
+    from captioner.scenes import encoded_scenes
 
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        render(random_scene(rng), nrng).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return [data for data, _ in encoded_scenes(n, seed)]
 
 
 def _kv(s: str) -> dict[str, int]:

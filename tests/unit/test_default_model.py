@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from captioner import scenes as sc
 from captioner.checkpoint import DEFAULT_MODEL_DIR, FILENAME
