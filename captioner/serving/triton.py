@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import Rejected
+from .batching import run_batched
 
 CAPTIONS = ("captioner_captions_total", "Captions returned by caption_generator")
 TOKENS = ("captioner_tokens_total", "Caption tokens generated (END excluded)")
@@ -48,6 +49,19 @@ def internal_error_responses(pb_utils, n: int, model: str, exc: BaseException) -
     pb_utils.Logger.log_error(f"{model}: {''.join(traceback.format_exception(exc))}")
     message = f"{model}: internal error ({type(exc).__name__}); see the server log"
     return [error_response(pb_utils, message, "INTERNAL") for _ in range(n)]
+
+
+def batched_responses(pb_utils, requests, run, inputs: list[str], outputs: list[str], model: str) -> list:
+    """Every request's inputs stacked, `run(*stacked)` called once, outputs split back into
+    one response per request. A failure here is not the client's: logged, INTERNAL to each."""
+    try:
+        per_request = run_batched(run, [[input_array(pb_utils, r, n) for n in inputs] for r in requests])
+    except Exception as e:
+        return internal_error_responses(pb_utils, len(requests), model, e)
+    return [
+        pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in zip(outputs, arrays)])
+        for arrays in per_request
+    ]
 
 
 def input_array(pb_utils, request, name: str):

@@ -4,9 +4,8 @@ Every request of the Triton batch is stacked into one tensor and run once. On GP
 repository uses a TensorRT plan instead of this model."""
 import triton_python_backend_utils as pb_utils
 
-from captioner.serving.batching import run_batched
 from captioner.serving.ort import OrtSettings, session
-from captioner.serving.triton import config_parameters, input_array, internal_error_responses, model_config, version_dir
+from captioner.serving.triton import batched_responses, config_parameters, model_config, version_dir
 
 
 class TritonPythonModel:
@@ -20,11 +19,4 @@ class TritonPythonModel:
         return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
 
     def execute(self, requests):
-        try:
-            per_request = run_batched(self._run, [[input_array(pb_utils, r, n) for n in self.inputs] for r in requests])
-        except Exception as e:
-            return internal_error_responses(pb_utils, len(requests), "encoder", e)
-        return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in zip(self.outputs, arrays)])
-            for arrays in per_request
-        ]
+        return batched_responses(pb_utils, requests, self._run, self.inputs, self.outputs, "encoder")
