@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .server import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+from .cli import env
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,9 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("CAPTIONER_HOST", "127.0.0.1"),
         help="address to bind (0.0.0.0 exposes the server to the network)",
     )
-    p.add_argument("--http-port", type=int, default=_env_int("CAPTIONER_HTTP_PORT", DEFAULT_PORTS["http"]))
-    p.add_argument("--grpc-port", type=int, default=_env_int("CAPTIONER_GRPC_PORT", DEFAULT_PORTS["grpc"]))
-    p.add_argument("--metrics-port", type=int, default=_env_int("CAPTIONER_METRICS_PORT", DEFAULT_PORTS["metrics"]))
+    p.add_argument("--http-port", type=int, default=env("CAPTIONER_HTTP_PORT", DEFAULT_PORTS["http"], int))
+    p.add_argument("--grpc-port", type=int, default=env("CAPTIONER_GRPC_PORT", DEFAULT_PORTS["grpc"], int))
+    p.add_argument("--metrics-port", type=int, default=env("CAPTIONER_METRICS_PORT", DEFAULT_PORTS["metrics"], int))
     p.add_argument("--log-file", default=os.environ.get("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"))
     p.add_argument("--samples", type=int, default=3, help="sample scenes to caption once the server is up")
     p.add_argument("--startup-timeout", type=float, default=float(os.environ.get("CAPTIONER_STARTUP_TIMEOUT", 300)))

@@ -11,11 +11,7 @@ import os
 import sys
 
 from client.core import DEFAULT_MODEL, DEFAULT_URL, AsyncCaptionClient, RetryPolicy, find_images
-
-
-def _env(name: str, default, cast=str):
-    value = os.environ.get(name)
-    return default if value in (None, "") else cast(value)
+from captioner.cli import env as _env
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,21 +13,16 @@ import argparse
 import csv
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from captioner.cli import env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-
-
-def _env(name: str, default, cast=str):
-    value = os.environ.get(name)
-    return default if value in (None, "") else cast(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

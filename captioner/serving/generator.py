@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..decoding import DecodeParams, StepFn, decode
+from ..decoding import DecodeParams, StepFn, decode, texts
 from ..vocab import Vocabulary
 from .batching import concat
 
@@ -49,7 +49,7 @@ def generate(step: StepFn, vocab: Vocabulary, requests: Sequence[GenRequest]) ->
         for i, lo, hi in zip(members, bounds[:-1], bounds[1:]):
             part = hyps[lo:hi]
             out[i] = Captions(
-                texts=[vocab.decode(h.tokens) for h in part],
+                texts=texts(part, vocab),
                 scores=np.asarray([h.logprob for h in part], np.float32),
                 tokens=sum(len(h.tokens) for h in part),
             )
