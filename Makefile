@@ -85,5 +85,5 @@ bench: | $(STAMP)
 
 ## clean          remove generated artifacts (data, runs, repository, reports); keeps .venv and models/
 clean:
-	rm -rf data runs reports build/out
+	rm -rf data runs reports artifacts
 	find $(REPO) -mindepth 1 -not -name README.md -delete

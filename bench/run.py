@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="rebuild the artifacts even when the cached ones match")
     p.add_argument("--quick", action="store_true", help="short levels (2 s + 0.5 s warm-up, 1.5 s per batch): a smoke run")
     p.add_argument("--out", default=env("BENCH_OUT", str(ROOT / "reports")))
-    p.add_argument("--work", default=env("BENCH_WORK", str(ROOT / "build" / "out" / "bench")), help="built artifacts and repositories")
+    p.add_argument("--work", default=env("BENCH_WORK", str(ROOT / "artifacts" / "bench")), help="built artifacts and repositories")
     p.add_argument("--note", action="append", help="a line for the report's notes (repeatable)")
     p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the report and plots from <out>/bench.json")
     a = p.parse_args(argv)

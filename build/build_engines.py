@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=int(env("CAPTIONER_MAX_BATCH", DEFAULT_MAX_BATCH)),
                    help=f"Triton max_batch_size and TensorRT profile max (env CAPTIONER_MAX_BATCH, default {DEFAULT_MAX_BATCH})")
     p.add_argument("--out", default=env("CAPTIONER_BUILD_OUT"),
-                   help="artifact directory (env CAPTIONER_BUILD_OUT; default build/out/<model name>)")
+                   help="artifact directory (env CAPTIONER_BUILD_OUT; default artifacts/<model name>)")
     p.add_argument("--data", default=env("CAPTIONER_DATA", "data/shapes-v1"),
                    help="dataset whose test split measures reduced-precision agreement (env CAPTIONER_DATA); "
                         "generated scenes when it is absent")
@@ -135,7 +135,7 @@ def build(a: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     ck_path, name = resolve_model(a.model)
-    out_dir = Path(a.out) if a.out else ROOT / "build" / "out" / name
+    out_dir = Path(a.out) if a.out else ROOT / "artifacts" / name
     repo_dir = Path(a.repo)
     manifest: dict = {"model": name, "requested": {"target": a.target, "precision": a.precision}}
     gpu_unmet: str | None = None

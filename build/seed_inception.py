@@ -26,7 +26,7 @@ from captioner.vocab import SPECIALS, Vocabulary
 
 NAME = "seed-inception"
 VOCAB_SIZE = 8769  # the seed's vocabulary size, specials included
-DEFAULT_DIR = Path(__file__).resolve().parent / "out" / NAME
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "artifacts" / NAME
 SPEED_ONLY_NOTE = "random weights: captions are meaningless; for speed measurements only"
 BN_CALIBRATION_IMAGES = 8
 
