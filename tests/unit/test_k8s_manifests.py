@@ -399,3 +399,28 @@ def test_the_serving_images_pin_the_same_versions_as_the_project():
     for name, version in serving.items():
         assert project.get(name) == version, f"{name}: {version} in deploy/requirements-serving.txt, {project.get(name)} in requirements.txt"
 
+
+
+def test_queue_time_per_caption_request_is_what_the_rule_computes():
+    """bench.queue_time (which measured the HPA target) reads the counters the way the
+    adapter rule does. Counter values as a 2.51 server printed them for 128 requests."""
+    from bench.queue_time import counters, helm_chart_us, per_request_us
+
+    before = counters("")
+    after = counters(
+        'nv_inference_request_success{model="captioner",version="1"} 128\n'
+        'nv_inference_request_success{model="preprocess",version="1"} 128\n'
+        'nv_inference_request_success{model="decoder_step",version="1"} 0\n'
+        'nv_inference_request_success{model="encoder",version="1"} 128\n'
+        'nv_inference_request_success{model="caption_generator",version="1"} 128\n'
+        'nv_inference_queue_duration_us{model="captioner",version="1"} 44\n'
+        'nv_inference_queue_duration_us{model="preprocess",version="1"} 1225806\n'
+        'nv_inference_queue_duration_us{model="decoder_step",version="1"} 0\n'
+        'nv_inference_queue_duration_us{model="encoder",version="1"} 450307\n'
+        'nv_inference_queue_duration_us{model="caption_generator",version="1"} 198586\n'
+        'nv_inference_exec_count{model="encoder",version="1"} 18\n'
+    )
+    assert set(after) == {(c, m) for c in ("queue_duration_us", "request_success") for m in MODELS}
+    assert per_request_us(before, after) == pytest.approx((1225806 + 450307 + 198586) / 129)
+    # The chart's average over models is diluted by the queue-less ensemble and the idle step.
+    assert helm_chart_us(before, after) < per_request_us(before, after) / 4
