@@ -70,6 +70,18 @@ def stubs_of(server_pid: int) -> list[Stub]:
     return out
 
 
+def stub_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each model's stubs."""
+    out: dict[str, float] = {}
+    for s in stubs_of(server_pid):
+        try:
+            t = psutil.Process(s.pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        out[s.model] = out.get(s.model, 0.0) + t.user + t.system
+    return out
+
+
 def parse_metrics(text: str, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """{metric: {model: value}} from Prometheus text, for the given metric names."""
     out: dict[str, dict[str, float]] = {n: {} for n in names}
@@ -86,18 +98,31 @@ def parse_metrics(text: str, names: tuple[str, ...]) -> dict[str, dict[str, floa
 
 @dataclass
 class HangWatch:
-    """Per model: when its execution count last moved while requests were pending."""
+    """Per model: since when its execution count has not moved while requests were
+    pending, and how much CPU its stubs used meanwhile.
+
+    Stalled for `timeout_s` with idle stubs (a deadlock, a wait that never ends) is a
+    hang. A stub that keeps computing is given `busy_factor` times longer: a heavy batch
+    on a machine loaded far beyond what the build measured is slow, not hung, and killing
+    it would turn overload into an outage."""
 
     timeout_s: float
-    _last: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (exec count, since)
+    busy_factor: float = 4.0
+    idle_cpu_share: float = 0.05  # of one core, over the stalled time
+    _last: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # model -> (count, since, cpu then)
 
-    def update(self, pending: dict[str, float], executions: dict[str, float], now: float) -> list[str]:
+    def update(self, pending: dict[str, float], executions: dict[str, float], now: float,
+               cpu: dict[str, float] | None = None) -> list[str]:
+        cpu = cpu or {}
         hung = []
         for model, count in executions.items():
             prev = self._last.get(model)
             if prev is None or prev[0] != count or pending.get(model, 0) <= 0:
-                self._last[model] = (count, now)
-            elif now - prev[1] > self.timeout_s:
+                self._last[model] = (count, now, cpu.get(model, 0.0))
+                continue
+            stalled = now - prev[1]
+            busy = cpu.get(model, 0.0) - prev[2] > self.idle_cpu_share * stalled
+            if stalled > self.timeout_s * (self.busy_factor if busy else 1.0):
                 hung.append(model)
         return hung
 
@@ -229,7 +254,7 @@ class Supervisor:
             return []
         # An ensemble executes nothing itself: only models with stubs can hang.
         executions = {k: v for k, v in m[names[1]].items() if k in self.expected}
-        return self.hangs.update(m[names[0]], executions, self.clock())
+        return self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(self.server.process.pid))
 
     def check(self) -> str | None:
         """One round: None when healthy or repaired, else what was repaired (for tests)."""

@@ -38,6 +38,18 @@ def test_a_model_is_hung_only_when_requests_wait_and_nothing_executes_for_the_ti
     assert w.update({"encoder": 0}, {"encoder": 11}, now=200.0) == []
 
 
+def test_a_stub_that_keeps_computing_is_slow_not_hung_until_far_past_the_timeout():
+    w = sv.HangWatch(timeout_s=5.0, busy_factor=4.0)
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=0.0, cpu={"encoder": 10.0}) == []
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=6.0, cpu={"encoder": 16.0}) == []  # busy: a heavy batch
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=19.0, cpu={"encoder": 29.0}) == []
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=21.0, cpu={"encoder": 31.0}) == ["encoder"]  # 4 x 5 s
+    # the same stall with a stub that uses no CPU: hung at the plain timeout
+    w = sv.HangWatch(timeout_s=5.0)
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=0.0, cpu={"encoder": 10.0}) == []
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=6.0, cpu={"encoder": 10.01}) == ["encoder"]
+
+
 class FakeProcess:
     def __init__(self, pid=100):
         self.pid, self.returncode = pid, None
