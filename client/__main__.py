@@ -88,7 +88,8 @@ def print_stats(endpoints: list[dict], images: int, failed: int, retried: int, e
           file=err)
     for e in endpoints:
         print(f"stats: {e['url']}: {e['sent']} attempts, {e['ok']} ok, {e['failed']} failed, "
-              f"set aside {e['set_aside']} times, {'up' if e['up'] else 'set aside'} now", file=err)
+              f"set aside {e['set_aside']} times, {'up' if e['up'] else 'set aside'} now"
+              + (f"; last error: {e['last_error']}" if e["last_error"] else ""), file=err)
 
 
 def is_health_command(argv: list[str]) -> bool:

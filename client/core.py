@@ -365,8 +365,11 @@ class AsyncCaptionClient:
                 client_timeout=self.probe_timeout, timeout=int(self.probe_timeout * 1e6),
             )
             _parse_result(result, "probe")
-        except (InferenceServerException, CaptionError) as e:
-            self.pool.probe_result(ep, False, str(e))
+        except InferenceServerException as e:
+            self.pool.probe_result(ep, False, e.message() or _status_text(e.status()))
+            return
+        except CaptionError as e:
+            self.pool.probe_result(ep, False, e.reason)
             return
         except asyncio.CancelledError:
             ep.probing = False

@@ -90,7 +90,7 @@ class Endpoint:
 
     def stats(self) -> dict:
         return {"url": self.url, "sent": self.sent, "ok": self.ok, "failed": self.failed,
-                "set_aside": self.set_aside_count, "up": self.up}
+                "set_aside": self.set_aside_count, "up": self.up, "last_error": self.last_error}
 
 
 class EndpointPool:

@@ -38,7 +38,8 @@ class FakeClient:
                 yield Caption(image=name, caption=f"a red circle {i}", score=-1.25 * i, attempts=1 + ("retry" in name))
 
     def stats(self):
-        return [{"url": u, "sent": 3, "ok": 2, "failed": 1, "set_aside": 1, "up": False} for u in self.settings["url"].split(",")]
+        return [{"url": u, "sent": 3, "ok": 2, "failed": 1, "set_aside": 1, "up": False,
+                 "last_error": "Socket closed"} for u in self.settings["url"].split(",")]
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +129,7 @@ def test_several_endpoints_and_stats(tmp_path):
     assert code == 0 and len(out.splitlines()) == 2
     assert FakeClient.instances[0].settings["url"] == "h1:8001,h2:8001"
     assert "stats: 2 of 2 images captioned, 1 needed more than one attempt" in err
-    assert "stats: h2:8001: 3 attempts, 2 ok, 1 failed, set aside 1 times, set aside now" in err
+    assert "stats: h2:8001: 3 attempts, 2 ok, 1 failed, set aside 1 times, set aside now; last error: Socket closed" in err
 
 
 @pytest.mark.parametrize("url", ["h1:8001,,h2:8001", "h1", "h1:8001,h2"])

@@ -133,7 +133,8 @@ def test_pool_sets_aside_doubling_and_probes_before_traffic():
     pool.probe_result(a, True)
     assert a.up and a.strikes == 0
     assert {pool.pick().url for _ in range(2)} == {"a:1", "b:1"}
-    assert a.stats() == {"url": "a:1", "sent": 1, "ok": 0, "failed": 1, "set_aside": 3, "up": True}
+    assert a.stats() == {"url": "a:1", "sent": 1, "ok": 0, "failed": 1, "set_aside": 3, "up": True,
+                         "last_error": "still refused"}
 
 
 def test_pool_in_flight_failures_of_one_outage_count_once():
