@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight [$CAPTIONER_CONCURRENCY]")
     p.add_argument("--timeout", type=float, default=_env("CAPTIONER_TIMEOUT", 30.0, float),
                    help="seconds per image, retries included; the server gets the time left too [$CAPTIONER_TIMEOUT]")
-    p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", 4, int),
+    p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
                    help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]")
     p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a third column")
     p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, health._truthy),

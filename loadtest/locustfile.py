@@ -56,7 +56,7 @@ def _add_arguments(parser):
                    help="max_length request parameter (default: the server's)")
     g.add_argument("--request-timeout", type=float, default=30.0, env_var="LOADTEST_REQUEST_TIMEOUT",
                    help="deadline per image request, retries included, seconds (the server gets the time left)")
-    g.add_argument("--attempts", type=int, default=4, env_var="LOADTEST_ATTEMPTS",
+    g.add_argument("--attempts", type=int, default=RetryPolicy.max_attempts, env_var="LOADTEST_ATTEMPTS",
                    help="attempts per image request while endpoints are unavailable, broken or reloading")
     g.add_argument("--think-time", type=float, default=0.0, env_var="LOADTEST_THINK_TIME",
                    help="seconds each user waits between requests (0: closed loop)")
@@ -185,7 +185,7 @@ class TritonGrpcUser(User):
         self._channels = {ep.url: grpc.insecure_channel(ep.url, options=options) for ep in self.fleet}
         self.stubs = {url: service_pb2_grpc.GRPCInferenceServiceStub(ch) for url, ch in self._channels.items()}
         opts = environment.parsed_options
-        self.retry = RetryPolicy(max_attempts=max(1, opts.attempts if opts else 4))
+        self.retry = RetryPolicy(max_attempts=max(1, opts.attempts if opts else RetryPolicy.max_attempts))
         self._retry_rng = random.Random()
 
     def check_response(self, request, response):
