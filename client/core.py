@@ -340,7 +340,7 @@ class AsyncCaptionClient:
                     raise _error_from(e, name, attempt, budget, ep.url) from None
                 continue
             except BaseException:
-                self.pool.finished(ep, None)  # cancelled or a local fault: no verdict on the endpoint
+                self.pool.abandoned(ep)  # cancelled or a local fault: no verdict on the endpoint
                 raise
             self.pool.finished(ep, None)
             try:
@@ -376,6 +376,9 @@ class AsyncCaptionClient:
         except asyncio.CancelledError:
             ep.probing = False
             raise
+        except Exception as e:  # whatever it was, the endpoint must not stay "being probed" forever
+            self.pool.probe_result(ep, False, f"probe failed: {e!r}")
+            return
         self.pool.probe_result(ep, True)
 
     async def caption_iter(

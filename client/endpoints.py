@@ -150,6 +150,11 @@ class EndpointPool:
         if failure is Failure.BROKEN:
             self.set_aside(ep)
 
+    def abandoned(self, ep: Endpoint) -> None:
+        """An attempt that ended without an answer either way (cancelled by the caller)."""
+        ep.outstanding -= 1
+        ep.sent -= 1
+
     def set_aside(self, ep: Endpoint) -> None:
         now = self.clock()
         if not ep.up and ep.set_aside_until > now:

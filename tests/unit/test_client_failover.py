@@ -394,3 +394,38 @@ def test_health_tls_flags_and_environment(monkeypatch, pems):
                            "--tls-client-key", str(pems["client.key"])], fleet)
     assert code == 0
     assert fleet.tls["a:1"] == TLSConfig(str(pems["ca.pem"]), str(pems["client.pem"]), str(pems["client.key"]))
+
+
+def test_cancelled_requests_leave_no_trace_on_the_endpoint():
+    async def go():
+        fleet = Fleet(delay=10.0)
+        c = AsyncCaptionClient("a:1,b:2", client_factory=fleet, concurrency=4)
+        task = asyncio.ensure_future(c.caption([b"1", b"2", b"3", b"4"]))
+        await asyncio.sleep(0.05)
+        assert [e["sent"] for e in c.stats()] == [2, 2]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return c
+
+    c = run(go())
+    assert [(e.outstanding, e.ok, e.failed, e.up) for e in c.pool] == [(0, 0, 0, True)] * 2
+
+
+def test_a_probe_that_crashes_does_not_keep_the_endpoint_out_for_good():
+    async def go():
+        fleet = Fleet()
+        async with AsyncCaptionClient("a:1,b:2", client_factory=fleet, set_aside_s=0.0) as c:
+            a = c.pool.endpoints[0]
+            c.pool.set_aside(a)
+
+            async def crash(*args, **kwargs):
+                raise RuntimeError("channel closed")
+
+            fleet.fakes["a:1"].infer = crash
+            c._start_due_probes()
+            await asyncio.sleep(0.01)
+            return a
+
+    a = run(go())
+    assert not a.probing and not a.up and "channel closed" in a.last_error
