@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight [$CAPTIONER_CONCURRENCY]")
     p.add_argument("--timeout", type=float, default=_env("CAPTIONER_TIMEOUT", 30.0, float),
                    help="seconds per image, retries included; the server gets the time left too [$CAPTIONER_TIMEOUT]")
+    p.add_argument("--attempt-timeout", type=float, default=_env("CAPTIONER_ATTEMPT_TIMEOUT", None, float),
+                   help="seconds one attempt may take before the image is tried on another endpoint "
+                        "(default: all the time left) [$CAPTIONER_ATTEMPT_TIMEOUT]")
     p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
                    help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]")
     p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a third column")
@@ -59,7 +62,7 @@ async def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr, client_f
     failed = retried = 0
     client = client_factory(
         args.url, args.model_name, concurrency=args.concurrency, timeout=args.timeout,
-        retry=RetryPolicy(max_attempts=args.retries), tls=health.tls_from_args(args),
+        attempt_timeout=args.attempt_timeout, retry=RetryPolicy(max_attempts=args.retries), tls=health.tls_from_args(args),
     )
     async with client:
         results = client.caption_iter(
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= {lo}")
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
+    if args.attempt_timeout is not None and args.attempt_timeout <= 0:
+        parser.error("--attempt-timeout must be > 0")
     try:
         return asyncio.run(run(args))
     except BrokenPipeError:

@@ -214,7 +214,10 @@ class AsyncCaptionClient:
     aside (`set_aside_s`, doubling per repeated failure up to 30 s) and probed with one real
     tiny inference before it gets traffic again.
     `concurrency` bounds the requests in flight per `caption()` call. `timeout` (seconds, None
-    for none) is the default deadline of each image, retries included. `tls`: a TLSConfig.
+    for none) is the default deadline of each image, retries included. `attempt_timeout`
+    (seconds, None: the time left) caps one attempt, so that a replica that hangs without
+    closing its connection (stopped process, lost host) costs that much, not the whole
+    deadline: an attempt that runs out of it counts as a broken endpoint. `tls`: a TLSConfig.
     `triton_client` lets a caller supply a ready `tritonclient.grpc.aio.InferenceServerClient`
     (single endpoint); `client_factory(url, tls)` makes one per endpoint.
     """
@@ -226,6 +229,7 @@ class AsyncCaptionClient:
         *,
         concurrency: int = 8,
         timeout: float | None = 30.0,
+        attempt_timeout: float | None = None,
         retry: RetryPolicy | None = None,
         tls: TLSConfig | None = None,
         set_aside_s: float = 1.0,
@@ -237,12 +241,14 @@ class AsyncCaptionClient:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if attempt_timeout is not None and attempt_timeout <= 0:
+            raise ValueError(f"attempt_timeout must be > 0 seconds, got {attempt_timeout}")
         urls = parse_endpoints(url)
         if triton_client is not None and len(urls) > 1:
             raise ValueError("triton_client serves one endpoint; use client_factory for several")
         self.urls, self.model = urls, model
         self.url = ",".join(urls)
-        self.concurrency, self.timeout = concurrency, timeout
+        self.concurrency, self.timeout, self.attempt_timeout = concurrency, timeout, attempt_timeout
         self.retry = retry or RetryPolicy()
         self.tls, self.probe_timeout = tls, probe_timeout
         self.pool = EndpointPool(urls, set_aside_s=set_aside_s)
@@ -321,6 +327,8 @@ class AsyncCaptionClient:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise _deadline_error(name, budget, attempt - 1, last, tried) from None
+            capped = self.attempt_timeout is not None and (left is None or self.attempt_timeout < left)
+            this = self.attempt_timeout if capped else left
             tried.append(ep)
             self.pool.started(ep)
             try:
@@ -328,16 +336,18 @@ class AsyncCaptionClient:
                     self.model,
                     [_image_input(data)],
                     outputs=_requested_outputs(),
-                    client_timeout=left,
-                    timeout=None if left is None else max(1, int(left * 1e6)),
+                    client_timeout=this,
+                    timeout=None if this is None else max(1, int(this * 1e6)),
                     parameters=params or None,
                 )
             except InferenceServerException as e:
                 failure = classify(e.status(), e.message())
+                if capped and e.status() == _DEADLINE:
+                    failure = Failure.BROKEN  # no answer within attempt_timeout: try another replica
                 self.pool.finished(ep, failure, e.message() or "")
                 last = e
                 if failure is Failure.FINAL or attempt >= self.retry.max_attempts:
-                    raise _error_from(e, name, attempt, budget, ep.url) from None
+                    raise _error_from(e, name, attempt, this if capped else budget, ep.url) from None
                 continue
             except BaseException:
                 self.pool.abandoned(ep)  # cancelled or a local fault: no verdict on the endpoint
@@ -474,13 +484,15 @@ def caption(
     model: str = DEFAULT_MODEL,
     concurrency: int = 8,
     timeout: float | None = 30.0,
+    attempt_timeout: float | None = None,
     retry: RetryPolicy | None = None,
     tls: TLSConfig | None = None,
     **decode,
 ) -> list[Caption]:
     """One-shot convenience: connect, caption `images` (decode options: beam_size,
     max_length, temperature), close."""
-    with CaptionClient(url, model, concurrency=concurrency, timeout=timeout, retry=retry, tls=tls) as c:
+    with CaptionClient(url, model, concurrency=concurrency, timeout=timeout, attempt_timeout=attempt_timeout,
+                       retry=retry, tls=tls) as c:
         return c.caption(images, **decode)
 
 
@@ -514,7 +526,9 @@ def _plural(n: int, word: str) -> str:
 def _error_from(e, name: str, attempts: int, budget: float | None, endpoint: str) -> CaptionError:
     status = e.status()
     detail = e.message() or "no details"
-    if status == _DEADLINE:
+    if status == _DEADLINE and attempts > 1:
+        msg = f"timed out ({_plural(attempts, 'attempt')}, the last given {budget:g} s)"
+    elif status == _DEADLINE:
         msg = f"timed out after {budget:g} s (no answer within the deadline)"
     elif status == _UNAVAILABLE:
         msg = f"server unavailable after {_plural(attempts, 'attempt')}: {detail}"

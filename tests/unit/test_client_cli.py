@@ -15,9 +15,9 @@ class FakeClient:
 
     instances: list["FakeClient"] = []
 
-    def __init__(self, url, model, *, concurrency, timeout, retry, tls):
+    def __init__(self, url, model, *, concurrency, timeout, attempt_timeout, retry, tls):
         self.settings = dict(url=url, model=model, concurrency=concurrency, timeout=timeout,
-                             attempts=retry.max_attempts)
+                             attempt_timeout=attempt_timeout, attempts=retry.max_attempts)
         self.tls = tls
         self.requests = []
         FakeClient.instances.append(self)
@@ -85,10 +85,11 @@ def test_failures_go_to_stderr_others_still_printed_exit_1(tmp_path):
 def test_flags_reach_the_client(tmp_path):
     make_tree(tmp_path, ["x.png"])
     code, _, _ = run_cli([str(tmp_path / "x.png"), "--url", "h:1", "--beam", "4", "--concurrency", "2",
-                          "--timeout", "3.5", "--max-length", "12", "--retries", "2", "--model-name", "m"])
+                          "--timeout", "3.5", "--max-length", "12", "--retries", "2", "--model-name", "m",
+                          "--attempt-timeout", "1.5"])
     assert code == 0
     (c,) = FakeClient.instances
-    assert c.settings == dict(url="h:1", model="m", concurrency=2, timeout=3.5, attempts=2)
+    assert c.settings == dict(url="h:1", model="m", concurrency=2, timeout=3.5, attempt_timeout=1.5, attempts=2)
     assert c.requests == [([str(tmp_path / "x.png")], dict(beam_size=4, max_length=12, temperature=None))]
 
 
@@ -116,6 +117,7 @@ def test_empty_directory_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [[], ["a.png", "--concurrency", "0"], ["a.png", "--timeout", "0"],
+                                  ["a.png", "--attempt-timeout", "0"],
                                   ["a.png", "--beam", "two"]])
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:

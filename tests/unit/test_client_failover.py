@@ -294,6 +294,41 @@ def test_retries_stay_within_the_images_deadline():
     assert all(c["timeout"] <= 0.3 for c in fake.calls) and len(fake.calls) >= 2
 
 
+def test_attempt_timeout_moves_a_hung_replicas_images_elsewhere():
+    fleet = Fleet()
+    client = AsyncCaptionClient("a:1,b:2", client_factory=fleet, concurrency=4, timeout=5.0, attempt_timeout=0.1)
+
+    async def hang(*args, **kwargs):  # a stopped process: the connection stays, no answer comes
+        from tritonclient.utils import InferenceServerException
+
+        await asyncio.sleep(kwargs["client_timeout"])
+        raise InferenceServerException(msg="Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")
+
+    fleet.fakes["a:1"].infer = hang
+    t0 = time.monotonic()
+    results = run(client.caption([f"img{i}".encode() for i in range(12)]))
+    assert all(r.ok and r.endpoint == "b:2" for r in results)
+    assert time.monotonic() - t0 < 1.5  # one attempt timeout lost, not the 5 s deadline
+    a, _ = client.stats()
+    assert a["failed"] >= 1 and not a["up"]
+    calls = fleet.calls("b:2")
+    assert all(c["timeout"] == 0.1 and c["server_timeout_us"] == 100_000 for c in calls)
+
+
+def test_attempt_timeout_never_exceeds_the_time_left():
+    fake = FakeTriton()
+    run(AsyncCaptionClient(triton_client=fake, timeout=0.5, attempt_timeout=2.0).caption_one(b"a"))
+    assert fake.calls[0]["timeout"] <= 0.5
+
+
+def test_without_attempt_timeout_a_deadline_is_final(sleeps):
+    fake = FakeTriton(plan={b"img": [("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded")]})
+    client = AsyncCaptionClient(triton_client=fake, timeout=2.0)
+    with pytest.raises(core.CaptionError, match="timed out after 2 s"):
+        run(client.caption_one(b"img"))
+    assert len(fake.calls) == 1
+
+
 # --- TLS -------------------------------------------------------------------------------
 
 @pytest.fixture
