@@ -61,9 +61,9 @@ def stub_pids(server_pid: int, model: str) -> list[int]:
     return found
 
 
-def caption_while(urls: str, image_dir: Path, fault, after: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+def caption_while(urls: str, image_dir: Path, fault, after: int, *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run the CLI over every image; call `fault()` once `after` captions have been printed."""
-    cmd = [sys.executable, "-m", "client", str(image_dir), "--url", urls, "--concurrency", "16", "--stats"]
+    cmd = [sys.executable, "-m", "client", str(image_dir), "--url", urls, "--concurrency", "16", "--stats", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_chunks: list[str] = []
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
@@ -152,4 +152,27 @@ def test_dead_stub_on_one_replica_loses_no_image(triton_server, image_dir, tmp_p
         down = health(a.grpc_url)
         assert down.returncode == 1 and "Stub process 'encoder_0_0' is not healthy" in down.stdout, down.stdout
     finally:
+        a.close()
+
+
+def test_stopped_replica_costs_one_attempt_timeout(triton_server, image_dir, tmp_path):
+    """SIGSTOP: the connection stays open and nothing answers. With --attempt-timeout the
+    images held there are retried on the other replica instead of waiting out their deadline."""
+    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log")
+    try:
+        a.start()
+        urls = f"{a.grpc_url},{triton_server.grpc_url}"
+        assert health(urls).returncode == 0
+        t0 = time.monotonic()
+        proc, lines = caption_while(urls, image_dir, lambda: os.kill(a.process.pid, signal.SIGSTOP), 300,
+                                    "--timeout", "30", "--attempt-timeout", "1")
+        took = time.monotonic() - t0
+        print(f"{took:.1f} s\n{proc.stderr}")
+        check_all_captioned(proc, lines, image_dir)
+        a_line = endpoint_stats(proc.stderr, a.grpc_url)
+        # Without the attempt timeout the images held there fail after 30 s: exit 1 above.
+        assert " 0 failed" not in a_line and "Deadline Exceeded" in a_line
+    finally:
+        if a.process is not None:
+            os.kill(a.process.pid, signal.SIGCONT)
         a.close()
