@@ -56,6 +56,8 @@ def _add_arguments(parser):
                    help="max_length request parameter (default: the server's)")
     g.add_argument("--request-timeout", type=float, default=30.0, env_var="LOADTEST_REQUEST_TIMEOUT",
                    help="deadline per image request, retries included, seconds (the server gets the time left)")
+    g.add_argument("--attempt-timeout", type=float, default=None, env_var="LOADTEST_ATTEMPT_TIMEOUT",
+                   help="seconds one attempt may take before the request is tried on another endpoint")
     g.add_argument("--attempts", type=int, default=RetryPolicy.max_attempts, env_var="LOADTEST_ATTEMPTS",
                    help="attempts per image request while endpoints are unavailable, broken or reloading")
     g.add_argument("--think-time", type=float, default=0.0, env_var="LOADTEST_THINK_TIME",
@@ -186,6 +188,7 @@ class TritonGrpcUser(User):
         self.stubs = {url: service_pb2_grpc.GRPCInferenceServiceStub(ch) for url, ch in self._channels.items()}
         opts = environment.parsed_options
         self.retry = RetryPolicy(max_attempts=max(1, opts.attempts if opts else RetryPolicy.max_attempts))
+        self.attempt_timeout = opts.attempt_timeout if opts else None
         self._retry_rng = random.Random()
 
     def check_response(self, request, response):
@@ -207,16 +210,20 @@ class TritonGrpcUser(User):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            capped = self.attempt_timeout is not None and self.attempt_timeout < left
+            this = self.attempt_timeout if capped else left
             tried.append(ep)
             self.fleet.started(ep)
             sent = service_pb2.ModelInferRequest()
             sent.CopyFrom(request)
             # Triton's own request timeout (microseconds): the server drops what nobody waits for.
-            sent.parameters["timeout"].int64_param = max(1, int(left * 1e6))
+            sent.parameters["timeout"].int64_param = max(1, int(this * 1e6))
             try:
-                response = self.stubs[ep.url].ModelInfer(sent, timeout=left)
+                response = self.stubs[ep.url].ModelInfer(sent, timeout=this)
             except grpc.RpcError as e:
                 failure = classify(str(e.code()), e.details())
+                if capped and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    failure = Failure.BROKEN  # no answer within --attempt-timeout: try another replica
                 self.fleet.finished(ep, failure, e.details() or "")
                 key = f"{e.code().name}: {e.details()}"
                 Fleet.attempt_errors[key] = Fleet.attempt_errors.get(key, 0) + 1
@@ -228,7 +235,7 @@ class TritonGrpcUser(User):
             exception = None
             break
         Fleet.requests += 1
-        Fleet.retried += attempt > 1
+        Fleet.retried += len(tried) > 1
         length = 0
         if response is not None:
             length = response.ByteSize()
@@ -237,7 +244,7 @@ class TritonGrpcUser(User):
             except BadResponse as e:
                 exception = e
         elif exception is None:
-            exception = DeadlineReached(f"deadline of {timeout:g} s reached after {attempt - 1} attempts")
+            exception = DeadlineReached(f"deadline of {timeout:g} s reached after {len(tried)} attempts")
         Fleet.lost += response is None
         self.environment.events.request.fire(
             request_type="grpc",
@@ -245,7 +252,7 @@ class TritonGrpcUser(User):
             response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length,
             response=response,
-            context={"attempts": attempt, "endpoint": ep.url},
+            context={"attempts": len(tried), "endpoint": ep.url},
             exception=exception,
         )
         return response
