@@ -13,13 +13,13 @@ import argparse
 import asyncio
 import os
 import sys
-
 from pathlib import Path
 
 from captioner.cli import env as _env
 from client import health
 from client.core import DEFAULT_MODEL, DEFAULT_URL, AsyncCaptionClient, RetryPolicy, find_images
 from client.endpoints import parse_endpoints
+from client.options import add_tls_flags, parse_bool, tls_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
                    help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]")
     p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a third column")
-    p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, health._truthy),
+    p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, parse_bool),
                    help="print retries and per-endpoint counts to stderr at the end [$CAPTIONER_STATS]")
-    health.add_tls_flags(p)
+    add_tls_flags(p)
     return p
 
 
@@ -62,7 +62,8 @@ async def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr, client_f
     failed = retried = 0
     client = client_factory(
         args.url, args.model_name, concurrency=args.concurrency, timeout=args.timeout,
-        attempt_timeout=args.attempt_timeout, retry=RetryPolicy(max_attempts=args.retries), tls=health.tls_from_args(args),
+        attempt_timeout=args.attempt_timeout, retry=RetryPolicy(max_attempts=args.retries),
+        tls=tls_from_args(args),
     )
     async with client:
         results = client.caption_iter(
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_endpoints(args.url)
-        health.tls_from_args(args)
+        tls_from_args(args)
     except ValueError as e:
         parser.error(str(e))
     for flag, value, lo in (("--concurrency", args.concurrency, 1), ("--retries", args.retries, 1)):

@@ -32,6 +32,7 @@ from client.core import (
     probe_image,
 )
 from client.endpoints import parse_endpoints
+from client.options import add_tls_flags, tls_from_args
 
 
 @dataclass(frozen=True)
@@ -77,34 +78,6 @@ def check(url: str, *, model: str = DEFAULT_MODEL, timeout: float = 5.0, tls: TL
           client_factory=None) -> HealthReport:
     """Synchronous `check_async` (not from inside a running event loop)."""
     return asyncio.run(check_async(url, model=model, timeout=timeout, tls=tls, client_factory=client_factory))
-
-
-def add_tls_flags(p: argparse.ArgumentParser) -> None:
-    """TLS flags shared by the captioning CLI and the health check."""
-    g = p.add_argument_group("TLS (gRPC); any certificate flag turns TLS on")
-    g.add_argument("--tls", action="store_true", default=_env("CAPTIONER_TLS", False, _truthy),
-                   help="use TLS with the system's root certificates [$CAPTIONER_TLS]")
-    g.add_argument("--tls-root-cert", default=_env("CAPTIONER_TLS_ROOT_CERT", None), metavar="PEM",
-                   help="CA certificate that signed the server's [$CAPTIONER_TLS_ROOT_CERT]")
-    g.add_argument("--tls-client-cert", default=_env("CAPTIONER_TLS_CLIENT_CERT", None), metavar="PEM",
-                   help="client certificate for mutual TLS [$CAPTIONER_TLS_CLIENT_CERT]")
-    g.add_argument("--tls-client-key", default=_env("CAPTIONER_TLS_CLIENT_KEY", None), metavar="PEM",
-                   help="client private key for mutual TLS [$CAPTIONER_TLS_CLIENT_KEY]")
-
-
-def _truthy(text: str) -> bool:
-    if text.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a yes/no value: {text!r}")
-
-
-def tls_from_args(args) -> TLSConfig | None:
-    """The TLSConfig the flags ask for (None: plaintext); ValueError for unusable files."""
-    if not (args.tls or args.tls_root_cert or args.tls_client_cert or args.tls_client_key):
-        return None
-    return TLSConfig(args.tls_root_cert, args.tls_client_cert, args.tls_client_key)
 
 
 def build_parser(prog: str = "python -m client.health") -> argparse.ArgumentParser:

@@ -205,7 +205,8 @@ class TritonGrpcUser(User):
                 gevent.spawn(self._probe, ep, request.model_name)
             ep = self.fleet.pick(avoid=tried)
             if attempt > 1 and any(ep is t for t in tried):
-                gevent.sleep(min(self.retry.backoff(attempt - 1, self._retry_rng), max(0.0, deadline - time.monotonic())))
+                pause = self.retry.backoff(attempt - 1, self._retry_rng)
+                gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                 ep = self.fleet.pick(avoid=tried)
             left = deadline - time.monotonic()
             if left <= 0:

@@ -61,7 +61,8 @@ def stub_pids(server_pid: int, model: str) -> list[int]:
     return found
 
 
-def caption_while(urls: str, image_dir: Path, fault, after: int, *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def caption_while(urls: str, image_dir: Path, fault, after: int,
+                  *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run the CLI over every image; call `fault()` once `after` captions have been printed."""
     cmd = [sys.executable, "-m", "client", str(image_dir), "--url", urls, "--concurrency", "16", "--stats", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

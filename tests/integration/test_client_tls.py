@@ -84,8 +84,9 @@ def test_cli_and_health_over_mutual_tls(mtls_server, pki, tmp_path):
     proc = cli(str(tmp_path / "w.png"), "--url", mtls_server.grpc_url, *tls_flags(pki))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{tmp_path / 'w.png'}\t")
-    env = dict(os.environ, CAPTIONER_TLS_ROOT_CERT=str(pki / "ca.pem"), CAPTIONER_TLS_CLIENT_CERT=str(pki / "client.pem"),
-               CAPTIONER_TLS_CLIENT_KEY=str(pki / "client.key"), CAPTIONER_URL=mtls_server.grpc_url)
+    env = dict(os.environ, CAPTIONER_TLS_ROOT_CERT=str(pki / "ca.pem"),
+               CAPTIONER_TLS_CLIENT_CERT=str(pki / "client.pem"), CAPTIONER_TLS_CLIENT_KEY=str(pki / "client.key"),
+               CAPTIONER_URL=mtls_server.grpc_url)
     ok = cli("health", env=env)
     assert ok.returncode == 0 and ok.stdout.startswith(f"ok {mtls_server.grpc_url} "), ok.stdout + ok.stderr
 

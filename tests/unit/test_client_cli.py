@@ -131,7 +131,8 @@ def test_several_endpoints_and_stats(tmp_path):
     assert code == 0 and len(out.splitlines()) == 2
     assert FakeClient.instances[0].settings["url"] == "h1:8001,h2:8001"
     assert "stats: 2 of 2 images captioned, 1 needed more than one attempt" in err
-    assert "stats: h2:8001: 3 attempts, 2 ok, 1 failed, set aside 1 times, set aside now; last error: Socket closed" in err
+    assert ("stats: h2:8001: 3 attempts, 2 ok, 1 failed, set aside 1 times, set aside now; "
+            "last error: Socket closed") in err
 
 
 @pytest.mark.parametrize("url", ["h1:8001,,h2:8001", "h1", "h1:8001,h2"])
