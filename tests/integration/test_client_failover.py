@@ -97,7 +97,7 @@ def endpoint_stats(stderr: str, url: str) -> str:
 
 
 def test_sigkill_of_one_replica_loses_no_image(triton_server, image_dir, tmp_path):
-    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log")
+    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log", exit_timeout_s=1)  # throwaway: quick stop
     b = triton_server
     try:
         a.start()
@@ -130,7 +130,7 @@ def test_dead_stub_on_one_replica_loses_no_image(triton_server, image_dir, tmp_p
     """A killed Python stub leaves its replica answering ready while every request through that
     model fails with INTERNAL "Stub process ... is not healthy": retried on the other replica,
     and the broken one stays set aside because its probe is a real inference."""
-    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log")
+    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log", exit_timeout_s=1)  # throwaway: quick stop
     b = triton_server
     try:
         a.start()
@@ -159,7 +159,7 @@ def test_dead_stub_on_one_replica_loses_no_image(triton_server, image_dir, tmp_p
 def test_stopped_replica_costs_one_attempt_timeout(triton_server, image_dir, tmp_path):
     """SIGSTOP: the connection stays open and nothing answers. With --attempt-timeout the
     images held there are retried on the other replica instead of waiting out their deadline."""
-    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log")
+    a = TritonServer(triton_server.repository, log_file=tmp_path / "a.log", exit_timeout_s=1)  # throwaway: quick stop
     try:
         a.start()
         urls = f"{a.grpc_url},{triton_server.grpc_url}"
