@@ -12,7 +12,7 @@ from PIL import Image
 from client import core, health
 from client.core import AsyncCaptionClient, CaptionClient, RetryPolicy, TLSConfig
 from client.endpoints import EndpointPool, Failure, classify, parse_endpoints
-from tests.unit.test_client_core import FakeTriton, run, sleeps  # noqa: F401  (sleeps is a fixture)
+from test_client_core import FakeTriton, run, sleeps  # noqa: F401  (sleeps is a fixture)
 
 UNAVAILABLE = ("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: "
                "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
