@@ -43,13 +43,13 @@ _DEADLINE = "StatusCode.DEADLINE_EXCEEDED"
 class CaptionError(Exception):
     """One image could not be captioned. `str()` starts with the image's name."""
 
-    def __init__(self, image: str, message: str, status: str | None = None, *, attempts: int = 1,
+    def __init__(self, image: str, message: str, status: str | None = None, *, attempts: int = 0,
                  endpoint: str | None = None):
         super().__init__(f"{image}: {message}")
         self.image = image
         self.reason = message
         self.status = status  # gRPC status such as "StatusCode.INVALID_ARGUMENT", None for local errors
-        self.attempts = attempts
+        self.attempts = attempts  # requests sent for this image; 0 for local errors (unreadable file, ...)
         self.endpoint = endpoint  # where the last attempt went, None when nothing was sent
 
 

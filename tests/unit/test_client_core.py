@@ -93,7 +93,7 @@ def test_encode_image_missing_file_names_it(tmp_path):
     with pytest.raises(CaptionError) as e:
         core.encode_image(missing)
     assert str(e.value).startswith(str(missing) + ":")
-    assert e.value.status is None
+    assert e.value.status is None and e.value.attempts == 0 and e.value.endpoint is None
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK"])
