@@ -330,7 +330,7 @@ class AsyncCaptionClient:
             capped = self.attempt_timeout is not None and (left is None or self.attempt_timeout < left)
             this = self.attempt_timeout if capped else left
             tried.append(ep)
-            self.pool.started(ep)
+            since = self.pool.started(ep)
             try:
                 result = await ep.client.infer(
                     self.model,
@@ -344,7 +344,7 @@ class AsyncCaptionClient:
                 failure = classify(e.status(), e.message())
                 if capped and e.status() == _DEADLINE:
                     failure = Failure.BROKEN  # no answer within attempt_timeout: try another replica
-                self.pool.finished(ep, failure, e.message() or "")
+                self.pool.finished(ep, failure, e.message() or "", since)
                 last = e
                 if failure is Failure.FINAL or attempt >= self.retry.max_attempts:
                     raise _error_from(e, name, attempt, this if capped else budget, ep.url) from None
@@ -352,7 +352,7 @@ class AsyncCaptionClient:
             except BaseException:
                 self.pool.abandoned(ep)  # cancelled or a local fault: no verdict on the endpoint
                 raise
-            self.pool.finished(ep, None)
+            self.pool.finished(ep, None, since=since)
             try:
                 return _parse_result(result, name, attempt, ep.url)
             except CaptionError as e:

@@ -81,6 +81,7 @@ class Endpoint:
     set_aside_until: float = 0.0
     probing: bool = False
     strikes: int = 0  # consecutive set-asides without a successful probe or request
+    generation: int = 0  # bumped by each set-aside: tells answers to older attempts apart
     # counters for reports
     sent: int = 0
     ok: int = 0
@@ -134,16 +135,22 @@ class EndpointPool:
         self._next = (self.endpoints.index(chosen) + 1) % n
         return chosen
 
-    def started(self, ep: Endpoint) -> None:
+    def started(self, ep: Endpoint) -> int:
+        """An attempt goes out; pass what this returns to `finished`."""
         ep.outstanding += 1
         ep.sent += 1
+        return ep.generation
 
-    def finished(self, ep: Endpoint, failure: Failure | None, message: str = "") -> None:
-        """Record an attempt's outcome: None for success."""
+    def finished(self, ep: Endpoint, failure: Failure | None, message: str = "", since: int | None = None) -> None:
+        """Record an attempt's outcome: None for success. `since` is what `started` returned."""
         ep.outstanding -= 1
         if failure is None:
             ep.ok += 1
-            self._bring_up(ep)
+            # An answer to a request sent before the endpoint was set aside proves nothing
+            # (after a stub dies, requests past that model still finish): only the probe, or
+            # a request sent to it while set aside, brings it back.
+            if since is None or since == ep.generation:
+                self._bring_up(ep)
             return
         ep.failed += 1
         ep.last_error = message
@@ -161,6 +168,7 @@ class EndpointPool:
             return  # already set aside: in-flight failures of the same outage count once
         ep.strikes += 1
         ep.set_aside_count += 1
+        ep.generation += 1
         ep.up = False
         ep.set_aside_until = now + min(self.max_set_aside_s, self.set_aside_s * 2 ** (ep.strikes - 1))
 

@@ -214,7 +214,7 @@ class TritonGrpcUser(User):
             capped = self.attempt_timeout is not None and self.attempt_timeout < left
             this = self.attempt_timeout if capped else left
             tried.append(ep)
-            self.fleet.started(ep)
+            since = self.fleet.started(ep)
             sent = service_pb2.ModelInferRequest()
             sent.CopyFrom(request)
             # Triton's own request timeout (microseconds): the server drops what nobody waits for.
@@ -225,14 +225,14 @@ class TritonGrpcUser(User):
                 failure = classify(str(e.code()), e.details())
                 if capped and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     failure = Failure.BROKEN  # no answer within --attempt-timeout: try another replica
-                self.fleet.finished(ep, failure, e.details() or "")
+                self.fleet.finished(ep, failure, e.details() or "", since)
                 key = f"{e.code().name}: {e.details()}"
                 Fleet.attempt_errors[key] = Fleet.attempt_errors.get(key, 0) + 1
                 exception = e
                 if failure is Failure.FINAL or attempt >= self.retry.max_attempts:
                     break
                 continue
-            self.fleet.finished(ep, None)
+            self.fleet.finished(ep, None, since=since)
             exception = None
             break
         Fleet.requests += 1

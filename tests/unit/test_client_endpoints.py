@@ -160,6 +160,21 @@ def test_pool_all_set_aside_sends_to_the_one_due_first():
     assert a.up
 
 
+def test_late_answers_from_before_the_set_aside_do_not_bring_it_back():
+    pool = EndpointPool(["a:1", "b:1"], clock=Clock())
+    a = pool.endpoints[0]
+    early = pool.started(a)
+    failing = pool.started(a)
+    pool.finished(a, Failure.BROKEN, "Stub process 'encoder_0_0' is not healthy", failing)
+    pool.finished(a, None, since=early)  # that request was already past the dead model
+    assert not a.up and a.ok == 1
+    pool.set_aside(pool.endpoints[1])  # everything aside: the next request goes to a itself
+    assert pool.pick() is a
+    while_aside = pool.started(a)
+    pool.finished(a, None, since=while_aside)  # an answer to a request sent while set aside
+    assert a.up
+
+
 def test_overloaded_endpoint_is_not_set_aside():
     pool = EndpointPool(["a:1", "b:1"], clock=Clock())
     a = pool.endpoints[0]
