@@ -154,7 +154,8 @@ class EndpointPool:
             return
         ep.failed += 1
         ep.last_error = message
-        if failure is Failure.BROKEN:
+        # A failure of a request sent before the last set-aside belongs to that outage.
+        if failure is Failure.BROKEN and (since is None or since == ep.generation):
             self.set_aside(ep)
 
     def abandoned(self, ep: Endpoint) -> None:

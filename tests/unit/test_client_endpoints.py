@@ -138,13 +138,15 @@ def test_pool_sets_aside_doubling_and_probes_before_traffic():
 
 
 def test_pool_in_flight_failures_of_one_outage_count_once():
-    pool = EndpointPool(["a:1", "b:1"], clock=Clock())
+    clock = Clock()
+    pool = EndpointPool(["a:1", "b:1"], clock=clock)
     a = pool.endpoints[0]
-    for _ in range(5):
-        pool.started(a)
-    for _ in range(5):
-        pool.finished(a, Failure.BROKEN)
-    assert a.set_aside_count == 1 and a.strikes == 1 and a.outstanding == 0
+    tokens = [pool.started(a) for _ in range(5)]
+    pool.finished(a, Failure.BROKEN, since=tokens[0])
+    clock.now += 5  # past the set-aside: the others fail late (a dead stub takes 1-2 s to say so)
+    for t in tokens[1:]:
+        pool.finished(a, Failure.BROKEN, since=t)
+    assert a.set_aside_count == 1 and a.strikes == 1 and a.outstanding == 0 and a.failed == 5
 
 
 def test_pool_all_set_aside_sends_to_the_one_due_first():
