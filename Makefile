@@ -16,7 +16,7 @@ TRAIN_SCENES ?= 60000
 EPOCHS ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: help setup data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench clean
+.PHONY: help setup data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench faults clean
 
 help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
@@ -71,9 +71,10 @@ test-integration: | $(STAMP)
 build-engines: | $(STAMP)
 	$(PY) -m build.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --repo $(REPO)
 
-## serve          build if needed, start tritonserver, caption three sample scenes, keep serving
+## serve          build if needed, start tritonserver (supervised), caption three sample scenes, keep serving; REPLICAS=N
+REPLICAS ?= 1
 serve: | $(STAMP)
-	$(PY) -m captioner.serve --model $(MODEL) --repo $(REPO) $(ARGS)
+	$(PY) -m captioner.serve --model $(MODEL) --repo $(REPO) --replicas $(REPLICAS) $(ARGS)
 
 ## loadtest       Locust headless against a running server (starts one if none answers); reports in reports/
 loadtest: | $(STAMP)
@@ -82,6 +83,10 @@ loadtest: | $(STAMP)
 ## bench          in-process bound vs Triton vs a naive server; reports/bench.md and plots
 bench: | $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+## faults         overload, stub kill/hang, tritonserver kill, drain, soak against a supervised server; reports/faults.md
+faults: | $(STAMP)
+	$(PY) -m bench.faults $(ARGS)
 
 ## clean          remove generated artifacts (data, runs, repository, reports); keeps .venv and models/
 clean:

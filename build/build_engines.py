@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .capacity import DEFAULT_QUEUE_BUDGET_MS
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_BATCH = 32  # the one default: Triton configs and the TensorRT profile both take it from here
 TARGETS = ("auto", "cpu", "gpu")
@@ -71,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="refuse a reduced-precision encoder below this share of fp32-identical captions")
     p.add_argument("--parity-scenes", type=int, default=int(env("CAPTIONER_PARITY_SCENES", 200)),
                    help="scenes whose greedy captions must be identical through ONNX and torch")
+    p.add_argument("--queue-budget-ms", type=int, default=int(env("CAPTIONER_QUEUE_BUDGET_MS", DEFAULT_QUEUE_BUDGET_MS)),
+                   help="load shedding: the longest a request may wait in one model's queue; queues are sized to "
+                        "drain within it at the rate measured on this machine (env CAPTIONER_QUEUE_BUDGET_MS, "
+                        f"default {DEFAULT_QUEUE_BUDGET_MS})")
+    p.add_argument("--max-queue-size", type=int, default=int(env("CAPTIONER_MAX_QUEUE_SIZE", -1)),
+                   help="override every derived queue bound (0: unbounded, no shedding; env CAPTIONER_MAX_QUEUE_SIZE)")
     p.add_argument("--trt-version", default=env("CAPTIONER_TRT_VERSION"),
                    help="TensorRT version of the target Triton image (e.g. 10.5): the build refuses another "
                         "(env CAPTIONER_TRT_VERSION)")
@@ -79,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.max_batch_size < 1:
         p.error("--max-batch-size must be >= 1")
+    if a.queue_budget_ms < 1:
+        p.error("--queue-budget-ms must be >= 1")
     if not 0.0 <= a.min_agreement <= 1.0:
         p.error("--min-agreement must be in [0, 1]")
     if a.target == "cpu" and a.precision == "fp16":
@@ -129,7 +139,7 @@ def build(a: argparse.Namespace) -> dict:
     """Run the pipeline; returns the manifest. Raises BuildFailed with an exit code."""
     from captioner import checkpoint as ckpt_mod
 
-    from . import parity, quantize
+    from . import capacity, parity, quantize
     from . import tensorrt_engine as te
     from .export import OPSET, export_decoder_step, export_encoder
 
@@ -261,12 +271,23 @@ def build(a: argparse.Namespace) -> dict:
 
     with step(6, f"Triton repository ({target}, {precision}) -> {repo_dir}"):
         try:
-            from .repository import assemble
+            from .repository import DEFAULT_ORT_THREADS, ENCODER, assemble
         except ImportError as e:
             raise BuildFailed(EXIT_CHECK_FAILED, f"build/repository.py is not available ({e})") from None
+        measured = None
+        if target == "cpu":
+            measured = capacity.measure(ck, artifacts["encoder_onnx"], DEFAULT_ORT_THREADS[ENCODER], a.max_batch_size)
+            log(f"      measured here: preprocess {measured.preprocess_per_s:.0f} img/s (1 core), encoder "
+                f"{measured.encoder_per_s:.0f} img/s (batch {measured.encoder_batch}, {measured.threads} threads)")
+        queues = capacity.policies(measured, a.max_batch_size, a.queue_budget_ms,
+                                   None if a.max_queue_size < 0 else a.max_queue_size)
+        for line in capacity.describe(queues):
+            log(f"      load shedding: {line}")
+        manifest["load_shedding"] = {"budget_ms": a.queue_budget_ms, "measured": measured and measured.to_dict(),
+                                     "queues": {k: v.to_dict() for k, v in queues.items()}}
         try:
             repo = Path(assemble(ck, repo_dir, target, artifacts, max_batch_size=a.max_batch_size,
-                                 precision=precision))
+                                 precision=precision, queues=queues))
         except ValueError as e:  # RepositoryError included: the repository could not be made consistent
             raise BuildFailed(EXIT_CHECK_FAILED, f"repository assembly failed: {e}") from None
         manifest.update({

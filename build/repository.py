@@ -26,6 +26,7 @@ from captioner.checkpoint import Checkpoint
 from captioner.decoding import MAX_BEAM
 from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
+from .capacity import QueuePolicy, policies
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 
 ENSEMBLE = "captioner"
@@ -77,10 +78,22 @@ def _params(cfg: mc.ModelConfig, values: Mapping[str, object]) -> None:
         cfg.parameters[k].string_value = str(v)
 
 
-def _base(name: str, max_batch_size: int, instances: int, kind: int, queue_delay_us: int) -> mc.ModelConfig:
+def _base(name: str, max_batch_size: int, instances: int, kind: int, queue_delay_us: int,
+          queue: QueuePolicy | None = None) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
     cfg.instance_group.add(count=instances, kind=kind)
-    cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = queue_delay_us
+    if queue is not None:
+        # Load shedding (build/capacity.py): a full queue or a request that waited past the
+        # timeout is refused with UNAVAILABLE; a caller's own deadline may lower the timeout.
+        policy = db.default_queue_policy
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
+        policy.max_queue_size = queue.max_queue_size
+        policy.default_timeout_microseconds = queue.timeout_us
+        policy.allow_timeout_override = True
+        if 0 < queue.batch_cap < max_batch_size:
+            db.preferred_batch_size.append(queue.batch_cap)
     return cfg
 
 
@@ -99,6 +112,7 @@ def build_configs(
     step_mode: str,
     queue_delay_us: int,
     limits: Mapping[str, int],
+    queues: Mapping[str, QueuePolicy] | None = None,
 ) -> dict[str, mc.ModelConfig]:
     s = ck.preprocess.image_size
     u = ck.args.lstm_units
@@ -110,12 +124,13 @@ def build_configs(
     accel = gpu if target == "gpu" else cpu
     image = [3, s, s]
 
-    pre = _python(_base(PREPROCESS, max_batch_size, instances[PREPROCESS], cpu, queue_delay_us))
+    queues = queues or {}
+    pre = _python(_base(PREPROCESS, max_batch_size, instances[PREPROCESS], cpu, queue_delay_us, queues.get(PREPROCESS)))
     pre.input.append(_input("IMAGE", _STRING, [1]))
     pre.output.append(_output(ENCODER_INPUTS[0], _FP32, image))
     _params(pre, {**decoding, "max_image_bytes": limits["max_image_bytes"], "max_image_pixels": limits["max_image_pixels"]})
 
-    enc = _base(ENCODER, max_batch_size, instances[ENCODER], accel, queue_delay_us)
+    enc = _base(ENCODER, max_batch_size, instances[ENCODER], accel, queue_delay_us, queues.get(ENCODER))
     enc.input.append(_input(ENCODER_INPUTS[0], _FP32, image))
     enc.output.extend(_output(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
     if target == "gpu":
@@ -138,7 +153,7 @@ def build_configs(
         _python(dec)
         _params(dec, {"intra_op_threads": ort_threads[DECODER_STEP]})
 
-    gen = _python(_base(GENERATOR, max_batch_size, instances[GENERATOR], cpu, queue_delay_us))
+    gen = _python(_base(GENERATOR, max_batch_size, instances[GENERATOR], cpu, queue_delay_us, queues.get(GENERATOR)))
     gen.input.extend(_input(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
     gen.output.append(_output("CAPTION", _STRING, [1]))
     gen.output.append(_output("SCORE", _FP32, [1]))
@@ -280,11 +295,14 @@ def assemble(
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     max_image_bytes: int = DEFAULT_MAX_BYTES,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    queues: Mapping[str, QueuePolicy] | None = None,
 ) -> Path:
     """Write the model repository for `target` ("cpu" or "gpu") into `repo_dir`.
 
     artifacts: `encoder_onnx`, `decoder_onnx`, and `encoder_plan` for gpu. Model
-    directories of this repository are replaced; anything else in `repo_dir` is kept."""
+    directories of this repository are replaced; anything else in `repo_dir` is kept.
+    queues: the load-shedding policy per model (build/capacity.py; the build measures the
+    rates it derives them from); None bounds every admitting queue at four batches."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if precision not in PRECISIONS:
@@ -321,6 +339,7 @@ def assemble(
         step_mode,
         queue_delay_us,
         {"max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels},
+        queues if queues is not None else policies(None, max_batch_size),
     )
 
     repo_dir = Path(repo_dir)

@@ -2,42 +2,124 @@
 
 Builds the model repository when it is missing or was built from another checkpoint
 (through `python -m build.build_engines`), starts tritonserver, captions three sample
-scenes over gRPC so you see it work, then keeps serving (log in a file) until Ctrl-C.
+scenes over gRPC so you see it work, then keeps serving (log in a file) until Ctrl-C or
+SIGTERM, which drain: readiness false, new requests refused, accepted ones finished.
+
+While serving, a supervisor (captioner.supervisor) reloads a model whose Python stub died
+or hung and restarts tritonserver if it exits; `--replicas N` runs N servers on distinct
+ports for failover experiments on one machine.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from .server import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 from .cli import env
+from .server import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
+
+# Everything but inference and health needs the key: those are what clients and probes use.
+RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+REPLICA_PORT_STEP = 10  # replica k serves on every base port + 10 k
+PROBE_TIMEOUT_S = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m captioner.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=os.environ.get("CAPTIONER_MODEL", "models/default"), help="checkpoint dir or file")
-    p.add_argument("--repo", default=os.environ.get("CAPTIONER_REPO", "model_repository"), help="Triton model repository")
-    p.add_argument("--target", default=os.environ.get("CAPTIONER_TARGET", "auto"), choices=("auto", "cpu", "gpu"))
-    p.add_argument("--precision", default=os.environ.get("CAPTIONER_PRECISION", "fp32"), choices=("fp32", "fp16", "int8"))
+    p.add_argument("--model", default=env("CAPTIONER_MODEL", "models/default"),
+                   help="checkpoint dir or file, or seed-inception [$CAPTIONER_MODEL]")
+    p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"), help="Triton model repository [$CAPTIONER_REPO]")
+    p.add_argument("--target", default=env("CAPTIONER_TARGET", "auto"), choices=("auto", "cpu", "gpu"))
+    p.add_argument("--precision", default=env("CAPTIONER_PRECISION", "fp32"), choices=("fp32", "fp16", "int8"))
     p.add_argument("--rebuild", action="store_true", help="rebuild the repository even when it is up to date")
+    p.add_argument("--no-build", action="store_true", default=env("CAPTIONER_NO_BUILD", False, _flag),
+                   help="serve the repository as it is; no checkpoint needed (images, pods) [$CAPTIONER_NO_BUILD]")
     p.add_argument(
         "--host",
-        default=os.environ.get("CAPTIONER_HOST", "127.0.0.1"),
-        help="address to bind (0.0.0.0 exposes the server to the network)",
+        default=env("CAPTIONER_HOST", "127.0.0.1"),
+        help="address to bind (0.0.0.0 exposes the server to the network) [$CAPTIONER_HOST]",
     )
     p.add_argument("--http-port", type=int, default=env("CAPTIONER_HTTP_PORT", DEFAULT_PORTS["http"], int))
     p.add_argument("--grpc-port", type=int, default=env("CAPTIONER_GRPC_PORT", DEFAULT_PORTS["grpc"], int))
     p.add_argument("--metrics-port", type=int, default=env("CAPTIONER_METRICS_PORT", DEFAULT_PORTS["metrics"], int))
-    p.add_argument("--log-file", default=os.environ.get("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"))
-    p.add_argument("--samples", type=int, default=3, help="sample scenes to caption once the server is up")
-    p.add_argument("--startup-timeout", type=float, default=float(os.environ.get("CAPTIONER_STARTUP_TIMEOUT", 300)))
-    return p.parse_args(argv)
+    p.add_argument("--replicas", type=int, default=env("CAPTIONER_REPLICAS", 1, int),
+                   help=f"servers to run, replica k on every port + {REPLICA_PORT_STEP} k [$CAPTIONER_REPLICAS]")
+    p.add_argument("--log-file", default=env("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"))
+    p.add_argument("--samples", type=int, default=env("CAPTIONER_SAMPLES", 3, int),
+                   help="sample scenes to caption once the server is up")
+    p.add_argument("--startup-timeout", type=float, default=env("CAPTIONER_STARTUP_TIMEOUT", 300.0, float))
+    p.add_argument("--drain-timeout", type=int, default=env("CAPTIONER_DRAIN_TIMEOUT", 30, int),
+                   help="seconds accepted requests get to finish on SIGTERM/Ctrl-C "
+                        "(tritonserver --exit-timeout-secs) [$CAPTIONER_DRAIN_TIMEOUT]")
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=env("CAPTIONER_SUPERVISE", True, _flag),
+                   help="reload a model whose stub died or hung, restart a dead tritonserver [$CAPTIONER_SUPERVISE]")
+    p.add_argument("--hang-timeout", type=float, default=env("CAPTIONER_HANG_TIMEOUT", 8.0, float),
+                   help="a model with requests pending, no execution finished and idle stubs for this long is hung "
+                        "(4x as long while its stubs compute) [$CAPTIONER_HANG_TIMEOUT]")
+    p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", 5, int),
+                   help="tritonserver restarts allowed in 10 minutes before the launcher gives up [$CAPTIONER_MAX_RESTARTS]")
+    p.add_argument("--grpc-ssl-cert", default=env("CAPTIONER_GRPC_SSL_CERT", None),
+                   help="PEM server certificate: gRPC over TLS [$CAPTIONER_GRPC_SSL_CERT]")
+    p.add_argument("--grpc-ssl-key", default=env("CAPTIONER_GRPC_SSL_KEY", None), help="PEM server key [$CAPTIONER_GRPC_SSL_KEY]")
+    p.add_argument("--grpc-ssl-root-cert", default=env("CAPTIONER_GRPC_SSL_ROOT_CERT", None),
+                   help="PEM CA that client certificates must chain to: mutual TLS [$CAPTIONER_GRPC_SSL_ROOT_CERT]")
+    p.add_argument("--restricted-key", default=env("CAPTIONER_RESTRICTED_KEY", None), metavar="NAME=VALUE",
+                   help=f"require header NAME: VALUE (gRPC: triton-grpc-protocol-NAME) for {', '.join(RESTRICTED_GROUPS)}; "
+                        "inference and health stay open [$CAPTIONER_RESTRICTED_KEY]")
+    a = p.parse_args(argv)
+    if a.replicas < 1:
+        p.error("--replicas must be >= 1")
+    if bool(a.grpc_ssl_cert) != bool(a.grpc_ssl_key):
+        p.error("--grpc-ssl-cert and --grpc-ssl-key go together")
+    if a.grpc_ssl_root_cert and not a.grpc_ssl_cert:
+        p.error("--grpc-ssl-root-cert (mutual TLS) needs --grpc-ssl-cert and --grpc-ssl-key")
+    for f in (a.grpc_ssl_cert, a.grpc_ssl_key, a.grpc_ssl_root_cert):
+        if f and not Path(f).is_file():
+            p.error(f"no such file: {f}")
+    if a.restricted_key is not None:
+        name, eq, value = a.restricted_key.partition("=")
+        if not (name and eq and value) or any(c in a.restricted_key for c in ",: "):
+            p.error("--restricted-key takes NAME=VALUE (no spaces, commas or colons)")
+    return a
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def server_args(a: argparse.Namespace) -> tuple[str, ...]:
+    """tritonserver flags for TLS and restricted APIs."""
+    out: list[str] = []
+    if a.grpc_ssl_cert:
+        out += ["--grpc-use-ssl=true", f"--grpc-server-cert={a.grpc_ssl_cert}", f"--grpc-server-key={a.grpc_ssl_key}"]
+        if a.grpc_ssl_root_cert:
+            out += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={a.grpc_ssl_root_cert}"]
+    if a.restricted_key:
+        groups = ",".join(RESTRICTED_GROUPS)
+        out += [f"--grpc-restricted-protocol={groups}:{a.restricted_key}", f"--http-restricted-api={groups}:{a.restricted_key}"]
+    return tuple(out)
+
+
+def control_headers(a: argparse.Namespace) -> dict[str, str]:
+    """HTTP headers that open the restricted APIs (the supervisor's load/unload)."""
+    if not a.restricted_key:
+        return {}
+    name, _, value = a.restricted_key.partition("=")
+    return {name: value}
+
+
+def replica_log(log_file: str, k: int) -> str:
+    if k == 0:
+        return log_file
+    p = Path(log_file)
+    return str(p.with_name(f"{p.stem}-{k}{p.suffix}"))
 
 
 def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
@@ -66,6 +148,7 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
 
 
 def build(args: argparse.Namespace) -> None:
+    """The repository for args.model, through the build's own entry point."""
     cmd = [sys.executable, "-m", "build.build_engines", "--model", args.model, "--target", args.target]
     cmd += ["--precision", args.precision, "--repo", args.repo]
     print("$ " + " ".join(cmd), flush=True)
@@ -80,13 +163,22 @@ def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
 
 
 def caption_samples(server: TritonServer, n: int) -> None:
-    import tritonclient.grpc as grpcclient
-
+    """Caption n sample scenes: over gRPC, or over local HTTP when gRPC needs TLS (the
+    launcher holds the server's certificate, not a CA that clients would trust)."""
     from .scenes import all_captions, caption_is_correct
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tls = any(x.startswith("--grpc-use-ssl=true") for x in server.extra_args)
+    if tls:
+        import tritonclient.http as client_mod
+
+        client = client_mod.InferenceServerClient(server.http_url)
+    else:
+        import tritonclient.grpc as client_mod
+
+        client = client_mod.InferenceServerClient(server.grpc_url)
+    print(f"Captions of {n} sample scenes, over {'HTTP (gRPC is TLS-only)' if tls else 'gRPC'}:")
     for i, (data, scene) in enumerate(sample_images(n), 1):
-        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        image = client_mod.InferInput("IMAGE", [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
         result = client.infer("captioner", [image])
         caption = result.as_numpy("CAPTION")[0, 0].decode()
@@ -95,57 +187,155 @@ def caption_samples(server: TritonServer, n: int) -> None:
     client.close()
 
 
-def _interrupt(signum, frame):
-    """SIGTERM (kill, docker stop) takes the same orderly path as Ctrl-C."""
-    raise KeyboardInterrupt
+def http_probe(server: TritonServer, timeout_s: float = PROBE_TIMEOUT_S):
+    """A deep health check for the supervisor: one tiny real caption through the ensemble
+    over local HTTP. None when it came back or the server shed it as overloaded (alive),
+    else why it failed."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    data = sample_images(1, seed=7)[0][0]
+
+    def probe() -> str | None:
+        client = httpclient.InferenceServerClient(server.http_url, connection_timeout=2.0, network_timeout=timeout_s)
+        try:
+            image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+            image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+            client.infer("captioner", [image])
+            return None
+        except InferenceServerException as e:
+            text = str(e)
+            # A full or timed-out queue is load shedding doing its job, not a fault.
+            return None if ("maximum queue size" in text or "Request timeout expired" in text) else text
+        except Exception as e:  # noqa: BLE001 - refused connection, timeout, ...
+            return f"{type(e).__name__}: {e}"
+        finally:
+            client.close()
+
+    return probe
+
+
+class Stop:
+    """Set by SIGTERM/SIGINT (or a supervisor giving up); the main thread waits on it."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.reason = ""
+
+    def __call__(self, signum=None, frame=None):
+        self.reason = self.reason or (signal.Signals(signum).name if signum else "stop")
+        self.event.set()
+
+
+def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop) -> threading.Thread:
+    import tritonclient.http as httpclient
+
+    from .supervisor import BackgroundProbe, GiveUp, Supervisor
+
+    probe = BackgroundProbe(http_probe(server), interval_s=2.0).start()
+    control = httpclient.InferenceServerClient(server.http_url, network_timeout=60.0)
+    sup = Supervisor(server, probe, control, hang_timeout_s=a.hang_timeout, max_restarts=a.max_restarts,
+                     headers=control_headers(a))
+
+    def loop():
+        try:
+            sup.run(stopping=stop.event.is_set)
+        except GiveUp as e:
+            print(f"error: supervisor gave up on {server.grpc_url}: {e}", file=sys.stderr, flush=True)
+            stop.reason = "supervisor gave up"
+            stop.event.set()
+        finally:
+            probe.stop()
+
+    thread = threading.Thread(target=loop, name=f"supervisor-{server.grpc_url}", daemon=True)
+    thread.start()
+    return thread
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """The checkpoint behind MODEL, with the build's names (seed-inception is made on first use)."""
+    from build.build_engines import BuildFailed, resolve_model
+
+    try:
+        return resolve_model(model)[0]
+    except BuildFailed as e:
+        raise FileNotFoundError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .checkpoint import resolve
-
-    try:
-        checkpoint_path = resolve(args.model)
-    except FileNotFoundError as e:
-        print(f"error: {e}. Train one (make default-model) or pass MODEL=<checkpoint dir>.", file=sys.stderr)
-        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     repo = Path(args.repo)
-    reason = "--rebuild given" if args.rebuild else stale_reason(repo, checkpoint_path, args.target)
-    if reason:
-        print(f"Building the model repository: {reason}.", flush=True)
-        build(args)
+    if not args.no_build:
+        try:
+            checkpoint_path = resolve_checkpoint(args.model)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        reason = "--rebuild given" if args.rebuild else stale_reason(repo, checkpoint_path, args.target)
+        if reason:
+            print(f"Building the model repository: {reason}.", flush=True)
+            build(args)
 
-    server = TritonServer(
-        repo,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_file=args.log_file,
-    )
-    signal.signal(signal.SIGTERM, _interrupt)
-    # A shell starts background jobs with SIGINT ignored, and Python then installs no
-    # KeyboardInterrupt handler: restore it so Ctrl-C (or kill -INT) always stops us in order.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    extra = server_args(args)
+    if args.supervise:
+        # The hang check reads execution counts from the metrics: refresh them often.
+        extra += ("--metrics-interval-ms=500",)
+    servers = [
+        TritonServer(
+            repo,
+            host=args.host,
+            http_port=args.http_port + REPLICA_PORT_STEP * k,
+            grpc_port=args.grpc_port + REPLICA_PORT_STEP * k,
+            metrics_port=args.metrics_port + REPLICA_PORT_STEP * k,
+            log_file=replica_log(args.log_file, k),
+            exit_timeout_s=args.drain_timeout,
+            extra_args=extra,
+            control_mode="explicit" if args.supervise else "none",
+        )
+        for k in range(args.replicas)
+    ]
+    stop = Stop()
+    supervisors: list[threading.Thread] = []
+    signal.signal(signal.SIGTERM, stop)
+    # A shell starts background jobs with SIGINT ignored: install ours so Ctrl-C (or kill
+    # -INT) always stops us in order.
+    signal.signal(signal.SIGINT, stop)
     try:
-        print(f"Starting {server.binary.path} on {repo} (log: {server.log_file}) ...", flush=True)
-        server.start(timeout_s=args.startup_timeout)
-        print(f"Ready. gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}")
+        for server in servers:
+            print(f"Starting {server.binary.path} on {repo} (log: {server.log_file}) ...", flush=True)
+            server.start(timeout_s=args.startup_timeout)
+            print(f"Ready. gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}", flush=True)
+            if stop.event.is_set():
+                return 0
+        if len(servers) > 1:
+            print("CAPTIONER_URL=" + ",".join(s.grpc_url for s in servers), flush=True)
         if args.samples:
-            print(f"Captions of {args.samples} sample scenes, over gRPC:")
-            caption_samples(server, args.samples)
-        print("Serving; Ctrl-C stops.", flush=True)
-        code = server.wait()
-        print(f"tritonserver exited with code {code}; log tail:\n{server.log_tail()}", file=sys.stderr)
-        return code or 1
+            caption_samples(servers[0], args.samples)
+        if args.supervise:
+            supervisors += [supervise(server, args, stop) for server in servers]
+            print("Serving; supervised; Ctrl-C or SIGTERM drains and stops.", flush=True)
+            while not stop.event.wait(0.5):
+                pass
+            return 1 if stop.reason == "supervisor gave up" else 0
+        print("Serving; Ctrl-C or SIGTERM drains and stops.", flush=True)
+        while not stop.event.wait(0.5):
+            dead = next((s for s in servers if not s.running()), None)
+            if dead is not None:
+                print(f"tritonserver exited with code {dead.process.returncode}; log tail:\n{dead.log_tail()}", file=sys.stderr)
+                return dead.process.returncode or 1
+        return 0
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nStopping tritonserver ...", flush=True)
-        return 0
     finally:
-        server.close()
+        if stop.event.is_set():
+            print(f"\n{stop.reason}: draining (up to {args.drain_timeout} s) and stopping tritonserver ...", flush=True)
+        stop.event.set()  # supervisors stop before the servers do: a drain is not a crash
+        for thread in supervisors:
+            thread.join(timeout=60)
+        for server in servers:
+            server.close()
         print("Stopped.", flush=True)
 
 

@@ -106,6 +106,7 @@ class TritonServer:
         log_verbose: int = 0,
         exit_timeout_s: int = 10,
         extra_args: tuple[str, ...] = (),
+        control_mode: str = "none",
     ):
         self.repository = Path(repository).resolve()
         self.host = host
@@ -116,6 +117,10 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = tuple(extra_args)
+        if control_mode not in ("none", "explicit"):
+            raise ValueError(f"control_mode must be none or explicit, got {control_mode!r}")
+        # explicit: every model is loaded at start, and a supervisor may unload and load one.
+        self.control_mode = control_mode
         self.binary = find_binary()
         self.process: subprocess.Popen | None = None
 
@@ -137,7 +142,7 @@ class TritonServer:
         cmd = [
             str(self.binary.path),
             f"--model-repository={self.repository}",
-            "--model-control-mode=none",
+            f"--model-control-mode={self.control_mode}",
             "--strict-readiness=true",
             f"--http-address={self.host}",
             f"--http-port={self.ports['http']}",
@@ -148,6 +153,8 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
         ]
+        if self.control_mode == "explicit":
+            cmd.append("--load-model=*")
         if self.binary.wheel_root is not None:
             cmd.append(f"--backend-directory={make_backend_dir(self.binary.wheel_root, self._tmp / 'backends')}")
         return cmd + list(self.extra_args)
@@ -166,11 +173,14 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         return env
 
-    def start(self, timeout_s: float = 180.0, attempts: int = 3) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0, attempts: int = 3, keep_ports: bool = False) -> "TritonServer":
+        """Launch and wait until ready. keep_ports: a restart, on the ports already in use
+        (clients and load balancers know those)."""
         if not (self.repository / "captioner" / "config.pbtxt").is_file():
             raise ServerError(f"{self.repository} holds no captioner model repository (make build-engines)")
+        wanted = dict(self.ports) if keep_ports else self._wanted
         for attempt in range(attempts):
-            self.ports = {k: (v or free_port(self.host)) for k, v in self._wanted.items()}
+            self.ports = {k: (v or free_port(self.host)) for k, v in wanted.items()}
             self._launch()
             try:
                 self.wait_ready(timeout_s)
@@ -179,7 +189,7 @@ class TritonServer:
             except ServerError as e:
                 self.stop()
                 # Another process may have taken a free port between the pick and the bind.
-                if attempt + 1 < attempts and not all(self._wanted.values()) and "already in use" in str(e):
+                if attempt + 1 < attempts and not all(wanted.values()) and "already in use" in str(e):
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -238,9 +248,11 @@ class TritonServer:
                 continue
 
     def stop(self) -> None:
+        """Drain and stop: on SIGTERM Triton turns readiness false, refuses new requests
+        with UNAVAILABLE and finishes those in flight for up to exit_timeout_s."""
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Triton finishes in-flight requests, then unloads models
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=self.exit_timeout_s + 10)
             except subprocess.TimeoutExpired:
@@ -251,6 +263,18 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        atexit.unregister(self.stop)
+
+    def kill(self) -> None:
+        """End the server and its whole process group (Python stubs included) at once: for
+        a server that is already broken, where a drain would only wait on dead stubs."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
         atexit.unregister(self.stop)
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Client for the captioner Triton server (gRPC): `caption(paths)` or the (Async)CaptionClient classes."""
+"""Client for the captioner Triton server (gRPC): `caption(paths)` or the (Async)CaptionClient classes;
+several endpoints with failover, TLS, and a deep health check (`client.health.check`)."""
 from client.core import (
     DEFAULT_MODEL,
     DEFAULT_URL,
@@ -7,10 +8,12 @@ from client.core import (
     CaptionClient,
     CaptionError,
     RetryPolicy,
+    TLSConfig,
     caption,
     encode_image,
     find_images,
 )
+from client.endpoints import parse_endpoints
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -20,7 +23,9 @@ __all__ = [
     "CaptionClient",
     "CaptionError",
     "RetryPolicy",
+    "TLSConfig",
     "caption",
     "encode_image",
     "find_images",
+    "parse_endpoints",
 ]

@@ -1,11 +1,15 @@
 """Locust users that caption shapes-v1 scenes through the `captioner` Triton ensemble over gRPC.
 
-    locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 60s --host localhost:8001
+    locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 60s --host localhost:8001[,host2:8001...]
 
-Every call goes through a gRPC client interceptor that reports it with Locust's request
-event (name, response time, response length, exception), as in Locust's own gRPC example.
-Captions are also checked against each scene's ground truth; that share is reported at the
-end, but a wrong caption is a quality figure, not a failed request.
+With several endpoints, users spread requests over them and fail over as the client
+library does (client.endpoints: least outstanding, retry a broken replica's requests on
+another, set it aside and probe it with a tiny real inference before it gets traffic
+again). Each image request is reported once with Locust's request event (name, response
+time including retries, response length, exception when every attempt failed); retries
+and per-endpoint counts go to --endpoints-out. Captions are also checked against each
+scene's ground truth; that share is reported at the end, but a wrong caption is a quality
+figure, not a failed request.
 """
 # grpc must run on gevent's loop, not its own threads, or one user blocks all the others;
 # this has to happen before any channel exists.
@@ -34,6 +38,8 @@ from tritonclient.utils import serialize_byte_tensor  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.scenes import caption_is_correct  # noqa: E402
+from client.core import RetryPolicy, probe_image  # noqa: E402
+from client.endpoints import EndpointPool, Failure, classify, parse_endpoints  # noqa: E402
 from loadtest.pool import build_pool, parse_sizes  # noqa: E402
 
 log = logging.getLogger("loadtest")
@@ -49,7 +55,11 @@ def _add_arguments(parser):
     g.add_argument("--max-length", type=int, default=None, env_var="LOADTEST_MAX_LENGTH",
                    help="max_length request parameter (default: the server's)")
     g.add_argument("--request-timeout", type=float, default=30.0, env_var="LOADTEST_REQUEST_TIMEOUT",
-                   help="gRPC deadline per request, seconds")
+                   help="deadline per image request, retries included, seconds (the server gets the time left)")
+    g.add_argument("--attempt-timeout", type=float, default=None, env_var="LOADTEST_ATTEMPT_TIMEOUT",
+                   help="seconds one attempt may take before the request is tried on another endpoint")
+    g.add_argument("--attempts", type=int, default=RetryPolicy.max_attempts, env_var="LOADTEST_ATTEMPTS",
+                   help="attempts per image request while endpoints are unavailable, broken or reloading")
     g.add_argument("--think-time", type=float, default=0.0, env_var="LOADTEST_THINK_TIME",
                    help="seconds each user waits between requests (0: closed loop)")
     g.add_argument("--pool-size", type=int, default=48, env_var="LOADTEST_POOL_SIZE", help="scenes in the pool")
@@ -60,6 +70,8 @@ def _add_arguments(parser):
                    help="share of the pool encoded as JPEG (the rest PNG)")
     g.add_argument("--quality-out", default="", env_var="LOADTEST_QUALITY_OUT",
                    help="write the caption-correctness summary here (JSON)")
+    g.add_argument("--endpoints-out", default="", env_var="LOADTEST_ENDPOINTS_OUT",
+                   help="write retries and per-endpoint counts here (JSON)")
 
 
 class Pool:
@@ -69,6 +81,28 @@ class Pool:
     requests: list = []
     correct = 0
     checked = 0
+
+
+class Fleet:
+    """The endpoints of --host, shared by every user of this process, so that what one user
+    learns about a broken replica spares the others; plus the run's failover figures."""
+
+    pool: EndpointPool | None = None
+    requests = 0
+    retried = 0  # image requests that needed more than one attempt
+    lost = 0  # image requests that failed after every attempt
+    attempt_errors: dict = {}  # "STATUS: message" -> count, of failed attempts
+
+    @classmethod
+    def get(cls, host: str) -> EndpointPool:
+        if cls.pool is None:
+            cls.pool = EndpointPool(parse_endpoints(host))
+        return cls.pool
+
+    @classmethod
+    def summary(cls) -> dict:
+        return {"requests": cls.requests, "retried": cls.retried, "failed": cls.lost,
+                "attempt_errors": cls.attempt_errors, "endpoints": cls.pool.stats() if cls.pool else []}
 
 
 def infer_request(model: str, image, params: dict) -> service_pb2.ModelInferRequest:
@@ -107,6 +141,15 @@ def _report_quality(environment, **_kwargs):
         # Locust writes its CSVs once a second and not again at exit: give its writer one more
         # turn now that users have stopped, so the CSVs hold the final figures.
         gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
+    if Fleet.pool is not None:
+        fleet = Fleet.summary()
+        log.info("failover: %d requests, %d retried, %d failed after every attempt; %s", fleet["requests"],
+                 fleet["retried"], fleet["failed"],
+                 "; ".join(f"{e['url']} {e['ok']} ok {e['failed']} failed" for e in fleet["endpoints"]))
+        out = environment.parsed_options.endpoints_out if environment.parsed_options else ""
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(fleet, indent=2) + "\n")
     if not Pool.checked:
         return
     summary = {"checked": Pool.checked, "correct": Pool.correct, "share_correct": Pool.correct / Pool.checked}
@@ -121,43 +164,13 @@ class BadResponse(Exception):
     """The call succeeded at the gRPC level but its answer is unusable."""
 
 
-class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
-    """Times every unary call and fires Locust's request event for it. `check(request,
-    response)` may raise BadResponse to fail a call whose answer is unusable."""
-
-    def __init__(self, environment, check=None):
-        self.env = environment
-        self.check = check
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        start = time.perf_counter()
-        response, exception, length = None, None, 0
-        call = continuation(client_call_details, request)
-        try:
-            response = call.result()
-            length = response.ByteSize()
-            if self.check is not None:
-                self.check(request, response)
-        except (grpc.RpcError, BadResponse) as e:
-            exception = e
-        method = client_call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        label = getattr(request, "id", "")
-        name = f"{request.model_name} {label}" if label else method.rsplit("/", 1)[-1]
-        self.env.events.request.fire(
-            request_type="grpc",
-            name=name,
-            response_time=(time.perf_counter() - start) * 1000.0,
-            response_length=length,
-            response=response,
-            context={},
-            exception=exception,
-        )
-        return call
+class DeadlineReached(Exception):
+    """The request's deadline passed between attempts."""
 
 
 class TritonGrpcUser(User):
-    """A User with its own gRPC channel to Triton, every call reported through the interceptor."""
+    """A User with a gRPC channel to each Triton endpoint of --host (comma separated). `infer()`
+    spreads, fails over and reports each logical request once through Locust's request event."""
 
     abstract = True
     host = os.environ.get("CAPTIONER_URL", "localhost:8001")
@@ -165,18 +178,104 @@ class TritonGrpcUser(User):
     def __init__(self, environment):
         super().__init__(environment)
         if not self.host:
-            raise LocustError("set --host to Triton's gRPC address, e.g. localhost:8001")
-        target = self.host.split("://", 1)[-1]  # tolerate grpc://host:port
+            raise LocustError("set --host to Triton's gRPC address(es), e.g. localhost:8001,otherhost:8001")
+        try:
+            self.fleet = Fleet.get(self.host)
+        except ValueError as e:
+            raise LocustError(str(e)) from None
         options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-        self._raw_channel = grpc.insecure_channel(target, options=options)
-        channel = grpc.intercept_channel(self._raw_channel, LocustInterceptor(environment, check=self.check_response))
-        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        self._channels = {ep.url: grpc.insecure_channel(ep.url, options=options) for ep in self.fleet}
+        self.stubs = {url: service_pb2_grpc.GRPCInferenceServiceStub(ch) for url, ch in self._channels.items()}
+        opts = environment.parsed_options
+        self.retry = RetryPolicy(max_attempts=max(1, opts.attempts if opts else RetryPolicy.max_attempts))
+        self.attempt_timeout = opts.attempt_timeout if opts else None
+        self._retry_rng = random.Random()
 
     def check_response(self, request, response):
-        """Override to validate answers."""
+        """Override to validate answers; raise BadResponse for an unusable one."""
+
+    def infer(self, request: service_pb2.ModelInferRequest, timeout: float):
+        """ModelInfer with failover within `timeout` seconds; returns the response or None."""
+        start = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        tried, attempt, response, exception = [], 0, None, None
+        while True:
+            attempt += 1
+            for ep in self.fleet.due_for_probe():
+                gevent.spawn(self._probe, ep, request.model_name)
+            ep = self.fleet.pick(avoid=tried)
+            if attempt > 1 and any(ep is t for t in tried):
+                pause = self.retry.backoff(attempt - 1, self._retry_rng)
+                gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                ep = self.fleet.pick(avoid=tried)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            capped = self.attempt_timeout is not None and self.attempt_timeout < left
+            this = self.attempt_timeout if capped else left
+            tried.append(ep)
+            since = self.fleet.started(ep)
+            sent = service_pb2.ModelInferRequest()
+            sent.CopyFrom(request)
+            # Triton's own request timeout (microseconds): the server drops what nobody waits for.
+            sent.parameters["timeout"].int64_param = max(1, int(this * 1e6))
+            try:
+                response = self.stubs[ep.url].ModelInfer(sent, timeout=this)
+            except grpc.RpcError as e:
+                failure = classify(str(e.code()), e.details())
+                if capped and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    failure = Failure.BROKEN  # no answer within --attempt-timeout: try another replica
+                self.fleet.finished(ep, failure, e.details() or "", since)
+                key = f"{e.code().name}: {e.details()}"
+                Fleet.attempt_errors[key] = Fleet.attempt_errors.get(key, 0) + 1
+                exception = e
+                if failure is Failure.FINAL or attempt >= self.retry.max_attempts:
+                    break
+                continue
+            self.fleet.finished(ep, None, since=since)
+            exception = None
+            break
+        Fleet.requests += 1
+        Fleet.retried += len(tried) > 1
+        length = 0
+        if response is not None:
+            length = response.ByteSize()
+            try:
+                self.check_response(request, response)
+            except BadResponse as e:
+                exception = e
+        elif exception is None:
+            exception = DeadlineReached(f"deadline of {timeout:g} s reached after {len(tried)} attempts")
+        Fleet.lost += response is None
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=f"{request.model_name} {request.id}" if request.id else "ModelInfer",
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            response=response,
+            context={"attempts": len(tried), "endpoint": ep.url},
+            exception=exception,
+        )
+        return response
+
+    def _probe(self, ep, model: str) -> None:
+        """One tiny real inference: readiness alone passes a replica whose stub is dead."""
+        req = infer_request(model, _ProbeImage, {})
+        try:
+            self.stubs[ep.url].ModelInfer(req, timeout=5.0)
+        except grpc.RpcError as e:
+            self.fleet.probe_result(ep, False, e.details() or "")
+        else:
+            self.fleet.probe_result(ep, True)
 
     def on_stop(self):
-        self._raw_channel.close()
+        for ch in self._channels.values():
+            ch.close()
+
+
+class _ProbeImage:
+    data = probe_image()
+    label = "probe"
 
 
 class CaptionUser(TritonGrpcUser):
@@ -207,7 +306,4 @@ class CaptionUser(TritonGrpcUser):
     def caption(self):
         i = self._rng.randrange(len(Pool.requests))
         self._current = Pool.images[i]
-        try:
-            self.stub.ModelInfer(Pool.requests[i], timeout=self._timeout)
-        except grpc.RpcError:
-            pass  # already reported to Locust by the interceptor
+        self.infer(Pool.requests[i], self._timeout)

@@ -28,7 +28,9 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n")[0],
                                 epilog="Other flags are passed to locust and the locustfile.")
-    p.add_argument("--url", default=_env("CAPTIONER_URL", "localhost:8001"), help="Triton gRPC address [$CAPTIONER_URL]")
+    p.add_argument("--url", default=_env("CAPTIONER_URL", "localhost:8001"),
+                   help="Triton gRPC address, or several comma separated: users spread over them and fail over "
+                        "[$CAPTIONER_URL]")
     p.add_argument("--model-name", default=_env("CAPTIONER_MODEL_NAME", "captioner"), help="[$CAPTIONER_MODEL_NAME]")
     p.add_argument("-u", "--users", type=int, default=_env("LOADTEST_USERS", 8, int), help="[$LOADTEST_USERS]")
     p.add_argument("-r", "--spawn-rate", type=float, default=_env("LOADTEST_SPAWN_RATE", 4.0, float),
@@ -66,7 +68,25 @@ def parse_duration(text: str) -> float:
 # --- server ------------------------------------------------------------------------
 
 def server_state(url: str, model: str, timeout: float = 3.0) -> str:
-    """'ready', 'not_ready' (a server answers, the model is not loaded) or 'down'."""
+    """'ready', 'not_ready' (a server answers, the model is not loaded) or 'down'. With several
+    endpoints: the best of them (the users fail over from the others), and the others are named."""
+    from client.endpoints import parse_endpoints
+
+    urls = parse_endpoints(url)
+    states = {u: _one_server_state(u, model, timeout) for u in urls}
+    for want in ("ready", "not_ready", "down"):
+        if want in states.values():
+            best = want
+            break
+    if best == "ready" and len(urls) > 1:
+        for u, state in states.items():
+            if state != "ready":
+                print(f"warning: endpoint {u} is {state.replace('_', ' ')}; the users fail over from it",
+                      file=sys.stderr)
+    return best
+
+
+def _one_server_state(url: str, model: str, timeout: float) -> str:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -95,7 +115,7 @@ def locust_command(args, url: str, extra: list[str]) -> list[str]:
         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.run_time, "--stop-timeout", "30",
         "--host", url, "--model-name", args.model_name,
         "--csv", str(prefix), "--html", f"{prefix}.html", "--logfile", f"{prefix}.log",
-        "--quality-out", f"{prefix}_quality.json",
+        "--quality-out", f"{prefix}_quality.json", "--endpoints-out", f"{prefix}_endpoints.json",
         *extra,
     ]
 
@@ -243,10 +263,12 @@ def load_test(args, url: str, extra: list[str]) -> int:
                  f"captioner over gRPC: {args.users} users, {args.run_time}")
     quality_path = Path(f"{prefix}_quality.json")
     quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
+    endpoints_path = Path(f"{prefix}_endpoints.json")
+    endpoints = json.loads(endpoints_path.read_text()) if endpoints_path.exists() else None
     problems = verdict(summary, args)
     Path(f"{prefix}_summary.json").write_text(json.dumps(
         {"url": url, "users": args.users, "spawn_rate": args.spawn_rate, "run_time": args.run_time,
-         **asdict(summary), "quality": quality, "p95_bound_ms": args.p95_ms,
+         **asdict(summary), "quality": quality, "failover": endpoints, "p95_bound_ms": args.p95_ms,
          "max_failure_ratio": args.max_failure_ratio, "passed": not problems, "problems": problems},
         indent=2) + "\n")
     print(f"requests {summary.requests}, failures {summary.failures} ({summary.failure_ratio:.2%}), "
@@ -254,6 +276,9 @@ def load_test(args, url: str, extra: list[str]) -> int:
           f"p99 {summary.p99_ms:.0f} ms, max {summary.max_ms:.0f} ms")
     if quality:
         print(f"captions correct: {quality['correct']}/{quality['checked']} ({quality['share_correct']:.1%})")
+    if endpoints and (endpoints["retried"] or len(endpoints["endpoints"]) > 1):
+        print(f"failover: {endpoints['retried']} requests retried; " + "; ".join(
+            f"{e['url']}: {e['ok']} ok, {e['failed']} failed" for e in endpoints["endpoints"]))
     print(f"reports: {prefix}.html, {prefix}_stats.csv, {prefix}_stats_history.csv, {prefix}.png")
     for p in problems:
         print(f"FAILED: {p}", file=sys.stderr)
@@ -269,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.users < 1 or args.spawn_rate <= 0:
         parser.error("--users must be >= 1 and --spawn-rate > 0")
-    state = server_state(args.url, args.model_name)
+    try:
+        state = server_state(args.url, args.model_name)
+    except ValueError as e:
+        parser.error(str(e))
     if state == "ready":
         return load_test(args, args.url, extra)
     if state == "not_ready":

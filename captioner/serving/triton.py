@@ -51,9 +51,25 @@ def internal_error_responses(pb_utils, n: int, model: str, exc: BaseException) -
     return [error_response(pb_utils, message, "INTERNAL") for _ in range(n)]
 
 
+def skip_cancelled(pb_utils, requests, handle) -> list:
+    """`handle(live_requests)` -> their responses; requests whose caller already gave up
+    (gRPC deadline or cancel) get CANCELLED instead and cost no compute. Asking is a
+    round trip to the parent process: once per request per execute, never per token."""
+    live = [not r.is_cancelled() for r in requests]
+    if all(live):
+        return handle(requests)
+    answered = iter(handle([r for r, ok in zip(requests, live) if ok]) if any(live) else [])
+    message = "the request was cancelled (client deadline or cancel) before it ran"
+    return [next(answered) if ok else error_response(pb_utils, message, "CANCELLED") for ok in live]
+
+
 def batched_responses(pb_utils, requests, run, inputs: list[str], outputs: list[str], model: str) -> list:
     """Every request's inputs stacked, `run(*stacked)` called once, outputs split back into
     one response per request. A failure here is not the client's: logged, INTERNAL to each."""
+    return skip_cancelled(pb_utils, requests, lambda live: _batched(pb_utils, live, run, inputs, outputs, model))
+
+
+def _batched(pb_utils, requests, run, inputs: list[str], outputs: list[str], model: str) -> list:
     try:
         per_request = run_batched(run, [[input_array(pb_utils, r, n) for n in inputs] for r in requests])
     except Exception as e:

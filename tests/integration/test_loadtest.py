@@ -54,3 +54,32 @@ def test_rejected_requests_are_counted_as_failures(triton_server, tmp_path):
     with open(tmp_path / "loadtest_failures.csv", newline="") as f:
         errors = " ".join(r["Error"] for r in csv.DictReader(f))
     assert "INVALID_ARGUMENT" in errors and "beam_size" in errors
+
+
+def test_users_fail_over_when_a_replica_is_killed(triton_server, tmp_path):
+    """Two endpoints, one SIGKILLed mid-run: the users' requests go to the other, none fails."""
+    import os
+    import signal
+    import threading
+
+    from captioner.server import TritonServer
+
+    replica = TritonServer(triton_server.repository, log_file=tmp_path / "replica.log")
+    try:
+        replica.start()
+        killer = threading.Timer(6.0, os.kill, (replica.process.pid, signal.SIGKILL))
+        killer.start()
+        proc = loadtest(f"{replica.grpc_url},{triton_server.grpc_url}", tmp_path, "-u", "4", "-r", "4", "-t", "12s",
+                        "--p95-ms", "10000", "--min-requests", "30")
+        killer.join()
+    finally:
+        replica.close()  # ends the killed server's Python stubs too
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "loadtest_summary.json").read_text())
+    assert summary["failures"] == 0 and summary["passed"]
+    failover = summary["failover"]
+    assert failover["requests"] == summary["requests"] and failover["failed"] == 0
+    killed, alive = failover["endpoints"]
+    assert killed["url"] == replica.grpc_url and killed["ok"] > 0 and killed["failed"] > 0 and not killed["up"]
+    assert alive["ok"] > 0 and alive["failed"] == 0
+    assert failover["retried"] >= 1 and "failover:" in proc.stdout

@@ -27,7 +27,7 @@ def test_serve_answers_then_stops_cleanly_on_ctrl_c(triton_server, tmp_path):
             if line.startswith("Serving;") or time.monotonic() > deadline:
                 break
         output = "\n".join(lines)
-        assert "Serving; Ctrl-C stops." in output, output
+        assert "Serving; supervised; Ctrl-C or SIGTERM drains and stops." in output, output
         assert "Building" not in output  # the repository is up to date for this checkpoint
         assert sum(line.strip().startswith("scene ") for line in lines) == 3, output
         assert "Ready. gRPC 127.0.0.1:" in output

@@ -101,6 +101,10 @@ class InferenceRequest:
         self._requested = list(requested_output_names or [])
         self._parameters = parameters if isinstance(parameters, str) else json.dumps(parameters or {})
         self.preferred_memory = preferred_memory
+        self.cancelled = False  # tests set it: the client gave up before execute()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
     def inputs(self) -> list:
         return self._inputs

@@ -36,12 +36,12 @@ class FakeTriton:
         self.in_flight = self.max_in_flight = 0
         self.closed = False
 
-    async def infer(self, model_name, inputs, outputs=None, client_timeout=None, parameters=None):
+    async def infer(self, model_name, inputs, outputs=None, client_timeout=None, timeout=None, parameters=None):
         (inp,) = inputs
         assert (inp.name(), inp.datatype(), inp.shape()) == ("IMAGE", "BYTES", [1, 1])
         data = deserialize_bytes_tensor(inp._raw_content)[0]
-        self.calls.append(dict(model=model_name, data=data, timeout=client_timeout, parameters=parameters,
-                               outputs=[o.name() for o in outputs or []]))
+        self.calls.append(dict(model=model_name, data=data, timeout=client_timeout, server_timeout_us=timeout,
+                               parameters=parameters, outputs=[o.name() for o in outputs or []]))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -54,7 +54,7 @@ class FakeTriton:
         finally:
             self.in_flight -= 1
 
-    async def is_model_ready(self, model):
+    async def is_model_ready(self, model, client_timeout=None):
         return True
 
     async def close(self):
@@ -93,7 +93,7 @@ def test_encode_image_missing_file_names_it(tmp_path):
     with pytest.raises(CaptionError) as e:
         core.encode_image(missing)
     assert str(e.value).startswith(str(missing) + ":")
-    assert e.value.status is None
+    assert e.value.status is None and e.value.attempts == 0 and e.value.endpoint is None
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK"])
@@ -152,6 +152,7 @@ def test_unavailable_is_retried_then_succeeds(sleeps):
     client = AsyncCaptionClient(triton_client=fake, retry=RetryPolicy(max_attempts=4, initial_backoff=0.5))
     res = run(client.caption_one(b"img", name="pic.png"))
     assert res == Caption(image="pic.png", caption="caption of img", score=-3.0)
+    assert res.attempts == 3
     assert len(fake.calls) == 3
     assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0
 
@@ -195,9 +196,16 @@ def test_parameters_and_timeout_reach_the_request():
     first, second = fake.calls
     assert first["model"] == "m2" and first["outputs"] == ["CAPTION", "SCORE"]
     assert first["parameters"] == {"beam_size": 3, "max_length": 20, "temperature": 0.5}
-    assert first["timeout"] == 7.0
+    # The first attempt gets (almost) the whole deadline, on the wire and as the server's timeout.
+    assert 6.9 < first["timeout"] <= 7.0 and first["server_timeout_us"] == int(first["timeout"] * 1e6)
     assert second["parameters"] is None  # unset options stay the server's defaults
-    assert second["timeout"] == 1.5
+    assert 1.4 < second["timeout"] <= 1.5 and second["server_timeout_us"] == int(second["timeout"] * 1e6)
+
+
+def test_no_deadline_sends_no_timeouts():
+    fake = FakeTriton()
+    run(AsyncCaptionClient(triton_client=fake, timeout=None).caption_one(b"a"))
+    assert fake.calls[0]["timeout"] is None and fake.calls[0]["server_timeout_us"] is None
 
 
 def test_batch_keeps_input_order_and_returns_errors(tmp_path):

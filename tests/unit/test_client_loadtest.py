@@ -175,3 +175,15 @@ def test_missing_repository_exits_2_with_reason(tmp_path, capsys):
                      "--reports", str(tmp_path / "r")])
     assert code == 2
     assert "holds no captioner model repository" in capsys.readouterr().err
+
+
+def test_server_state_over_several_endpoints(monkeypatch, capsys):
+    states = {"a:1": "down", "b:2": "ready", "c:3": "not_ready"}
+    monkeypatch.setattr(run, "_one_server_state", lambda url, model, timeout: states[url])
+    assert run.server_state("a:1,b:2,c:3", "captioner") == "ready"
+    err = capsys.readouterr().err
+    assert "endpoint a:1 is down" in err and "endpoint c:3 is not ready" in err
+    assert run.server_state("a:1,c:3", "captioner") == "not_ready"
+    assert run.server_state("a:1", "captioner") == "down"
+    with pytest.raises(ValueError):
+        run.server_state("a:1,,b:2", "captioner")

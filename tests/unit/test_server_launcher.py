@@ -36,9 +36,9 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 httpd = http.server.HTTPServer(("127.0.0.1", port), H)
 def bye(*a):
-    print("got SIGINT, shutting down", flush=True)
+    print("got SIGTERM, shutting down", flush=True)
     threading.Thread(target=httpd.shutdown).start()
-signal.signal(signal.SIGINT, bye)
+signal.signal(signal.SIGTERM, bye)
 httpd.serve_forever()
 """
 
@@ -59,7 +59,7 @@ def test_a_tritonserver_on_path_is_preferred_and_run_without_the_wheel_backend(t
     text = log.read_text()
     assert "--model-control-mode=none" in text and f"--model-repository={repo}" in text
     assert "--http-address=127.0.0.1" in text and "--backend-directory" not in text
-    assert "got SIGINT" in text  # asked to stop in order, not killed
+    assert "got SIGTERM" in text  # asked to drain and stop in order, not killed
 
 
 def test_a_server_that_dies_at_startup_reports_its_log(tmp_path, repo, monkeypatch):

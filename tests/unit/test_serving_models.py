@@ -172,3 +172,25 @@ def test_unknown_step_mode_is_refused_at_load(repo, pb, tmp_path):
     path.write_text(text_format.MessageToString(cfg))
     with pytest.raises(ValueError, match="step_mode must be inprocess or bls"):
         _model(pb, d, "caption_generator")
+
+
+@pytest.mark.parametrize("model", ["preprocess", "encoder", "caption_generator"])
+def test_a_request_whose_client_gave_up_is_answered_cancelled_and_the_others_served(repo, pb, model):
+    ck, d = repo
+    images = [scene_png(i) for i in range(3)]
+    pre = _model(pb, d / "inprocess", "preprocess")
+    prepared = [outputs(r)["image"] for r in pre.execute([request(_image(x)) for x in images])]
+    enc = _model(pb, d / "inprocess", "encoder")
+    encoded = [outputs(r) for r in enc.execute([request({"image": x}) for x in prepared])]
+    make = {"preprocess": lambda i: request(_image(images[i])), "encoder": lambda i: request({"image": prepared[i]}),
+            "caption_generator": lambda i: request(encoded[i])}[model]
+    alone = [outputs(r) for r in _model(pb, d / "inprocess", model).execute([make(0), make(2)])]
+    reqs = [make(i) for i in range(3)]
+    reqs[1].cancelled = True
+    resp = _model(pb, d / "inprocess", model).execute(reqs)
+    assert len(resp) == 3
+    assert resp[1].has_error() and resp[1].error().code() == pb.TritonError.CANCELLED
+    for got, want in zip((outputs(resp[0]), outputs(resp[2])), alone):
+        assert got.keys() == want.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k])

@@ -21,6 +21,7 @@ from captioner.serving.triton import (
     model_config,
     read_json,
     rejected_response,
+    skip_cancelled,
     version_dir,
 )
 from captioner.vocab import Vocabulary
@@ -49,6 +50,9 @@ class TritonPythonModel:
         return GenRequest(input_array(pb_utils, request, "h0"), input_array(pb_utils, request, "c0"), params)
 
     def execute(self, requests):
+        return skip_cancelled(pb_utils, requests, self._execute)
+
+    def _execute(self, requests):
         try:
             parsed = [self._parse(r) for r in requests]
             good = [p for p in parsed if not isinstance(p, Rejected)]

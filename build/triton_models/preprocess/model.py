@@ -17,6 +17,7 @@ from captioner.serving.triton import (
     model_config,
     read_json,
     rejected_response,
+    skip_cancelled,
     version_dir,
 )
 
@@ -32,6 +33,9 @@ class TritonPythonModel:
         self.metrics = RejectMetrics(pb_utils, REJECT_REASONS)
 
     def execute(self, requests):
+        return skip_cancelled(pb_utils, requests, self._execute)
+
+    def _execute(self, requests):
         try:
             images = [input_array(pb_utils, r, "IMAGE") for r in requests]
             results = self.pre.run(images, [r.parameters() for r in requests])

@@ -1,0 +1,527 @@
+"""`make faults`: production faults against a real, supervised server, measured.
+
+    python -m bench.faults                 # the full report: reports/faults.md + faults.json
+    python -m bench.faults --quick         # minutes; the test suite runs this mode
+    python -m bench.faults --scenarios overload --models seed-inception
+
+Every scenario starts the launcher the way `make serve` does (`python -m captioner.serve
+--no-build`, supervised, model control explicit) on free ports and talks to it over gRPC:
+
+- overload: capacity at 8 clients, then N closed-loop clients with 2 s deadlines that
+  back off when refused (bench/overload.py): goodput / capacity, refusal latency, and how
+  long after the load stops a single client's latency is back to normal;
+- stub-kill: SIGKILL of each Python model's stub in turn, and hang: SIGSTOP of one (Triton
+  then finds it unresponsive), while clients of the client library caption with retries:
+  time until readiness says NOT ready, time until captions come back, requests lost;
+- server-kill: SIGKILL of tritonserver itself: time to captions again, orphaned stubs left;
+- drain: SIGTERM to the launcher under load: accepted requests that failed (must be 0),
+  what new requests got;
+- soak: steady load: failures and the server's memory (RSS of tritonserver and its stubs).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+from captioner.cli import env
+from captioner.server import free_port
+from captioner.supervisor import stubs_of
+
+from .loadgen import TritonClient, run_level
+from .overload import run_overload
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("overload", "stub-kill", "hang", "server-kill", "drain", "soak")
+MODELS = ("default", "seed-inception")
+SEED_PARAMS = {"max_length": 20}  # bench/run.py's SEED_MAX_LENGTH: random weights rarely emit END
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of each scenario: the full report, or the quick mode the test suite runs."""
+
+    overload_clients: dict[str, int]
+    overload_s: float
+    capacity_s: float
+    deadline_s: float
+    fault_clients: int
+    watch_s: float
+    soak_s: float
+    soak_clients: int
+    # The quick mode checks the mechanism, not the tuning: a small queue budget makes
+    # sure that 128 clients overflow the queues even of the fast default model.
+    queue_budget_ms: int | None
+
+    @staticmethod
+    def make(quick: bool) -> "Plan":
+        if quick:
+            return Plan({"default": 128, "seed-inception": 64}, 6.0, 3.0, 2.0, 4, 30.0, 8.0, 8, 20)
+        return Plan({"default": 512, "seed-inception": 128}, 30.0, 8.0, 2.0, 8, 40.0, 120.0, 16, None)
+
+
+# --- the server under test ---------------------------------------------------------------
+
+
+class Launcher:
+    """`python -m captioner.serve --no-build` on free ports, as an operator runs it."""
+
+    def __init__(self, repo: Path, log_dir: Path, name: str, extra: tuple[str, ...] = ()):
+        self.ports = {k: free_port() for k in ("grpc", "http", "metrics")}
+        self.log = log_dir / f"faults-{name}-launcher.log"
+        self.server_log = log_dir / f"faults-{name}-tritonserver.log"
+        self.cmd = [sys.executable, "-m", "captioner.serve", "--no-build", "--repo", str(repo), "--samples", "0",
+                    "--grpc-port", str(self.ports["grpc"]), "--http-port", str(self.ports["http"]),
+                    "--metrics-port", str(self.ports["metrics"]), "--log-file", str(self.server_log), *extra]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    def __enter__(self) -> "Launcher":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launcher exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            if "Serving;" in self.log.read_text():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"launcher not serving after 300 s: {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+
+    def tritonserver(self) -> psutil.Process:
+        for child in psutil.Process(self.proc.pid).children():
+            if child.name() == "tritonserver":
+                return child
+        raise RuntimeError("no tritonserver under the launcher")
+
+    def stub(self, model: str) -> int:
+        pids = [s.pid for s in stubs_of(self.tritonserver().pid) if s.model == model]
+        if not pids:
+            raise RuntimeError(f"no stub for {model}")
+        return pids[0]
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def rss_mb(self) -> float:
+        ts = self.tritonserver()
+        return sum(p.memory_info().rss for p in [ts] + ts.children()) / 2**20
+
+    def supervisor_events(self) -> list[str]:
+        return [ln for ln in self.log.read_text().splitlines() if "captioner.supervisor" in ln]
+
+
+class ReadinessWatch:
+    """Polls /v2/health/ready every 50 ms in a thread: when did it first say NOT ready."""
+
+    def __init__(self, launcher: Launcher):
+        self.launcher, self.not_ready_at, self._stop = launcher, None, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.not_ready_at is None and not self.launcher.ready():
+                self.not_ready_at = time.monotonic()
+            time.sleep(0.05)
+
+    def __enter__(self) -> "ReadinessWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+async def captions_with_retries(url: str, images: list[bytes], clients: int, stop: asyncio.Event,
+                                params: dict | None, log: list) -> dict:
+    """Clients of the client library (its retries and deadline) captioning until `stop`;
+    each result is (t_sent, t_done, ok, error)."""
+    from client.core import AsyncCaptionClient, RetryPolicy
+
+    async with AsyncCaptionClient(url, concurrency=clients, timeout=30.0, retry=RetryPolicy(max_attempts=8, max_backoff=2.0)) as c:
+        async def worker(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    await c.caption_one(images[i % len(images)], name=f"img{i}", **(params or {}))
+                    log.append((t0, time.monotonic(), True, None))
+                except Exception as e:  # noqa: BLE001 - a lost request is what we count
+                    log.append((t0, time.monotonic(), False, str(e)[:200]))
+                i += clients
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+    return {}
+
+
+def first_ok_after(log: list, t: float) -> float | None:
+    times = [done for sent, done, ok, _ in log if ok and sent >= t]
+    return min(times) - t if times else None
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+class Faults:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.plan = Plan.make(a.quick)
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        from captioner.scenes import encoded_scenes
+
+        self.images = [d for d, _ in encoded_scenes(32, 11)]
+        self.results: dict = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "quick": a.quick, "plan": self.plan.__dict__, "scenarios": []}
+        self._repos: dict[str, dict[str, Path]] = {}
+
+    def repo(self, model: str, variant: str = "default") -> Path:
+        """The CPU repository for `model`, built by the build's own entry point: "default"
+        (its defaults, queues sized from rates measured on this machine), "unbounded"
+        (`--max-queue-size 0`: no load shedding, the before of the overload comparison) or
+        "tight" (the quick overload's small queue budget)."""
+        if variant in self._repos.get(model, {}):
+            return self._repos[model][variant]
+        repo = Path(self.a.work) / model / f"repo-{variant}"
+        cmd = [sys.executable, "-m", "build.build_engines", "--model", "models/default" if model == "default" else model,
+               "--target", "cpu", "--repo", str(repo), "--out", str(Path(self.a.work) / model / "out"),
+               "--parity-scenes", "20"]
+        cmd += {"default": [], "unbounded": ["--max-queue-size", "0"],
+                "tight": ["--queue-budget-ms", str(self.plan.queue_budget_ms)]}[variant]
+        with open(self.out / f"faults-build-{model}-{variant}.log", "wb") as f:
+            subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+        self._repos.setdefault(model, {})[variant] = repo
+        return repo
+
+    def params(self, model: str) -> dict | None:
+        return SEED_PARAMS if model == "seed-inception" else None
+
+    def record(self, **r) -> dict:
+        self.results["scenarios"].append(r)
+        return r
+
+    # overload ----------------------------------------------------------------------------
+    def overload(self, model: str, launcher: Launcher, shedding: bool = True) -> dict:
+        p, params = self.plan, self.params(model)
+
+        async def go():
+            async with TritonClient(launcher.grpc_url, self.images, parameters=params) as c:
+                await c(0)
+                base = await run_level(c, 1, duration=2.0, warmup=0.5, min_completed=5)
+                cap = await run_level(c, 8, duration=p.capacity_s, warmup=1.0, min_completed=16)
+                before = await c.model_stats()
+                over = await run_overload(launcher.grpc_url, self.images, p.overload_clients[model], p.overload_s,
+                                          p.deadline_s, parameters=params)
+                after = await c.model_stats()
+                # After the load: sequential requests until 5 in a row are near the idle latency.
+                t0, recent, recovered = time.monotonic(), [], None
+                normal = base.p50_ms * 1.5 + 2.0
+                while time.monotonic() - t0 < 30:
+                    s = time.perf_counter()
+                    try:
+                        await c(0)
+                    except Exception:  # noqa: BLE001 - refused while the queues drain: not normal yet
+                        recent = []
+                        await asyncio.sleep(0.05)
+                        continue
+                    recent = (recent + [(time.perf_counter() - s) * 1e3])[-5:]
+                    if len(recent) == 5 and statistics.median(recent) <= normal:
+                        recovered = time.monotonic() - t0
+                        break
+                return base, cap, over, before, after, recovered
+
+        base, cap, over, before, after, recovered = asyncio.run(go())
+        from .run import model_breakdown
+
+        return self.record(
+            scenario="overload", model=model, shedding=shedding, capacity_8=cap.throughput, idle_p50_ms=base.p50_ms,
+            goodput=over.goodput, goodput_ratio=over.goodput / cap.throughput if cap.throughput else float("nan"),
+            recovered_s=recovered, overload=over.to_dict(), inside_triton=model_breakdown(before, after),
+        )
+
+    # stub faults ---------------------------------------------------------------------------
+    def stub_fault(self, model: str, launcher: Launcher, target: str, sig: int) -> dict:
+        log: list = []
+
+        async def go():
+            stop = asyncio.Event()
+            task = asyncio.create_task(captions_with_retries(launcher.grpc_url, self.images, self.plan.fault_clients,
+                                                             stop, self.params(model), log))
+            await asyncio.sleep(2.0)
+            pid = launcher.stub(target)
+            with ReadinessWatch(launcher) as watch:
+                t_kill = time.monotonic()
+                os.kill(pid, sig)
+                while time.monotonic() - t_kill < self.plan.watch_s:
+                    await asyncio.sleep(0.1)
+                    if first_ok_after(log, t_kill + 0.5) is not None and time.monotonic() - t_kill > 3:
+                        break
+                await asyncio.sleep(2.0)
+            stop.set()
+            await task
+            return t_kill, watch.not_ready_at
+
+        t_kill, not_ready_at = asyncio.run(go())
+        restored = first_ok_after(log, t_kill)
+        lost = [e for _, _, ok, e in log if not ok]
+        return self.record(
+            scenario="stub-kill" if sig == signal.SIGKILL else "hang", model=model, target=target,
+            signal=signal.Signals(sig).name,
+            not_ready_after_s=None if not_ready_at is None else round(not_ready_at - t_kill, 2),
+            captions_again_after_s=None if restored is None else round(restored, 2),
+            requests=len(log), lost=len(lost), lost_samples=lost[:3],
+            supervisor=launcher.supervisor_events()[-3:],
+        )
+
+    def server_kill(self, model: str, launcher: Launcher) -> dict:
+        log: list = []
+
+        async def go():
+            stop = asyncio.Event()
+            task = asyncio.create_task(captions_with_retries(launcher.grpc_url, self.images, self.plan.fault_clients,
+                                                             stop, self.params(model), log))
+            await asyncio.sleep(2.0)
+            ts = launcher.tritonserver()
+            old_stubs = [s.pid for s in stubs_of(ts.pid)]
+            t_kill = time.monotonic()
+            ts.kill()
+            while time.monotonic() - t_kill < self.plan.watch_s * 2:
+                await asyncio.sleep(0.2)
+                if first_ok_after(log, t_kill + 0.5) is not None:
+                    break
+            await asyncio.sleep(2.0)
+            stop.set()
+            await task
+            return t_kill, old_stubs
+
+        t_kill, old_stubs = asyncio.run(go())
+        restored = first_ok_after(log, t_kill)
+        lost = [e for _, _, ok, e in log if not ok]
+        return self.record(
+            scenario="server-kill", model=model,
+            captions_again_after_s=None if restored is None else round(restored, 2),
+            orphaned_stubs_left=sum(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in old_stubs),
+            requests=len(log), lost=len(lost), lost_samples=lost[:3],
+            supervisor=launcher.supervisor_events()[-3:],
+        )
+
+    def drain(self, model: str, launcher: Launcher) -> dict:
+        """SIGTERM under load. Plain tritonclient (no retries): what did each request get?"""
+        import numpy as np
+        import tritonclient.grpc.aio as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        results: list = []  # (sent, done, status)
+
+        async def go():
+            c = grpcclient.InferenceServerClient(launcher.grpc_url)
+            inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[self.images[0]]], dtype=np.object_))
+            stop = asyncio.Event()
+
+            async def worker():
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        await c.infer("captioner", [inp], parameters=self.params(model), client_timeout=60)
+                        results.append((t0, time.monotonic(), "OK"))
+                    except InferenceServerException as e:
+                        results.append((t0, time.monotonic(), (e.status() or "?").removeprefix("StatusCode.") + ": " + (e.message() or "")[:80]))
+                        await asyncio.sleep(0.05)
+
+            tasks = [asyncio.create_task(worker()) for _ in range(self.plan.fault_clients * 2)]
+            await asyncio.sleep(3.0)
+            t_term = time.monotonic()
+            launcher.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(launcher.proc.wait, 120)
+            stop.set()
+            await asyncio.gather(*tasks)
+            await c.close()
+            return t_term
+
+        t_term = asyncio.run(go())
+        accepted = [r for r in results if r[0] < t_term]
+        after = [r for r in results if r[0] >= t_term]
+        statuses: dict[str, int] = {}
+        for r in after:
+            statuses[r[2]] = statuses.get(r[2], 0) + 1
+        in_flight = [r for r in accepted if r[1] >= t_term]
+        lost: dict[str, int] = {}
+        for r in accepted:
+            if r[2] != "OK":
+                lost[r[2]] = lost.get(r[2], 0) + 1
+        return self.record(
+            scenario="drain", model=model, launcher_exit=launcher.proc.returncode,
+            accepted=len(accepted), in_flight_at_sigterm=len(in_flight),
+            accepted_lost=sum(lost.values()), accepted_lost_by_status=lost, after_sigterm=statuses,
+            stopped_after_s=round(max((r[1] for r in results), default=t_term) - t_term, 2),
+        )
+
+    def soak(self, model: str, launcher: Launcher) -> dict:
+        p, params = self.plan, self.params(model)
+
+        async def go():
+            async with TritonClient(launcher.grpc_url, self.images, parameters=params) as c:
+                await run_level(c, p.soak_clients, duration=3.0, warmup=1.0)  # warm: allocators, caches
+                rss0 = launcher.rss_mb()
+                r = await run_level(c, p.soak_clients, duration=p.soak_s, warmup=0.0)
+                return r, rss0, launcher.rss_mb()
+
+        r, rss0, rss1 = asyncio.run(go())
+        return self.record(scenario="soak", model=model, seconds=round(r.elapsed_s, 1), requests=r.completed,
+                           failed=r.errors, throughput=r.throughput, rss_start_mb=round(rss0, 1),
+                           rss_end_mb=round(rss1, 1), rss_growth=(rss1 - rss0) / rss0)
+
+    # --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        a = self.a
+        jobs = [(m, s) for m in a.models for s in a.scenarios]
+        with tqdm(total=len(jobs), desc="faults", unit="scenario") as bar:
+            for model in a.models:
+                for scenario in a.scenarios:
+                    bar.set_postfix_str(f"{model} {scenario}")
+                    if scenario == "overload" and a.baseline:
+                        with Launcher(self.repo(model, "unbounded"), self.out, f"{model}-overload-unbounded") as launcher:
+                            self.overload(model, launcher, shedding=False)
+                    variant = "tight" if scenario == "overload" and self.plan.queue_budget_ms else "default"
+                    with Launcher(self.repo(model, variant), self.out, f"{model}-{scenario}") as launcher:
+                        if scenario == "overload":
+                            self.overload(model, launcher)
+                        elif scenario == "stub-kill":
+                            for target in ("preprocess", "encoder", "caption_generator"):
+                                self.stub_fault(model, launcher, target, signal.SIGKILL)
+                        elif scenario == "hang":
+                            self.stub_fault(model, launcher, "encoder", signal.SIGSTOP)
+                        elif scenario == "server-kill":
+                            self.server_kill(model, launcher)
+                        elif scenario == "drain":
+                            self.drain(model, launcher)
+                        elif scenario == "soak":
+                            self.soak(model, launcher)
+                    bar.update(1)
+        self.results["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return self.results
+
+
+def report(results: dict) -> str:
+    lines = [f"# Fault scenarios ({'quick' if results['quick'] else 'full'}), {results['started']}", "",
+             "Command: `python -m bench.faults" + (" --quick" if results["quick"] else "") + "` (`make faults`). "
+             "Machine: " + f"{psutil.cpu_count()} cores; load average at the end "
+             + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ".", ""]
+    for r in results["scenarios"]:
+        s = r["scenario"]
+        if s == "overload":
+            o = r["overload"]
+            on = f"ON (queue budget {results['plan']['queue_budget_ms']} ms)" if results["plan"]["queue_budget_ms"] else "ON (the build default)"
+            lines += [f"## overload: {r['model']}, load shedding {on if r['shedding'] else 'OFF (--max-queue-size 0)'}, "
+                      f"{o['clients']} clients, {o['deadline_s']:g} s deadlines, {o['elapsed_s']:.0f} s",
+                      f"- capacity at 8 clients: {r['capacity_8']:.1f} captions/s; goodput under overload {r['goodput']:.1f}/s "
+                      f"= **{r['goodput_ratio']:.2f}x** capacity",
+                      f"- good requests {o['good']}, late {o['late']}, refusals (UNAVAILABLE, each attempt) {o['refusals']}, "
+                      f"other errors {o['other_errors']}",
+                      f"- latency of good requests p50 {o['good_p50_ms']:.0f} ms, p99 {o['good_p99_ms']:.0f} ms; "
+                      f"refusals answered in p50 **{o['refusal_p50_ms']:.1f} ms**, p99 {o['refusal_p99_ms']:.1f} ms",
+                      f"- 1-client latency back to normal (median of 5 <= 1.5 x idle p50 {r['idle_p50_ms']:.1f} ms + 2 ms) "
+                      f"**{r['recovered_s'] if r['recovered_s'] is None else round(r['recovered_s'], 2)} s** after the load stopped",
+                      "- inside Triton during the overload: " + "; ".join(
+                          f"{m} batch {v['batch']:.1f}, queue {v['queue_ms']:.0f} ms/request, compute {v['compute_ms']:.0f} ms/execution"
+                          for m, v in r["inside_triton"].items()), ""]
+            if o["error_samples"]:
+                lines += [f"- error samples: {o['error_samples'][:2]}", ""]
+        elif s in ("stub-kill", "hang"):
+            lines += [f"## {s}: {r['model']} `{r['target']}` stub ({r['signal']})",
+                      f"- readiness NOT ready after {r['not_ready_after_s']} s; captions again after "
+                      f"**{r['captions_again_after_s']} s**; requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",
+                      "- supervisor: " + " / ".join(e.split("captioner.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
+        elif s == "server-kill":
+            lines += [f"## server-kill: {r['model']} (SIGKILL tritonserver)",
+                      f"- captions again after **{r['captions_again_after_s']} s**; orphaned stubs left {r['orphaned_stubs_left']}; "
+                      f"requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",
+                      "- supervisor: " + " / ".join(e.split("captioner.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
+        elif s == "drain":
+            lines += [f"## drain: {r['model']} (SIGTERM to the launcher, {results['plan']['fault_clients'] * 2} clients)",
+                      f"- accepted before SIGTERM {r['accepted']} ({r['in_flight_at_sigterm']} in flight), lost **{r['accepted_lost']}** "
+                      f"{r['accepted_lost_by_status'] or ''}; "
+                      f"sent after SIGTERM: {r['after_sigterm']}; launcher exit {r['launcher_exit']}, "
+                      f"stopped {r['stopped_after_s']} s after SIGTERM", ""]
+        elif s == "soak":
+            lines += [f"## soak: {r['model']}, {r['seconds']} s",
+                      f"- {r['requests']} requests, {r['failed']} failed, {r['throughput']:.1f}/s; server RSS "
+                      f"{r['rss_start_mb']} -> {r['rss_end_mb']} MB ({r['rss_growth'] * 100:+.1f} %)", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short scenarios (the test suite's mode)")
+    p.add_argument("--models", type=lambda s: [x for x in s.split(",") if x], default=env("FAULTS_MODELS", None),
+                   help=f"of {','.join(MODELS)} (default: both; --quick: default only)")
+    p.add_argument("--scenarios", type=lambda s: [x for x in s.split(",") if x], default=list(SCENARIOS),
+                   help=",".join(SCENARIOS))
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="overload also a repository built without load shedding, in the same run "
+                        "(default: on, off with --quick)")
+    p.add_argument("--out", default=env("FAULTS_OUT", str(ROOT / "reports")))
+    p.add_argument("--work", default=env("FAULTS_WORK", str(ROOT / "artifacts" / "faults")))
+    a = p.parse_args(argv)
+    a.models = a.models or (["default"] if a.quick else list(MODELS))
+    if a.baseline is None:
+        a.baseline = not a.quick
+    for m in a.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m}; choose from {MODELS}")
+    for s in a.scenarios:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s}; choose from {SCENARIOS}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    results = Faults(a).run()
+    out = Path(a.out)
+    (out / "faults.json").write_text(json.dumps(results, indent=1, default=str))
+    text = report(results)
+    (out / "faults.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Overload with deadlines: closed-loop clients that give up after a deadline and back off
+when the server refuses them, as production callers do.
+
+Each client sends one caption request at a time. A request has `deadline_s` from its
+first send: the gRPC deadline and the server-side `timeout` of every attempt are the
+time left, an `UNAVAILABLE` refusal is retried after a jittered exponential backoff while
+time is left, and the request is *good* only when its caption arrives inside the
+deadline. Goodput is good requests per second of the measured window; the refusal
+latency (send to `UNAVAILABLE`) says whether the server sheds load fast.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .loadgen import percentiles
+
+MAX_ERROR_SAMPLES = 5
+
+
+@dataclass
+class OverloadResult:
+    clients: int
+    deadline_s: float
+    elapsed_s: float
+    good: int  # captions returned inside their deadline, in the window
+    late: int  # requests that ran out of time (deadline exceeded, or refused until it passed)
+    refusals: int  # UNAVAILABLE answers (each attempt counts)
+    other_errors: int
+    goodput: float  # good / elapsed
+    good_p50_ms: float
+    good_p99_ms: float
+    refusal_p50_ms: float
+    refusal_p99_ms: float
+    error_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _backoff(retry: int, initial: float = 0.05, cap: float = 1.0) -> float:
+    """Full-jitter exponential backoff (retry is 1-based)."""
+    return random.uniform(0.0, min(cap, initial * 2 ** (retry - 1)))
+
+
+async def run_overload(
+    url: str,
+    images: Sequence[bytes],
+    clients: int,
+    duration_s: float,
+    deadline_s: float,
+    *,
+    warmup_s: float = 1.0,
+    parameters: dict | None = None,
+    model: str = "captioner",
+) -> OverloadResult:
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    inputs = []
+    for data in images:
+        inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        inputs.append([inp])
+    outputs = [grpcclient.InferRequestedOutput("CAPTION")]
+    window = [None, None]
+    good_lat: list[float] = []
+    refusal_lat: list[float] = []
+    counts = {"late": 0, "other": 0}
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    def inside(t: float) -> bool:
+        return window[0] is not None and window[0] <= t and (window[1] is None or t <= window[1])
+
+    async def one(client, i: int) -> None:
+        start = time.perf_counter()
+        retry = 0
+        while True:
+            left = deadline_s - (time.perf_counter() - start)
+            if left <= 0.001:
+                if inside(time.perf_counter()):
+                    counts["late"] += 1
+                return
+            t0 = time.perf_counter()
+            try:
+                await client.infer(
+                    model, inputs[i % len(inputs)], outputs=outputs, parameters=parameters,
+                    client_timeout=left, timeout=int(left * 1e6),
+                )
+            except InferenceServerException as e:
+                t1 = time.perf_counter()
+                status = e.status() or ""
+                if status.endswith("UNAVAILABLE"):
+                    if inside(t1):
+                        refusal_lat.append(t1 - t0)
+                    retry += 1
+                    await asyncio.sleep(min(_backoff(retry), max(deadline_s - (t1 - start), 0)))
+                    continue
+                if inside(t1):
+                    if status.endswith("DEADLINE_EXCEEDED"):
+                        counts["late"] += 1
+                    else:
+                        counts["other"] += 1
+                        if len(errors) < MAX_ERROR_SAMPLES:
+                            errors.append(f"{status}: {e.message()}"[:300])
+                return
+            t1 = time.perf_counter()
+            if inside(t1):
+                if t1 - start <= deadline_s:
+                    good_lat.append(t1 - start)
+                else:
+                    counts["late"] += 1
+            return
+
+    async def worker(client, k: int) -> None:
+        i = k
+        while not stop.is_set():
+            await one(client, i)
+            i += clients
+
+    # A few channels, as a fleet of callers would have; one HTTP/2 connection for 512
+    # clients would itself be the bottleneck.
+    pool = [grpcclient.InferenceServerClient(url) for _ in range(min(8, clients))]
+    try:
+        tasks = [asyncio.create_task(worker(pool[k % len(pool)], k)) for k in range(clients)]
+        await asyncio.sleep(warmup_s)
+        window[0] = time.perf_counter()
+        await asyncio.sleep(duration_s)
+        window[1] = time.perf_counter()
+        stop.set()
+        await asyncio.wait(tasks, timeout=deadline_s + 5)
+        for t in tasks:
+            t.cancel()
+    finally:
+        for c in pool:
+            await c.close()
+    elapsed = window[1] - window[0]
+    gp, rp = percentiles(good_lat), percentiles(refusal_lat)
+    return OverloadResult(
+        clients=clients,
+        deadline_s=deadline_s,
+        elapsed_s=elapsed,
+        good=len(good_lat),
+        late=counts["late"],
+        refusals=len(refusal_lat),
+        other_errors=counts["other"],
+        goodput=len(good_lat) / elapsed,
+        good_p50_ms=gp[50],
+        good_p99_ms=gp[99],
+        refusal_p50_ms=rp[50],
+        refusal_p99_ms=rp[99],
+        error_samples=errors,
+    )

@@ -1,0 +1,353 @@
+"""Keep a tritonserver captioning with no one acting: the launcher's supervision loop.
+
+Triton 2.51's Python backend does not restart a dead stub, and model readiness does not
+notice it: every request to that model fails from then on while health says all is well.
+The supervisor watches what Triton does not:
+
+- **dead stub**: each Python-backend model's stub processes (children of tritonserver);
+  one gone or a zombie means that model is broken;
+- **hung stub**: a model with requests pending whose execution count has not moved for
+  `hang_timeout_s` (a periodic tiny caption, the probe, makes sure something is pending
+  when the server is otherwise idle);
+- **broken server**: tritonserver exited, or the probe fails `probe_failures` times in a
+  row with anything but an overload refusal.
+
+A broken model is unloaded at once (the ensemble goes with it, so with strict readiness
+`/v2/health/ready` answers NOT ready and load balancers stop routing), its remaining stubs
+are killed, and it is loaded again (`--model-control-mode=explicit`). A dead server, or a
+model that will not come back, means a restart of tritonserver on the same ports after
+its orphaned stubs are ended. Restarts back off exponentially and are bounded: past
+`max_restarts` within `restart_window_s` the supervisor gives up and the launcher exits
+non-zero, so that a process manager above it (Kubernetes, systemd) takes over.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+
+from .server import ServerError, TritonServer
+
+log = logging.getLogger("captioner.supervisor")
+
+STUB_BINARY = "triton_python_backend_stub"
+# What Triton answers once it has found a stub unresponsive (e.g. stopped): names the instance.
+UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
+
+
+@dataclass(frozen=True)
+class Stub:
+    pid: int
+    model: str
+    instance: str
+
+
+def stubs_of(server_pid: int) -> list[Stub]:
+    """The live Python-backend stubs of a tritonserver process (zombies excluded)."""
+    out = []
+    try:
+        children = psutil.Process(server_pid).children()
+    except psutil.NoSuchProcess:
+        return out
+    for p in children:
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        # stub <repo>/<model>/<version>/model.py <shm region> ... <instance name> <mode>
+        if cmd and os.path.basename(cmd[0]) == STUB_BINARY and len(cmd) > 8:
+            out.append(Stub(p.pid, os.path.basename(os.path.dirname(os.path.dirname(cmd[1]))), cmd[8]))
+    return out
+
+
+def stub_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each model's stubs."""
+    out: dict[str, float] = {}
+    for s in stubs_of(server_pid):
+        try:
+            t = psutil.Process(s.pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        out[s.model] = out.get(s.model, 0.0) + t.user + t.system
+    return out
+
+
+def parse_metrics(text: str, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{metric: {model: value}} from Prometheus text, for the given metric names."""
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    for line in text.splitlines():
+        name, brace, rest = line.partition("{")
+        if not brace or name not in out:
+            continue
+        labels, _, value = rest.rpartition("}")
+        model = next((kv.split("=", 1)[1].strip('"') for kv in labels.split(",") if kv.startswith("model=")), None)
+        if model is not None:
+            out[name][model] = out[name].get(model, 0.0) + float(value)
+    return out
+
+
+@dataclass
+class HangWatch:
+    """Per model: since when its execution count has not moved while requests were
+    pending, and how much CPU its stubs used meanwhile.
+
+    Stalled for `timeout_s` with idle stubs (a deadlock, a wait that never ends) is a
+    hang. A stub that keeps computing is given `busy_factor` times longer: a heavy batch
+    on a machine loaded far beyond what the build measured is slow, not hung, and killing
+    it would turn overload into an outage."""
+
+    timeout_s: float
+    busy_factor: float = 4.0
+    idle_cpu_share: float = 0.05  # of one core, over the stalled time
+    _last: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # model -> (count, since, cpu then)
+
+    def update(self, pending: dict[str, float], executions: dict[str, float], now: float,
+               cpu: dict[str, float] | None = None) -> list[str]:
+        cpu = cpu or {}
+        hung = []
+        for model, count in executions.items():
+            prev = self._last.get(model)
+            if prev is None or prev[0] != count or pending.get(model, 0) <= 0:
+                self._last[model] = (count, now, cpu.get(model, 0.0))
+                continue
+            stalled = now - prev[1]
+            busy = cpu.get(model, 0.0) - prev[2] > self.idle_cpu_share * stalled
+            if stalled > self.timeout_s * (self.busy_factor if busy else 1.0):
+                hung.append(model)
+        return hung
+
+    def reset(self) -> None:
+        self._last.clear()
+
+
+class BackgroundProbe:
+    """Runs a blocking probe every `interval_s` in a daemon thread, so that a probe stuck
+    behind a hung model never stalls the supervision loop. Results are tagged with a
+    generation: those started before the last `reset()` (a restart, a reload) are dropped."""
+
+    def __init__(self, fn: Callable[[], str | None], interval_s: float):
+        self.fn, self.interval_s = fn, interval_s
+        self._results: queue.Queue = queue.Queue()
+        self._generation = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="captioner-probe", daemon=True)
+
+    def start(self) -> "BackgroundProbe":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            generation = self._generation
+            try:
+                result = self.fn()
+            except Exception as e:  # noqa: BLE001 - a probe that raises has failed
+                result = f"{type(e).__name__}: {e}"
+            self._results.put((generation, result))
+            self._stop.wait(self.interval_s)
+
+    def reset(self) -> None:
+        self._generation += 1
+
+    def poll(self) -> list[str | None]:
+        """Results finished since the last poll (None = a caption came back)."""
+        out = []
+        while True:
+            try:
+                generation, result = self._results.get_nowait()
+            except queue.Empty:
+                return out
+            if generation == self._generation:
+                out.append(result)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class GiveUp(RuntimeError):
+    """Recovery failed too often; the launcher exits and lets its own manager act."""
+
+
+class Supervisor:
+    """Supervises one TritonServer started with model control mode explicit.
+
+    `probe` (a BackgroundProbe, or anything with poll/reset) reports tiny real captions:
+    None when one came back (an overload refusal counts as alive), else the failure."""
+
+    def __init__(
+        self,
+        server: TritonServer,
+        probe,
+        control,  # tritonclient.http.InferenceServerClient (or anything with load/unload_model)
+        *,
+        interval_s: float = 0.5,
+        hang_timeout_s: float = 6.0,
+        probe_failures: int = 3,
+        max_restarts: int = 5,
+        restart_window_s: float = 600.0,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.server, self.probe, self.control = server, probe, control
+        self.interval_s = interval_s
+        self.hangs = HangWatch(hang_timeout_s)
+        self.probe_failures, self.max_restarts = probe_failures, max_restarts
+        self.restart_window_s, self.backoff_s, self.max_backoff_s = restart_window_s, backoff_s, max_backoff_s
+        self.headers = headers or {}
+        self.clock = clock
+        self.expected: dict[str, set[str]] = {}  # model -> stub instance names
+        self.restarts: list[float] = []
+        self.failed_probes = 0
+        self.events: list[dict] = []  # what happened, for reports and tests
+        self._stopping: Callable[[], bool] = lambda: False
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _event(self, kind: str, **info) -> None:
+        info = {"t": time.time(), "event": kind, **info}
+        self.events.append(info)
+        log.warning("%s %s", kind, " ".join(f"{k}={v}" for k, v in info.items() if k not in ("t", "event")))
+
+    def snapshot(self) -> None:
+        """Record the stubs of a healthy server: the set a later check compares with."""
+        self.expected = {}
+        for s in stubs_of(self.server.process.pid):
+            self.expected.setdefault(s.model, set()).add(s.instance)
+        self.hangs.reset()
+        self.failed_probes = 0
+        self.probe.reset()
+
+    # -- checks --------------------------------------------------------------------------
+    def model_of(self, instance: str) -> str | None:
+        return next((m for m, names in self.expected.items() if instance in names), None)
+
+    def dead_models(self) -> dict[str, str]:
+        """model -> why, for models whose stubs are not all alive."""
+        alive: dict[str, set[str]] = {}
+        for s in stubs_of(self.server.process.pid):
+            alive.setdefault(s.model, set()).add(s.instance)
+        return {
+            m: f"stub {', '.join(sorted(want - alive.get(m, set())))} gone"
+            for m, want in self.expected.items()
+            if want - alive.get(m, set())
+        }
+
+    def hung_models(self) -> list[str]:
+        import urllib.request
+
+        names = ("nv_inference_pending_request_count", "nv_inference_exec_count")
+        try:
+            with urllib.request.urlopen(self.server.metrics_url, timeout=2) as r:
+                m = parse_metrics(r.read().decode(), names)
+        except OSError:
+            return []
+        # An ensemble executes nothing itself: only models with stubs can hang.
+        executions = {k: v for k, v in m[names[1]].items() if k in self.expected}
+        return self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(self.server.process.pid))
+
+    def check(self) -> str | None:
+        """One round: None when healthy or repaired, else what was repaired (for tests)."""
+        if not self.server.running():
+            code = self.server.process.returncode if self.server.process else None
+            self._event("server_exited", code=code)
+            self.restart(f"tritonserver exited with code {code}")
+            return "restarted"
+        broken = self.dead_models()
+        for m in self.hung_models():
+            broken.setdefault(m, f"no execution for {self.hangs.timeout_s:g} s with requests pending")
+        if broken:
+            self.repair(broken)
+            return "repaired"
+        for failure in self.probe.poll():
+            if failure is None:
+                self.failed_probes = 0
+                continue
+            named = UNHEALTHY_STUB.search(failure)
+            model = self.model_of(named.group(1)) if named else None
+            if model is not None:
+                self.repair({model: f"Triton reports stub {named.group(1)} not healthy"})
+                return "repaired"
+            self.failed_probes += 1
+            self._event("probe_failed", n=self.failed_probes, reason=failure[:200])
+            if self.failed_probes >= self.probe_failures:
+                self.restart(f"{self.failed_probes} probes failed: {failure[:200]}")
+                return "restarted"
+        return None
+
+    # -- actions -------------------------------------------------------------------------
+    def repair(self, broken: dict[str, str]) -> None:
+        started = self.clock()
+        for model, why in broken.items():
+            self._event("model_broken", model=model, why=why)
+        try:
+            for model in broken:
+                # Unload first: readiness turns false while the model is away.
+                self.control.unload_model(model, headers=self.headers)
+            for s in stubs_of(self.server.process.pid):
+                if s.model in broken:  # a hung stub never finishes its unload on its own
+                    _kill(s.pid)
+            # No waiting for the unload: with a dead stub it lasts the Python backend's stub
+            # timeout (30 s); the new instance loads beside the old one going away.
+            for model in broken:
+                self.control.load_model(model, headers=self.headers)
+            self._load_all()
+        except Exception as e:  # noqa: BLE001 - any failure to reload means a restart
+            self._event("reload_failed", error=f"{type(e).__name__}: {e}"[:300])
+            self.restart(f"reload of {', '.join(broken)} failed")
+            return
+        self.snapshot()
+        self._event("model_reloaded", models=",".join(broken), seconds=round(self.clock() - started, 2))
+
+    def _load_all(self) -> None:
+        """Everything in the repository back to READY (the ensemble was unloaded with its step)."""
+        for m in self.control.get_model_repository_index(headers=self.headers):
+            if m.get("state") != "READY":
+                self.control.load_model(m["name"], headers=self.headers)
+
+    def restart(self, why: str) -> None:
+        if self._stopping():
+            return  # the launcher is draining: a server going away now is no crash
+        now = self.clock()
+        self.restarts = [t for t in self.restarts if now - t < self.restart_window_s]
+        if len(self.restarts) >= self.max_restarts:
+            self._event("give_up", why=why, restarts=len(self.restarts))
+            raise GiveUp(f"{len(self.restarts)} restarts within {self.restart_window_s:g} s; last: {why}")
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** len(self.restarts)) if self.restarts else 0.0
+        self.restarts.append(now)
+        self._event("restart", why=why, attempt=len(self.restarts), backoff_s=delay)
+        self.server.kill()  # a broken server is not drained; its orphaned stubs go too
+        time.sleep(delay)
+        started = self.clock()
+        try:
+            self.server.start(keep_ports=True)
+        except ServerError as e:
+            self._event("restart_failed", error=str(e).splitlines()[0][:300])
+            return  # the next check sees the server down and tries again, backed off
+        self.snapshot()
+        self._event("restarted", seconds=round(self.clock() - started, 2))
+
+    def run(self, stopping: Callable[[], bool]) -> None:
+        """Check every interval until `stopping()`; raises GiveUp."""
+        self._stopping = stopping
+        self.snapshot()
+        while not stopping():
+            self.check()
+            time.sleep(self.interval_s)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,65 @@
+"""`make faults` in its quick mode, against real supervised servers: asserted outcomes
+(recovered, nothing lost, refused fast), never timings that flake. The full mode with
+its figures is the report (`make faults`, reports/faults.md)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import faults
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults")
+    assert faults.main(["--quick", "--out", str(out), "--work", str(out / "work")]) == 0
+    results = json.loads((out / "faults.json").read_text())
+    assert (out / "faults.md").read_text().startswith("# Fault scenarios (quick)")
+    return {(r["scenario"], r.get("target")): r for r in results["scenarios"]}
+
+
+def test_overload_is_shed_fast_and_the_server_recovers(report):
+    r = report[("overload", None)]
+    o = r["overload"]
+    assert o["refusals"] > 0, "128 clients never overflowed the quick repository's queues"
+    assert o["other_errors"] == 0, o["error_samples"]
+    assert o["good"] > 0
+    # refused with UNAVAILABLE well before the caller's deadline, not after waiting it out
+    assert o["refusal_p50_ms"] < o["deadline_s"] * 1e3 / 2
+    assert r["recovered_s"] is not None
+
+
+@pytest.mark.parametrize("target", ["preprocess", "encoder", "caption_generator"])
+def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_nothing(report, target):
+    r = report[("stub-kill", target)]
+    assert r["not_ready_after_s"] is not None, "readiness never said NOT ready while the model was broken"
+    assert r["captions_again_after_s"] is not None, r["supervisor"]
+    assert r["lost"] == 0, r["lost_samples"]
+
+
+def test_a_stopped_stub_is_repaired(report):
+    r = report[("hang", "encoder")]
+    assert r["captions_again_after_s"] is not None, r["supervisor"]
+    assert r["lost"] == 0, r["lost_samples"]
+
+
+def test_a_killed_tritonserver_is_restarted_without_orphans(report):
+    r = report[("server-kill", None)]
+    assert r["captions_again_after_s"] is not None, r["supervisor"]
+    assert r["orphaned_stubs_left"] == 0
+    assert r["lost"] == 0, r["lost_samples"]
+
+
+def test_sigterm_drains_every_accepted_request(report):
+    r = report[("drain", None)]
+    assert r["in_flight_at_sigterm"] > 0
+    assert r["accepted_lost"] == 0, r["accepted_lost_by_status"]
+    assert r["launcher_exit"] == 0
+
+
+def test_soak_fails_nothing(report):
+    r = report[("soak", None)]
+    assert r["requests"] > 0 and r["failed"] == 0

@@ -1,0 +1,118 @@
+"""Load shedding: queue policies derived from measured rates (build/capacity.py), written
+into the repository's configs, and the launcher's hardening flags (captioner/serve.py)."""
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from build import capacity
+from build.capacity import Capacity, QueuePolicy, policies
+from build.export import export_decoder_step, export_encoder
+from build.repository import assemble
+from captioner import checkpoint
+from captioner import serve
+from serving_support import tiny_checkpoint
+
+
+def test_queues_drain_within_the_budget_at_the_measured_rate_and_heavy_batches_are_capped():
+    # seed-inception-like: 30 img/s encoder, 200 img/s preprocess, 500 ms budget
+    q = policies(Capacity(200.0, 30.0, 32, 2), max_batch=32, budget_ms=500)
+    assert q["preprocess"] == QueuePolicy(max_queue_size=100, timeout_us=500_000)
+    # 30/s x 0.5 s = 15 queued, but never below one full batch
+    assert q["encoder"].max_queue_size == 32 and q["encoder"].timeout_us == 500_000
+    assert q["encoder"].batch_cap == 7  # 7 images at 30/s run in 0.23 s: half the budget
+    assert q["caption_generator"].max_queue_size == 32
+    assert "decoder_step" not in q  # mid-caption steps are never refused
+
+
+def test_fast_models_get_deep_queues_and_no_batch_cap():
+    q = policies(Capacity(1500.0, 1200.0, 32, 2), max_batch=32, budget_ms=500)
+    assert q["preprocess"].max_queue_size == 750 and q["encoder"].max_queue_size == 600
+    assert q["encoder"].batch_cap == 0
+
+
+def test_overrides_and_the_unmeasured_default():
+    assert policies(None, 32)["encoder"] == QueuePolicy(128, 500_000, 0)  # four batches
+    assert policies(Capacity(200.0, 30.0, 32, 2), 32, max_queue_size=9)["preprocess"].max_queue_size == 9
+    off = policies(Capacity(200.0, 30.0, 32, 2), 32, max_queue_size=0)
+    assert all(p == QueuePolicy() for p in off.values())  # shedding off: the old behaviour
+
+
+def test_measure_reports_positive_rates_for_a_real_checkpoint(tmp_path):
+    ck = checkpoint.load(tiny_checkpoint(tmp_path / "ck"))
+    enc = export_encoder(ck, tmp_path / "enc.onnx")
+    c = capacity.measure(ck, enc, threads=1, batch=4, min_seconds=0.05)
+    assert c.preprocess_per_s > 0 and c.encoder_per_s > 0 and c.encoder_batch == 4
+
+
+def test_the_repository_carries_the_policies(tmp_path):
+    ck = checkpoint.load(tiny_checkpoint(tmp_path / "ck"))
+    art = {"encoder_onnx": export_encoder(ck, tmp_path / "e.onnx"), "decoder_onnx": export_decoder_step(ck, tmp_path / "d.onnx")}
+    q = policies(Capacity(200.0, 30.0, 32, 2), max_batch=32, budget_ms=400)
+    repo = assemble(ck, tmp_path / "repo", "cpu", art, queues=q)
+    cfg = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in repo.glob("*/config.pbtxt")}
+    for name in ("preprocess", "encoder", "caption_generator"):
+        policy = cfg[name].dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == q[name].max_queue_size
+        assert policy.default_timeout_microseconds == 400_000
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
+    assert list(cfg["encoder"].dynamic_batching.preferred_batch_size) == [q["encoder"].batch_cap]
+    assert not cfg["decoder_step"].dynamic_batching.HasField("default_queue_policy")
+
+
+# --- the launcher's flags -----------------------------------------------------------------
+
+
+def test_restricted_key_protects_everything_but_inference_and_health(tmp_path):
+    a = serve.parse_args(["--restricted-key", "admin-key=s3cret", "--no-build"])
+    args = serve.server_args(a)
+    grpc = next(x for x in args if x.startswith("--grpc-restricted-protocol="))
+    http = next(x for x in args if x.startswith("--http-restricted-api="))
+    for flag in (grpc, http):
+        groups, key = flag.split("=", 1)[1].split(":")
+        assert key == "admin-key=s3cret"
+        assert set(groups.split(",")) == {"model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"}
+        assert "inference" not in groups and "health" not in groups
+    assert serve.control_headers(a) == {"admin-key": "s3cret"}
+
+
+def test_tls_flags(tmp_path):
+    cert, key, ca = (tmp_path / n for n in ("c.pem", "k.pem", "ca.pem"))
+    for f in (cert, key, ca):
+        f.write_text("pem")
+    a = serve.parse_args(["--grpc-ssl-cert", str(cert), "--grpc-ssl-key", str(key)])
+    assert serve.server_args(a) == ("--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}")
+    a = serve.parse_args(["--grpc-ssl-cert", str(cert), "--grpc-ssl-key", str(key), "--grpc-ssl-root-cert", str(ca)])
+    assert "--grpc-use-ssl-mutual=true" in serve.server_args(a) and f"--grpc-root-cert={ca}" in serve.server_args(a)
+    for bad in (["--grpc-ssl-cert", str(cert)], ["--grpc-ssl-root-cert", str(ca)],
+                ["--grpc-ssl-cert", str(tmp_path / "missing.pem"), "--grpc-ssl-key", str(key)],
+                ["--restricted-key", "novalue"], ["--replicas", "0"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)
+
+
+def test_environment_defaults(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_DRAIN_TIMEOUT", "45")
+    monkeypatch.setenv("CAPTIONER_SUPERVISE", "false")
+    monkeypatch.setenv("CAPTIONER_REPLICAS", "3")
+    a = serve.parse_args([])
+    assert (a.drain_timeout, a.supervise, a.replicas) == (45, False, 3)
+
+
+def test_replicas_get_distinct_ports_and_logs():
+    assert serve.replica_log("logs/tritonserver.log", 0) == "logs/tritonserver.log"
+    assert serve.replica_log("logs/tritonserver.log", 2) == "logs/tritonserver-2.log"
+    assert serve.REPLICA_PORT_STEP >= 3  # http, grpc and metrics of replica k never meet replica k+1's
+
+
+def test_serve_resolves_model_names_as_the_build_does(monkeypatch, tmp_path):
+    from build import seed_inception
+
+    made = tmp_path / "seed"
+    made.mkdir()
+    (made / checkpoint.FILENAME).write_bytes(b"x")
+    monkeypatch.setattr(seed_inception, "ensure", lambda *a, **k: made)
+    assert serve.resolve_checkpoint("seed-inception") == made / checkpoint.FILENAME
+    with pytest.raises(FileNotFoundError, match="seed-inception"):
+        serve.resolve_checkpoint(str(tmp_path / "nothing-here"))

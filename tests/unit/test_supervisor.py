@@ -1,0 +1,240 @@
+"""captioner.supervisor: what it sees as broken and what it does about it, with a fake
+server, fake stubs, a fake probe and a fake model-control client (no tritonserver)."""
+from __future__ import annotations
+
+import pytest
+
+from captioner import supervisor as sv
+from captioner.server import ServerError
+
+METRICS = """# HELP nv_inference_exec_count Number of model executions performed
+# TYPE nv_inference_exec_count counter
+nv_inference_exec_count{model="encoder",version="1"} 12
+nv_inference_exec_count{model="preprocess",version="1"} 30
+nv_inference_pending_request_count{model="encoder",version="1"} 3
+nv_inference_pending_request_count{model="preprocess",version="1"} 0
+nv_inference_queue_duration_us{model="encoder",version="1"} 999
+"""
+
+
+def test_parse_metrics_reads_the_named_series_per_model():
+    m = sv.parse_metrics(METRICS, ("nv_inference_exec_count", "nv_inference_pending_request_count"))
+    assert m == {
+        "nv_inference_exec_count": {"encoder": 12.0, "preprocess": 30.0},
+        "nv_inference_pending_request_count": {"encoder": 3.0, "preprocess": 0.0},
+    }
+
+
+def test_a_model_is_hung_only_when_requests_wait_and_nothing_executes_for_the_timeout():
+    w = sv.HangWatch(timeout_s=5.0)
+    assert w.update({"encoder": 2}, {"encoder": 10}, now=0.0) == []
+    assert w.update({"encoder": 2}, {"encoder": 10}, now=4.0) == []
+    assert w.update({"encoder": 2}, {"encoder": 10}, now=5.5) == ["encoder"]
+    # progress resets the clock
+    assert w.update({"encoder": 2}, {"encoder": 11}, now=6.0) == []
+    assert w.update({"encoder": 2}, {"encoder": 11}, now=10.0) == []
+    # idle (nothing pending) is not hung, however long
+    assert w.update({"encoder": 0}, {"encoder": 11}, now=100.0) == []
+    assert w.update({"encoder": 0}, {"encoder": 11}, now=200.0) == []
+
+
+def test_a_stub_that_keeps_computing_is_slow_not_hung_until_far_past_the_timeout():
+    w = sv.HangWatch(timeout_s=5.0, busy_factor=4.0)
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=0.0, cpu={"encoder": 10.0}) == []
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=6.0, cpu={"encoder": 16.0}) == []  # busy: a heavy batch
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=19.0, cpu={"encoder": 29.0}) == []
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=21.0, cpu={"encoder": 31.0}) == ["encoder"]  # 4 x 5 s
+    # the same stall with a stub that uses no CPU: hung at the plain timeout
+    w = sv.HangWatch(timeout_s=5.0)
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=0.0, cpu={"encoder": 10.0}) == []
+    assert w.update({"encoder": 9}, {"encoder": 3}, now=6.0, cpu={"encoder": 10.01}) == ["encoder"]
+
+
+class FakeProcess:
+    def __init__(self, pid=100):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        return self.returncode
+
+
+class FakeServer:
+    metrics_url = "http://127.0.0.1:1/metrics"
+
+    def __init__(self):
+        self.process = FakeProcess()
+        self.starts, self.kills, self.fail_start = 0, 0, False
+
+    def running(self):
+        return self.process is not None and self.process.returncode is None
+
+    def kill(self):
+        self.kills += 1
+        self.process = None
+
+    def start(self, keep_ports=False):
+        assert keep_ports, "a restart must keep the ports clients know"
+        if self.fail_start:
+            raise ServerError("port in use")
+        self.starts += 1
+        self.process = FakeProcess(pid=100 + self.starts)
+        return self
+
+
+class FakeControl:
+    def __init__(self):
+        self.calls = []
+        self.state = {m: "READY" for m in ("captioner", "preprocess", "encoder", "caption_generator", "decoder_step")}
+
+    def unload_model(self, name, headers=None):
+        self.calls.append(("unload", name, headers))
+        self.state[name] = "UNAVAILABLE"
+        if name != "captioner":
+            self.state["captioner"] = "UNAVAILABLE"  # the ensemble goes with its step
+
+    def load_model(self, name, headers=None):
+        self.calls.append(("load", name, headers))
+        self.state[name] = "READY"
+
+    def get_model_repository_index(self, headers=None):
+        return [{"name": k, "state": v} for k, v in self.state.items()]
+
+
+class FakeProbe:
+    def __init__(self):
+        self.results, self.resets = [], 0
+
+    def poll(self):
+        out, self.results = self.results, []
+        return out
+
+    def reset(self):
+        self.resets += 1
+
+
+@pytest.fixture
+def world(monkeypatch):
+    stubs = {
+        "preprocess": [sv.Stub(1, "preprocess", "preprocess_0_0")],
+        "encoder": [sv.Stub(2, "encoder", "encoder_0_0")],
+        "caption_generator": [sv.Stub(3, "caption_generator", "caption_generator_0_0")],
+    }
+    killed = []
+    monkeypatch.setattr(sv, "stubs_of", lambda pid: [s for group in stubs.values() for s in group])
+    monkeypatch.setattr(sv, "_kill", killed.append)
+    monkeypatch.setattr(sv.Supervisor, "hung_models", lambda self: [])
+    monkeypatch.setattr(sv.time, "sleep", lambda s: None)
+    server, control, probe = FakeServer(), FakeControl(), FakeProbe()
+    sup = sv.Supervisor(server, probe, control, headers={"key": "v"}, max_restarts=2)
+    sup.snapshot()
+    return sup, server, control, probe, stubs, killed
+
+
+def test_healthy_server_is_left_alone(world):
+    sup, server, control, probe, *_ = world
+    probe.results = [None, None]
+    assert sup.check() is None
+    assert control.calls == [] and server.kills == 0
+
+
+def test_a_dead_stub_is_unloaded_then_its_model_and_the_ensemble_are_loaded_again(world):
+    sup, server, control, probe, stubs, killed = world
+    stubs["encoder"] = []  # the stub process is gone
+    assert sup.check() == "repaired"
+    assert control.calls[0] == ("unload", "encoder", {"key": "v"})  # readiness false first
+    assert ("load", "encoder", {"key": "v"}) in control.calls
+    assert ("load", "captioner", {"key": "v"}) in control.calls
+    assert all(s == "READY" for s in control.state.values())
+    assert server.kills == 0  # a reload, not a restart
+    assert [e["event"] for e in sup.events] == ["model_broken", "model_reloaded"]
+
+
+def test_a_stub_triton_reports_unhealthy_is_repaired_and_its_remaining_processes_killed(world):
+    sup, server, control, probe, stubs, killed = world
+    probe.results = ["[500] in ensemble 'captioner', Stub process 'encoder_0_0' is not healthy."]
+    assert sup.check() == "repaired"
+    assert killed == [2]  # a stopped or hung stub never finishes its unload on its own
+    assert control.calls[0][:2] == ("unload", "encoder")
+
+
+def test_repeated_probe_failures_restart_the_server_and_overload_is_not_a_failure(world):
+    sup, server, control, probe, *_ = world
+    probe.results = ["connection refused", "connection refused"]
+    assert sup.check() is None and server.kills == 0
+    probe.results = ["connection refused"]
+    assert sup.check() == "restarted"
+    assert server.kills == 1 and server.starts == 1
+    assert probe.resets >= 1  # results of probes sent to the old server are dropped
+
+
+def test_a_dead_server_is_restarted_on_its_ports_and_restarts_are_bounded(world):
+    sup, server, control, probe, *_ = world
+    server.process.returncode = -9
+    assert sup.check() == "restarted" and server.starts == 1
+    server.process.returncode = -9
+    assert sup.check() == "restarted" and server.starts == 2
+    server.process.returncode = -9
+    with pytest.raises(sv.GiveUp):
+        sup.check()
+    assert [e["event"] for e in sup.events].count("restart") == 2 and sup.events[-1]["event"] == "give_up"
+
+
+def test_a_failed_restart_is_retried_at_the_next_check(world):
+    sup, server, control, probe, *_ = world
+    server.process.returncode = 1
+    server.fail_start = True
+    assert sup.check() == "restarted" and server.process is None
+    server.fail_start = False
+    assert sup.check() == "restarted" and server.running()
+
+
+def test_no_restart_while_the_launcher_drains(world):
+    sup, server, control, probe, *_ = world
+    sup._stopping = lambda: True
+    server.process.returncode = 0
+    sup.check()
+    assert server.starts == 0
+
+
+def test_background_probe_drops_results_from_before_a_reset():
+    import threading
+
+    gate = threading.Event()
+    probe = sv.BackgroundProbe(lambda: (gate.wait(5), "failed")[1], interval_s=0.01).start()
+    probe.reset()  # the probe in flight started before: its result must not count
+    gate.set()
+    import time
+
+    deadline = time.monotonic() + 5
+    seen = []
+    while time.monotonic() < deadline and not seen:
+        seen = probe.poll()
+        time.sleep(0.01)
+    probe.stop()
+    assert seen and all(r == "failed" for r in seen)  # later probes (new generation) do count
+
+
+def test_stubs_of_reads_model_and_instance_from_the_stub_command_line(monkeypatch):
+    class P:
+        def __init__(self, pid, cmd, status="sleeping"):
+            self.pid, self._cmd, self._status = pid, cmd, status
+
+        def status(self):
+            return self._status
+
+        def cmdline(self):
+            return self._cmd
+
+    stub = "/x/backends/python/triton_python_backend_stub"
+    children = [
+        P(5, [stub, "/repo/encoder/1/model.py", "shm", "1", "1", "9", "/x", "336", "encoder_0_0", "DEFAULT"]),
+        P(6, [stub, "/repo/preprocess/1/model.py", "shm", "1", "1", "9", "/x", "336", "preprocess_0_0", "DEFAULT"], "zombie"),
+        P(7, ["/usr/bin/something-else"]),
+    ]
+
+    class Root:
+        def children(self):
+            return children
+
+    monkeypatch.setattr(sv.psutil, "Process", lambda pid: Root())
+    assert sv.stubs_of(1) == [sv.Stub(5, "encoder", "encoder_0_0")]  # a zombie is a dead stub
