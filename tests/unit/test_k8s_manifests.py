@@ -19,6 +19,7 @@ import yaml
 
 from build.repository import ENSEMBLE, MODELS
 from captioner.serve import parse_args
+from client.health import build_parser as health_parser
 from captioner.server import DEFAULT_PORTS, PROJECT_ROOT
 
 DEPLOY = PROJECT_ROOT / "deploy"
@@ -143,7 +144,8 @@ def test_the_schema_check_rejects_a_misspelt_field_and_a_wrong_type(rendered):
 
 
 @pytest.mark.parametrize("overlay", SERVING)
-def test_container_ports_services_and_probes_use_the_launchers_ports(rendered, overlay):
+def test_container_ports_services_and_probes_use_the_launchers_ports(rendered, overlay, monkeypatch):
+    _clean_env(monkeypatch)
     docs = rendered[overlay]
     dep = _one(docs, "Deployment")
     server = _server(dep)
@@ -167,10 +169,12 @@ def test_container_ports_services_and_probes_use_the_launchers_ports(rendered, o
         get = server[probe]["httpGet"]
         assert get["path"] == HEALTH_READY and ports[get["port"]] == DEFAULT_PORTS["http"], probe
     live = server["livenessProbe"]["exec"]["command"]
-    assert live[:4] == ["python", "-m", "client", "health"]
-    flags = dict(zip(live[4::2], live[5::2]))
-    assert flags["--url"] == f"127.0.0.1:{DEFAULT_PORTS['grpc']}"
-    assert server["livenessProbe"]["timeoutSeconds"] > float(flags["--timeout"])
+    # client.health, not `client health`: the subcommand form depends on the working
+    # directory (a folder named `health` there would be captioned instead).
+    assert live[:3] == ["python", "-m", "client.health"]
+    probe = health_parser().parse_args(live[3:])
+    assert probe.url == f"127.0.0.1:{DEFAULT_PORTS['grpc']}" and probe.model_name == ENSEMBLE
+    assert server["livenessProbe"]["timeoutSeconds"] > probe.timeout
 
 
 @pytest.mark.parametrize("overlay", SERVING)
@@ -348,7 +352,8 @@ def test_the_kserve_runtime_serves_the_repository_with_the_launcher(rendered, mo
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": HEALTH_READY, "port": a.http_port}
     live = container["livenessProbe"]["exec"]["command"]
-    assert live[:4] == ["python", "-m", "client", "health"] and f"127.0.0.1:{a.grpc_port}" in live
+    assert live[:3] == ["python", "-m", "client.health"]
+    assert health_parser().parse_args(live[3:]).url == f"127.0.0.1:{a.grpc_port}"
     assert container["securityContext"]["runAsNonRoot"] is True
 
     model = isvc["spec"]["predictor"]["model"]
