@@ -59,14 +59,19 @@ def _read(url: str) -> dict:
 
 async def _load(url: str, images: list[bytes], clients: int) -> int:
     async with AsyncCaptionClient(url, concurrency=clients) as c:
-        return sum(r.ok for r in await c.caption(images))
+        results = await c.caption(images)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} requests failed, e.g. {failed[0].error}")
+    return len(results)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.queue_time", description=__doc__.splitlines()[0])
     p.add_argument("--repo", default="model_repository")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32, 64])
-    p.add_argument("--requests-per-client", type=int, default=8)
+    p.add_argument("--requests-per-client", type=int, default=16)
+    p.add_argument("--min-requests", type=int, default=512, help="per level, so that start-up costs do not count")
     a = p.parse_args(argv)
     images = [data for data, _ in encoded_scenes(64, 1)]
     with TritonServer(a.repo) as server:
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| clients | captions/s | queue per caption request (ms) | Helm chart's average (ms) |")
         print("| ---: | ---: | ---: | ---: |")
         for n in a.clients:
-            batch = (images * (1 + n * a.requests_per_client // len(images)))[: max(64, n * a.requests_per_client)]
+            count = max(a.min_requests, n * a.requests_per_client)
+            batch = (images * (1 + count // len(images)))[:count]
             before, t = _read(server.metrics_url), time.monotonic()
             ok = asyncio.run(_load(server.grpc_url, batch, n))
             elapsed, after = time.monotonic() - t, _read(server.metrics_url)
