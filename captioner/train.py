@@ -51,7 +51,9 @@ class Split:
 
 def _split(data: CocoCaptions, inputs: np.ndarray | None, vocab: Vocabulary, max_tokens: int) -> Split:
     tokens, owner = encode_captions(data, vocab, max_tokens)
-    by_image = [np.nonzero(owner == i)[0] for i in range(len(data))]
+    images = np.arange(len(data))
+    bounds = zip(np.searchsorted(owner, images), np.searchsorted(owner, images, side="right"))
+    by_image = [np.arange(lo, hi) for lo, hi in bounds]  # owner is ascending
     return Split(data, inputs, tokens, owner, by_image)
 
 
@@ -82,10 +84,12 @@ class TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if self.frozen:
-            h0 = self.model.encoder.from_features(x)
-            return self.model.decoder(tokens, h0, h0)
-        h0, c0 = self.model.encoder(x)
-        return self.model.decoder(tokens, h0, c0)
+            h0 = c0 = self.model.encoder.from_features(x)
+        else:
+            h0, c0 = self.model.encoder(x)
+        # Under autocast the state comes out in bf16/fp16 while the embeddings are float32;
+        # the LSTM needs one dtype (autocast lowers it again where the LSTM has such kernels).
+        return self.model.decoder(tokens, h0.float(), c0.float())
 
 
 def _features(model: CaptionModel, data: CocoCaptions, cfg, cache: Path, rt: Runtime, write: bool,
