@@ -1,9 +1,9 @@
 """python -m captioner eval: caption a split in-process and score it.
 
 Text metrics come from pycocoevalcap (the COCO caption evaluation code): BLEU-1..4,
-ROUGE-L, CIDEr, and METEOR when a working `java` is on PATH. The spec's headline
-metric, the share of correct captions, is computed against the ground-truth scenes
-stored beside shapes-v1 captions. With --robustness the same scenes are also captioned
+ROUGE-L, CIDEr, and METEOR when a working `java` is on PATH. The headline
+metric, the share of correct captions (docs/shapes-v1.md), is computed against the
+ground-truth scenes stored beside shapes-v1 captions. With --robustness the same scenes are also captioned
 after a JPEG (quality 75) round trip and after resizing to 64 px and 512 px, each
 re-encoded in memory and decoded through captioner.preprocess like any served image.
 """

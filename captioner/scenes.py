@@ -216,7 +216,7 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, progr
     return ann_path
 
 
-# --- the spec's correctness rule -------------------------------------------------
+# --- the correctness rule (docs/shapes-v1.md, "When a caption is correct") ---------
 
 _COLOUR_RE = "|".join(COLOURS)
 _SHAPE_RE = "|".join(SHAPES)
