@@ -314,7 +314,7 @@ def _train(a: argparse.Namespace, dd: D.Dist, device: torch.device) -> Path:
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        if "scaler" in state:
+        if state.get("scaler") and scaler.is_enabled():  # empty when the run before had no loss scaling
             scaler.load_state_dict(state["scaler"])
         history, start_epoch, best = state["history"], state["epoch"] + 1, state.get("best")
         step = state.get("step", sched.last_epoch)
