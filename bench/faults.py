@@ -174,7 +174,7 @@ async def captions_with_retries(url: str, images: list[bytes], clients: int, sto
     each result is (t_sent, t_done, ok, error)."""
     from client.core import AsyncCaptionClient, RetryPolicy
 
-    async with AsyncCaptionClient(url, concurrency=clients, timeout=30.0, retry=RetryPolicy(max_attempts=8, max_backoff=2.0)) as c:
+    async with AsyncCaptionClient(url, concurrency=clients, timeout=30.0, retry=RetryPolicy(max_attempts=20, max_backoff=2.0)) as c:
         async def worker(k: int) -> None:
             i = k
             while not stop.is_set():

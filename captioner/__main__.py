@@ -15,15 +15,21 @@ def _caption(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, help="sample at this temperature instead of deterministic decoding")
     p.add_argument("--seed", type=int, help="sampling seed (with --temperature)")
     p.add_argument("--batch-size", type=int, default=int(os.environ.get("CAPTIONER_BATCH", "64")))
+    p.add_argument("--device", default=os.environ.get("CAPTIONER_DEVICE") or "auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     a = p.parse_args(argv)
 
     import numpy as np
 
+    from .distributed import resolve_device
     from .inference import Captioner
     from .preprocess import ImageError, load_path, prepare
 
     try:
-        cap = Captioner(a.model)
+        resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        cap = Captioner(a.model, device=a.device)
     except (FileNotFoundError, ValueError) as e:
         hint = "" if a.model else " (no shipped model yet? `make default-model`, or pass --model DIR)"
         p.exit(2, f"{p.prog}: error: cannot load the model: {e}{hint}\n")

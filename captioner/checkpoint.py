@@ -38,7 +38,8 @@ class Checkpoint:
             "vocab": self.vocab.to_list(),
             "decoding": dict(self.decoding),
             "meta": dict(self.meta),
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            # CPU and contiguous whatever device and memory format trained it: loads anywhere.
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
         }
         if extra:
             payload.update(extra)

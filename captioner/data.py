@@ -60,7 +60,8 @@ class CocoCaptions:
 
 def robustness_augment(img: Image.Image, rng: random.Random) -> Image.Image:
     """What a served image may have been through: JPEG, resizing, soft edges from
-    another renderer. Applied once at cache time so training stays cheap."""
+    another renderer. One draw per image (see ImageDataset): every epoch sees the same
+    version, as when images are cached once."""
     kind = rng.random()
     if kind < 0.35:
         buf = io.BytesIO()
@@ -73,24 +74,94 @@ def robustness_augment(img: Image.Image, rng: random.Random) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
 
 
+class ImageDataset:
+    """Images of a dataset, decoded, augmented and resized on demand: what DataLoader
+    workers run in parallel. An image's augmentation depends only on (seed, index), so
+    the data is the same whichever worker, process or cache mode produces it.
+
+    `__getitems__` serves a whole batch as (indices int64 [B], uint8 [B, S, S, 3]) tensors."""
+
+    def __init__(self, dataset: CocoCaptions, cfg: PreprocessConfig, augment_share: float = 0.0, seed: int = 0):
+        self.paths = [it.path for it in dataset.items]
+        self.cfg, self.augment_share, self.seed = cfg, augment_share, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> np.ndarray:
+        img = load_path(self.paths[i])
+        if self.augment_share:
+            rng = random.Random(self.seed * 1_000_003 + i)
+            if rng.random() < self.augment_share:
+                img = robustness_augment(img, rng)
+        return prepare(img, self.cfg)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.load(i)
+
+    def __getitems__(self, indices) -> tuple:
+        import torch
+
+        idx = np.asarray(indices, np.int64)
+        return torch.from_numpy(idx), torch.from_numpy(np.stack([self.load(int(i)) for i in idx]))
+
+
+class ArrayDataset:
+    """Rows of an in-memory array (cached images or backbone features), batch by batch."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitems__(self, indices) -> tuple:
+        import torch
+
+        idx = np.asarray(indices, np.int64)
+        return torch.from_numpy(idx), torch.from_numpy(self.array[idx])
+
+
+def whole_batch(batch):
+    """DataLoader collate for datasets whose __getitems__ already returns the batch
+    (module level so that worker processes can pickle it)."""
+    return batch
+
+
+def loader(dataset, *, batch_size: int | None = None, batch_sampler=None, workers: int = 0, pin: bool = False):
+    import torch
+
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    return torch.utils.data.DataLoader(
+        dataset,
+        **batching,
+        num_workers=workers,
+        collate_fn=whole_batch,
+        pin_memory=pin,
+        persistent_workers=workers > 0 and batch_sampler is not None,
+        prefetch_factor=4 if workers else None,
+    )
+
+
 def cache_images(
     dataset: CocoCaptions,
     cfg: PreprocessConfig,
     augment_share: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    workers: int = 0,
 ) -> np.ndarray:
-    """All images through `prepare` into one uint8 [N, S, S, 3] array, in dataset order."""
-    from tqdm import tqdm
+    """All images through `prepare` into one uint8 [N, S, S, 3] array, in dataset order,
+    decoded by `workers` processes (0: this one)."""
+    from .progress import bar
 
-    rng = random.Random(seed)
     s = cfg.image_size
     out = np.empty((len(dataset), s, s, 3), np.uint8)
-    for i, item in enumerate(tqdm(dataset.items, desc=f"caching {dataset.annotation_file.name}", disable=not progress, unit="img")):
-        img = load_path(item.path)
-        if augment_share and rng.random() < augment_share:
-            img = robustness_augment(img, rng)
-        out[i] = prepare(img, cfg)
+    batches = loader(ImageDataset(dataset, cfg, augment_share, seed), batch_size=64, workers=workers)
+    with bar(total=len(dataset), desc=f"caching {dataset.annotation_file.name}", disable=not progress, unit="img") as b:
+        for idx, x in batches:
+            out[idx.numpy()] = x.numpy()
+            b.update(len(idx))
     return out
 
 

@@ -168,14 +168,16 @@ def beam_search(
     return [max(hs, key=lambda x: _normalised(x, length_penalty)) for hs in done]
 
 
-def torch_step(decoder) -> StepFn:
-    """A numpy step function over a torch `Decoder` (the in-process reference)."""
+def torch_step(decoder, device=None) -> StepFn:
+    """A numpy step function over a torch `Decoder` (the in-process reference), on the
+    decoder's device (`device`; default the CPU)."""
     import torch
 
     def step(tokens, h, c):
         with torch.inference_mode():
-            logp, h2, c2 = decoder.step(torch.from_numpy(tokens), torch.from_numpy(h), torch.from_numpy(c))
-        return logp.numpy(), h2.numpy(), c2.numpy()
+            args = (torch.from_numpy(t) for t in (tokens, h, c))
+            logp, h2, c2 = decoder.step(*(t.to(device) for t in args) if device is not None else args)
+        return logp.cpu().numpy(), h2.cpu().numpy(), c2.cpu().numpy()
 
     return step
 

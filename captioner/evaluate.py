@@ -1,9 +1,9 @@
 """python -m captioner eval: caption a split in-process and score it.
 
 Text metrics come from pycocoevalcap (the COCO caption evaluation code): BLEU-1..4,
-ROUGE-L, CIDEr, and METEOR when a working `java` is on PATH. The spec's headline
-metric, the share of correct captions, is computed against the ground-truth scenes
-stored beside shapes-v1 captions. With --robustness the same scenes are also captioned
+ROUGE-L, CIDEr, and METEOR when a working `java` is on PATH. The headline
+metric, the share of correct captions (docs/shapes-v1.md), is computed against the
+ground-truth scenes stored beside shapes-v1 captions. With --robustness the same scenes are also captioned
 after a JPEG (quality 75) round trip and after resizing to 64 px and 512 px, each
 re-encoded in memory and decoded through captioner.preprocess like any served image.
 """
@@ -167,7 +167,7 @@ def evaluate(a: argparse.Namespace) -> dict:
     items = data.items[: a.limit] if a.limit else data.items
     if not items:
         raise SystemExit(f"{ann}: no captioned images to evaluate")
-    cap = Captioner(a.model, threads=a.threads)
+    cap = Captioner(a.model, threads=a.threads, device=a.device)
     params = cap.params(beam_size=a.beam, max_length=a.max_length)
     decode_kw = dict(params.__dict__)
 
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meteor-timeout", type=float, default=float(env("CAPTIONER_METEOR_TIMEOUT", "300")),
                    help="seconds before METEOR (or the PTB tokenizer) is given up")
     p.add_argument("--threads", type=int, default=int(env("CAPTIONER_THREADS", "0")))
+    p.add_argument("--device", default=env("CAPTIONER_DEVICE", "auto"), help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

@@ -10,7 +10,7 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from .decoding import DecodeParams, Hypothesis, decode, torch_step
-from .preprocess import ImageError, Limits, decode_image, load_path, normalize, prepare
+from .preprocess import ImageError, Limits, decode_image, load_path, normalize_tensor, prepare
 
 
 @dataclass
@@ -21,13 +21,18 @@ class Caption:
 
 
 class Captioner:
-    def __init__(self, model: str | Path | None = None, threads: int | None = None):
+    def __init__(self, model: str | Path | None = None, threads: int | None = None, device: str = "cpu"):
+        """`device`: cpu, cuda, cuda:N or auto (CUDA when available). Decoding stays in float32."""
+        from .distributed import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
+        self.device = resolve_device(device)
         self.ckpt = ckpt_mod.load(model)
+        self.ckpt.model.to(self.device)
         self.cfg = self.ckpt.preprocess
         self.vocab = self.ckpt.vocab
-        self.step = torch_step(self.ckpt.model.decoder)
+        self.step = torch_step(self.ckpt.model.decoder, self.device)
 
     def params(self, **overrides) -> DecodeParams:
         base = dict(max_length=self.ckpt.args.max_length, length_penalty=self.ckpt.decoding.get("length_penalty", 0.7))
@@ -36,8 +41,8 @@ class Captioner:
 
     def encode(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            h0, c0 = self.ckpt.model.encoder(torch.from_numpy(normalize(batch_hwc, self.cfg)))
-        return h0.numpy(), c0.numpy()
+            h0, c0 = self.ckpt.model.encoder(normalize_tensor(torch.from_numpy(np.asarray(batch_hwc)).to(self.device), self.cfg))
+        return h0.cpu().numpy(), c0.cpu().numpy()
 
     def caption_arrays(self, batch_hwc: np.ndarray, **params) -> list[Caption]:
         h0, c0 = self.encode(batch_hwc)

@@ -31,7 +31,7 @@ def render(ck: ckpt_mod.Checkpoint, history: list[dict], report: dict, command: 
         f"- Decoding defaults: max length {a.max_length} steps, length penalty {ck.decoding.get('length_penalty')}.",
         "",
         "## Data",
-        f"- shapes-v1 (`../shared/scene-spec.md`), written by `python -m captioner data` (seed 1): "
+        f"- shapes-v1 (the dataset spec: `docs/shapes-v1.md` in the repository), written by `python -m captioner data` (seed 1): "
         f"{ck.meta.get('train_images', '?')} training scenes, 2,000 validation, 2,000 test, five references each where the templates allow.",
         "- Half the training images pass once through a robustness augmentation at cache time (JPEG q60–95, resizing "
         "to 48–1024 px with a random filter, or a slight blur) so that served JPEGs, resized images and other renderers "

@@ -138,6 +138,19 @@ def normalize(batch_hwc: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
+def normalize_tensor(batch_nhwc, cfg: PreprocessConfig, channels_last: bool = False):
+    """`normalize` for a uint8 [N, S, S, 3] torch tensor on any device, with the same
+    float32 arithmetic: images travel to a GPU as bytes and are normalised there.
+    channels_last keeps the NHWC layout in memory (what cuDNN's fastest convolutions
+    read); otherwise the result is contiguous NCHW."""
+    import torch
+
+    x = batch_nhwc.to(torch.float32) / 255.0
+    x = (x - torch.tensor(cfg.mean, dtype=torch.float32, device=x.device)) / torch.tensor(cfg.std, dtype=torch.float32, device=x.device)
+    x = x.permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def preprocess_bytes(data: bytes, cfg: PreprocessConfig, limits: Limits | None = None) -> np.ndarray:
     """Encoded image -> float32 [3, S, S]: what the encoder takes."""
     return normalize(prepare(decode_image(data, limits), cfg), cfg)

@@ -1,5 +1,5 @@
-"""shapes-v1: scenes drawn to ../shared/scene-spec.md, their captions, and the
-spec's definition of a correct caption.
+"""shapes-v1: scenes drawn to the dataset spec (docs/shapes-v1.md), their captions,
+and the spec's definition of a correct caption.
 
 The generator is one implementation of the spec, not its definition; the
 checker (`caption_is_correct`) is what every quality figure in the project uses.
@@ -186,7 +186,7 @@ def encoded_scenes(n: int, seed: int, fmt: str = "PNG", **save_args) -> list[tup
 def generate_split(out_dir: str | Path, split: str, count: int, seed: int, progress: bool = True) -> Path:
     """Write `<out>/<split>/NNNNNN.png` and `<out>/captions_<split>.json` (COCO captions layout,
     plus a `scenes` list so tests and evaluation can check captions against ground truth)."""
-    from tqdm import tqdm
+    from .progress import bar
 
     out = Path(out_dir)
     img_dir = out / split
@@ -194,7 +194,7 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, progr
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     images, annotations, scenes = [], [], []
-    for i in tqdm(range(count), desc=f"shapes-v1 {split}", disable=not progress, unit="img"):
+    for i in bar(range(count), desc=f"shapes-v1 {split}", disable=not progress, unit="img"):
         scene = random_scene(rng)
         name = f"{i:06d}.png"
         render(scene, nrng).save(img_dir / name, compress_level=1)
@@ -216,7 +216,7 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, progr
     return ann_path
 
 
-# --- the spec's correctness rule -------------------------------------------------
+# --- the correctness rule (docs/shapes-v1.md, "When a caption is correct") ---------
 
 _COLOUR_RE = "|".join(COLOURS)
 _SHAPE_RE = "|".join(SHAPES)

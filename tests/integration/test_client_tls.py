@@ -1,5 +1,6 @@
 """The client's TLS options against a real tritonserver serving gRPC with mutual TLS
-(certificates from a throwaway CA made with the openssl CLI)."""
+(certificates from a throwaway CA made with the openssl CLI), started with the flags
+`make serve` derives from its own options (TLS and a restricted-API key)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from captioner import serve
 from captioner.server import TritonServer
 from client import CaptionClient, TLSConfig
 from client.health import check
@@ -18,6 +20,7 @@ from client.health import check
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")]
 ROOT = Path(__file__).resolve().parents[2]
+KEY = ("admin-key", "s3cret")  # the restricted-API header of the fixture's server
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -45,11 +48,11 @@ def pki(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mtls_server(triton_server, pki, tmp_path_factory):
+    launcher = serve.parse_args(["--no-build", "--grpc-ssl-cert", str(pki / "server.pem"),
+                                 "--grpc-ssl-key", str(pki / "server.key"), "--grpc-ssl-root-cert", str(pki / "ca.pem"),
+                                 "--restricted-key", f"{KEY[0]}={KEY[1]}"])
     server = TritonServer(triton_server.repository, log_file=tmp_path_factory.mktemp("tls") / "triton.log",
-                          extra_args=("--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true",
-                                      f"--grpc-server-cert={pki / 'server.pem'}",
-                                      f"--grpc-server-key={pki / 'server.key'}",
-                                      f"--grpc-root-cert={pki / 'ca.pem'}"))
+                          extra_args=serve.server_args(launcher))
     server.start()
     try:
         yield server
@@ -100,3 +103,27 @@ def test_without_the_right_credentials_nothing_is_captioned(mtls_server, pki, tm
     assert f"{tmp_path / 'w.png'}: server unavailable after 1 attempt" in proc.stderr, proc.stderr
     down = cli("health", "--url", mtls_server.grpc_url, "--timeout", "10", *extra)
     assert down.returncode == 1 and down.stdout.startswith(f"FAIL {mtls_server.grpc_url} "), down.stdout
+
+
+def test_admin_apis_need_the_key_while_inference_and_health_stay_open(mtls_server, pki):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http = httpclient.InferenceServerClient(mtls_server.http_url)
+    assert http.is_server_ready()  # health: open, what load balancers and probes call
+    with pytest.raises(InferenceServerException):
+        http.get_model_repository_index()
+    assert {m["name"] for m in http.get_model_repository_index(headers={KEY[0]: KEY[1]})} >= {"captioner", "encoder"}
+    with pytest.raises(InferenceServerException):
+        http.get_inference_statistics()
+    grpc = grpcclient.InferenceServerClient(mtls_server.grpc_url, ssl=True, root_certificates=str(pki / "ca.pem"),
+                                            private_key=str(pki / "client.key"),
+                                            certificate_chain=str(pki / "client.pem"))
+    with pytest.raises(InferenceServerException):
+        grpc.get_model_config("captioner")
+    header = {f"triton-grpc-protocol-{KEY[0]}": KEY[1]}
+    assert grpc.get_model_config("captioner", headers=header).config.name == "captioner"
+    assert grpc.is_model_ready("captioner")  # health over gRPC: open
+    grpc.close()
+    http.close()

@@ -1,4 +1,4 @@
-"""A second, independent program that draws scenes to ../shared/scene-spec.md.
+"""A second, independent program that draws scenes to the dataset spec, docs/shapes-v1.md.
 
 It shares nothing with captioner.scenes but the `Scene` record it returns (so the
 spec's checker can judge captions): its own random placement of the objects per the

@@ -1,4 +1,4 @@
-"""The generator against the spec (../shared/scene-spec.md), read independently here
+"""The generator against the spec (docs/shapes-v1.md), read independently here
 and in spec_renderer.py, and the spec's correctness rule."""
 import json
 import random

@@ -16,8 +16,8 @@ from captioner.train import main as train_main
 
 MEMO_SCENES = 16  # as in conftest.py
 
-# Stated accuracies (observed in brackets, seeds 0 and 1, see conftest.py):
-MEMO_SHARE_CORRECT = 0.75  # greedy captions right on the 16 memorised scenes [0.94]
+# Stated accuracies (observed in brackets, see conftest.py):
+MEMO_SHARE_CORRECT = 0.75  # greedy captions right on the 16 memorised scenes [seed 1: 1.0; seeds 0-2: 0.69-1.0]
 LANGUAGE_WORD_ACC = 0.45  # next-word accuracy on unseen scenes after ~80 steps [0.55; untrained ~0.05]
 
 
