@@ -97,6 +97,25 @@ def _base(name: str, max_batch_size: int, instances: int, kind: int, queue_delay
     return cfg
 
 
+WARMUP_IMAGE = "scene.bin"  # preprocess/warmup/: one encoded scene, Triton's serialized BYTES layout
+
+
+def _warmup(cfg: mc.ModelConfig, batch_sizes: tuple[int, ...]) -> None:
+    """Triton runs these requests before it reports the model ready: at start and after
+    every supervised reload, so the first real requests never pay for onnxruntime's lazy
+    allocations (long enough, on a cold start, for load shedding to refuse them)."""
+    for b in batch_sizes:
+        w = cfg.model_warmup.add(name=f"warmup_batch_{b}", batch_size=b, count=1)
+        for t in cfg.input:
+            inp = w.inputs[t.name]
+            inp.data_type = t.data_type
+            inp.dims.extend(t.reshape.shape if t.HasField("reshape") else t.dims)
+            if t.data_type == mc.TYPE_STRING:
+                inp.input_data_file = WARMUP_IMAGE
+            else:
+                inp.zero_data = True
+
+
 def _python(cfg: mc.ModelConfig) -> mc.ModelConfig:
     cfg.backend = "python"
     return cfg
@@ -153,11 +172,16 @@ def build_configs(
         _python(dec)
         _params(dec, {"intra_op_threads": ort_threads[DECODER_STEP]})
 
+    _warmup(pre, (1,))
+    if target == "cpu":  # TensorRT and onnxruntime backends allocate at load on the GPU
+        _warmup(enc, (1, max_batch_size))
     gen = _python(_base(GENERATOR, max_batch_size, instances[GENERATOR], cpu, queue_delay_us, queues.get(GENERATOR)))
     gen.input.extend(_input(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
     gen.output.append(_output("CAPTION", _STRING, [1]))
     gen.output.append(_output("SCORE", _FP32, [1]))
     _params(gen, {**decoding, "step_mode": step_mode, "step_model": DECODER_STEP, "intra_op_threads": ort_threads[GENERATOR]})
+    if step_mode == "inprocess":  # a BLS step would call decoder_step before it is ready
+        _warmup(gen, (1,))
 
     ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=max_batch_size)
     ens.input.append(_input("IMAGE", _STRING, [1]))
@@ -240,6 +264,10 @@ def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
         if name != ENSEMBLE:
             if not cfg.HasField("dynamic_batching"):
                 raise RepositoryError(f"{path}: no dynamic batching")
+            for w in cfg.model_warmup:
+                for i in w.inputs.values():
+                    if i.input_data_file and not (repo_dir / name / "warmup" / i.input_data_file).is_file():
+                        raise RepositoryError(f"{name}: warmup {w.name} needs warmup/{i.input_data_file}")
             version = repo_dir / name / "1"
             for needed in _required_files(cfg):
                 if not (version / needed).is_file():
@@ -359,6 +387,9 @@ def assemble(
         for name, cfg in configs.items():
             version = staging / name / "1"
             version.mkdir(parents=True)
+            if any(i.input_data_file for w in cfg.model_warmup for i in w.inputs.values()):
+                (staging / name / "warmup").mkdir()
+                (staging / name / "warmup" / WARMUP_IMAGE).write_bytes(_warmup_image(ck.preprocess.image_size))
             write_config(cfg, staging / name / "config.pbtxt")
             if cfg.backend == "python":
                 shutil.copy2(PYTHON_MODELS_DIR / name / "model.py", version / "model.py")
@@ -377,6 +408,16 @@ def assemble(
         shutil.rmtree(staging, ignore_errors=True)
     check_repository(repo_dir)
     return repo_dir
+
+
+def _warmup_image(size: int) -> bytes:
+    """A shapes-v1 scene as PNG, length-prefixed as Triton reads BYTES warmup data."""
+    import struct
+
+    from captioner.scenes import encoded_scenes
+
+    png = encoded_scenes(1, seed=size)[0][0]
+    return struct.pack("<I", len(png)) + png
 
 
 def recorded_checkpoint(repo_dir: str | Path) -> str | None:

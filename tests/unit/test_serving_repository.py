@@ -157,3 +157,27 @@ def test_check_repository_finds_incomplete_or_inconsistent_repositories(built, t
     damage(repo)
     with pytest.raises(RepositoryError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")):
         check_repository(repo)
+
+
+def test_models_are_warmed_before_they_report_ready(built, tmp_path):
+    """Triton sends the warmup requests at load and after every supervised reload: the
+    preprocess one is a real encoded scene (Triton's length-prefixed BYTES layout)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    ck, art, _, _ = built
+    repo = assemble(ck, tmp_path / "repo", "cpu", art, max_batch_size=24)
+    cfg = _configs(repo)
+    assert [w.batch_size for w in cfg["encoder"].model_warmup] == [1, 24]
+    assert all(i.zero_data for w in cfg["encoder"].model_warmup for i in w.inputs.values())
+    assert [w.batch_size for w in cfg["caption_generator"].model_warmup] == [1]
+    (w,) = cfg["preprocess"].model_warmup
+    data = (repo / "preprocess" / "warmup" / w.inputs["IMAGE"].input_data_file).read_bytes()
+    (n,) = struct.unpack("<I", data[:4])
+    assert n == len(data) - 4
+    assert Image.open(io.BytesIO(data[4:])).size == (128, 128)
+    (repo / "preprocess" / "warmup" / w.inputs["IMAGE"].input_data_file).unlink()
+    with pytest.raises(RepositoryError, match="warmup"):
+        check_repository(repo)
