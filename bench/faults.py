@@ -245,7 +245,9 @@ class Faults:
         return SEED_PARAMS if model == "seed-inception" else None
 
     def record(self, **r) -> dict:
+        """Keep a result, and rewrite the report: a long run cut short still leaves one."""
         self.results["scenarios"].append(r)
+        write(self.results, self.out)
         return r
 
     # overload ----------------------------------------------------------------------------
@@ -500,6 +502,13 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write(results: dict, out: Path) -> str:
+    (out / "faults.json").write_text(json.dumps(results, indent=1, default=str))
+    text = report(results)
+    (out / "faults.md").write_text(text + "\n")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short scenarios (the test suite's mode)")
@@ -528,11 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     results = Faults(a).run()
-    out = Path(a.out)
-    (out / "faults.json").write_text(json.dumps(results, indent=1, default=str))
-    text = report(results)
-    (out / "faults.md").write_text(text + "\n")
-    print(text)
+    print(write(results, Path(a.out)))
     return 0
 
 
