@@ -51,6 +51,9 @@ class Preprocessor:
     cfg: PreprocessConfig
     limits: Limits
     defaults: DecodeDefaults | None = None  # set: request parameters are checked here, first
+    # False: hand the encoder the prepared uint8 [n, S, S, 3] (its graph normalises), a
+    # quarter of float32's bytes through Triton's shared memory.
+    normalise: bool = True
 
     def prepare_request(self, images: np.ndarray) -> np.ndarray | Rejected:
         """One request's IMAGE tensor ([n, 1] bytes) -> uint8 [n, S, S, 3], or why not."""
@@ -76,13 +79,14 @@ class Preprocessor:
         return None
 
     def run(self, images: Sequence[np.ndarray], parameters: Sequence[Any] | None = None) -> list[np.ndarray | Rejected]:
-        """Per request: float32 [n, 3, S, S] for the encoder, or a Rejected for that request alone.
+        """Per request: float32 [n, 3, S, S] for the encoder (uint8 [n, S, S, 3] when not
+        `normalise`), or a Rejected for that request alone.
 
         A bad parameter is refused before the image is decoded: it is the cheaper check."""
         parameters = parameters if parameters is not None else [None] * len(images)
         prepared = [self.check_parameters(p) or self.prepare_request(x) for x, p in zip(images, parameters)]
         good = [i for i, p in enumerate(prepared) if not isinstance(p, Rejected)]
-        if not good:
+        if not good or not self.normalise:
             return prepared
         batch, sizes = concat([prepared[i] for i in good])
         for i, part in zip(good, split(normalize(batch, self.cfg), sizes)):
