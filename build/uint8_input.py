@@ -1,7 +1,8 @@
 """An encoder graph that takes the prepared uint8 image, [batch, S, S, 3] HWC as Pillow
 gives it, and normalises inside the graph: Cast, /255, -mean, /std, NHWC -> NCHW, the
-same float32 operations in the same order as `captioner.preprocess.normalize`, so the
-encoder sees bit-identical input. The preprocess model then hands the encoder a quarter
+same float32 operations in the same order as `captioner.preprocess.normalize`, so under
+onnxruntime the encoder sees bit-identical input (OpenVINO folds the normalisation into
+the first convolution: equal within float rounding, ~1e-5 relative). The preprocess model then hands the encoder a quarter
 of the bytes (uint8 instead of float32) through shared memory, and on a GPU the
 normalisation runs there. Works on any encoder graph with one NCHW float input `image`,
 the QDQ int8 graph included."""
