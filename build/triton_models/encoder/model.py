@@ -16,10 +16,10 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         settings = runtime.EngineSettings.from_config(config_parameters(config), version_dir(args))
-        self.engine = runtime.load(version_dir(args) / "model.onnx", settings)
+        self.session = runtime.load(version_dir(args) / "model.onnx", settings)
 
     def _run(self, *arrays):
-        return self.engine.run(self.outputs, dict(zip(self.inputs, arrays)))
+        return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
 
     def execute(self, requests):
         return batched_responses(pb_utils, requests, self._run, self.inputs, self.outputs, "encoder")
