@@ -344,6 +344,7 @@ class Bench:
             runtimes={ENCODER: paths["runtime"], DECODER_STEP: paths["step_runtime"], GENERATOR: paths["step_runtime"]},
             inference_precision=paths["inference_precision"],
             encoder_input=a.encoder_input,
+            layout=a.layout,
             **({"queue_delay_us": a.queue_delay_us} if a.queue_delay_us >= 0 else {}),
         )
         warm_cache(repo)  # what the build does: a server start must not compile
@@ -419,6 +420,7 @@ class Bench:
             "models": {s.name: f"{s.checkpoint} (max_length {s.max_length or 'from checkpoint'})" for s in specs},
             "variants": {s.name: ", ".join(variant_label(*v) for v in s.variants) for s in specs},
             "encoder input": f"{a.encoder_input} (preprocess -> encoder)",
+            "layout": a.layout,
             "stacks": ",".join(a.stacks),
             "load": f"closed loop, concurrency {a.concurrency}, {a.warmup:g} s warm-up + {a.duration:g} s measured per level "
             f"(stretched up to {4 * a.duration:g} s until 2 x clients replies are in), "
@@ -438,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", type=parse_variants, default=parse_variants(env("BENCH_VARIANTS", "")) or None,
                    help="runtime:precision list for every model, e.g. openvino:int8,onnxruntime:fp32 "
                         f"(default per model: {DEFAULT_VARIANTS})")
+    p.add_argument("--layout", choices=("split", "fused"), default=env("BENCH_LAYOUT") or None,
+                   help="Triton CPU layout: split or fused (decode + encoder in one model) (default: the build's)")
     p.add_argument("--encoder-input", choices=("uint8", "float32"), default=env("BENCH_ENCODER_INPUT", "uint8"),
                    help="what preprocess hands the encoder (default uint8, normalised inside the graph)")
     p.add_argument("--stacks", type=_csv(str), default=_csv(str)(env("BENCH_STACKS", ",".join(STACKS))))
@@ -465,6 +469,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", action="append", help="a line for the report's notes (repeatable)")
     p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the report and plots from <out>/bench.json")
     a = p.parse_args(argv)
+    if a.layout is None:
+        from build.build_engines import DEFAULT_LAYOUT
+
+        a.layout = DEFAULT_LAYOUT
     if a.quick:
         a.duration, a.warmup, a.inproc_duration = 2.0, 0.5, 1.5
     for name, values, allowed in (("models", a.models, MODELS), ("stacks", a.stacks, STACKS)):

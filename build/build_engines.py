@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_BATCH = 32  # the one default: Triton configs and the TensorRT profile both take it from here
 DEFAULT_ENCODER_INPUT = "uint8"  # docs/bench.md, investigation 7
+DEFAULT_LAYOUT = "split"  # docs/bench.md, investigation 8
 TARGETS = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 RUNTIMES = ("auto", "onnxruntime", "openvino")
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime", choices=RUNTIMES, default=env("CAPTIONER_RUNTIME", "auto"),
                    help="CPU runtime of the encoder and decoder step: auto times both here and keeps the faster "
                         "per graph (env CAPTIONER_RUNTIME)")
+    p.add_argument("--layout", choices=("split", "fused"), default=env("CAPTIONER_LAYOUT", DEFAULT_LAYOUT),
+                   help="CPU repository layout: split (preprocess -> encoder -> caption_generator) or fused "
+                        f"(decode + encoder in one Python model, one hop fewer) (env CAPTIONER_LAYOUT, default {DEFAULT_LAYOUT})")
     p.add_argument("--encoder-input", choices=ENCODER_INPUTS_CHOICES,
                    default=env("CAPTIONER_ENCODER_INPUT", DEFAULT_ENCODER_INPUT),
                    help="what preprocess hands the CPU encoder: uint8 HWC (normalised inside the encoder graph) or "
@@ -159,7 +163,8 @@ def build(a: argparse.Namespace) -> dict:
     out_dir = Path(a.out) if a.out else ROOT / "artifacts" / name
     repo_dir = Path(a.repo)
     manifest: dict = {"model": name, "requested": {"target": a.target, "precision": a.precision,
-                                                   "runtime": a.runtime, "encoder_input": a.encoder_input}}
+                                                   "runtime": a.runtime, "encoder_input": a.encoder_input,
+                                                   "layout": a.layout}}
     gpu_unmet: str | None = None
 
     with step(1, "checkpoint"):
@@ -309,7 +314,7 @@ def build(a: argparse.Namespace) -> dict:
         try:
             repo = Path(assemble(ck, repo_dir, target, artifacts, max_batch_size=a.max_batch_size,
                                  precision=precision, runtimes=runtimes, inference_precision=inference_precision,
-                                 encoder_input=encoder_input))
+                                 encoder_input=encoder_input, layout=a.layout if target == "cpu" else "split"))
         except ValueError as e:  # RepositoryError included: the repository could not be made consistent
             raise BuildFailed(EXIT_CHECK_FAILED, f"repository assembly failed: {e}") from None
         from .runtime_choice import warm_cache
@@ -324,6 +329,7 @@ def build(a: argparse.Namespace) -> dict:
             "target": target,
             "precision": precision,
             "encoder_input": encoder_input,
+            "layout": a.layout if target == "cpu" else "split",
             "openvino_cache_warmed": warmed,
             "max_batch_size": a.max_batch_size,
             "opset": OPSET,

@@ -37,6 +37,11 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # What preprocess hands the encoder: float32 [3, S, S] normalised, or the prepared
 # uint8 [S, S, 3] with normalisation inside the encoder graph (build/uint8_input.py).
 ENCODER_INPUT_TYPES = ("float32", "uint8")
+# CPU layouts: "split" = preprocess -> encoder -> caption_generator (three Python models);
+# "fused" = preprocess runs decode and the encoder in one process (model source
+# triton_models/preprocess_encoder), one hop fewer: preprocess -> caption_generator.
+LAYOUTS = ("split", "fused")
+FUSED_SOURCE = "preprocess_encoder"
 
 # Sized for 2 CPU cores: one instance per model lets the three stages of the ensemble
 # overlap; the bench tunes these through assemble's arguments, not by editing code.
@@ -105,6 +110,7 @@ def build_configs(
     runtimes: Mapping[str, str] | None = None,
     inference_precision: str = "fp32",
     encoder_input: str = "float32",
+    layout: str = "split",
 ) -> dict[str, mc.ModelConfig]:
     s = ck.preprocess.image_size
     u = ck.args.lstm_units
@@ -122,9 +128,15 @@ def build_configs(
 
     pre = _python(_base(PREPROCESS, max_batch_size, instances[PREPROCESS], cpu, queue_delay_us))
     pre.input.append(_input("IMAGE", _STRING, [1]))
-    pre.output.append(_output(ENCODER_INPUTS[0], image_type, image))
     _params(pre, {**decoding, "max_image_bytes": limits["max_image_bytes"], "max_image_pixels": limits["max_image_pixels"],
                   "output_type": encoder_input})
+    fused = layout == "fused"
+    if fused:
+        pre.output.extend(_output(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
+        _params(pre, {"fused_encoder": 1, "precision": precision, "intra_op_threads": ort_threads[ENCODER],
+                      **runtime(ENCODER), "inference_precision": inference_precision})
+    else:
+        pre.output.append(_output(ENCODER_INPUTS[0], image_type, image))
 
     enc = _base(ENCODER, max_batch_size, instances[ENCODER], accel, queue_delay_us)
     enc.input.append(_input(ENCODER_INPUTS[0], image_type, image))
@@ -164,9 +176,10 @@ def build_configs(
     steps = ens.ensemble_scheduling.step
     step = steps.add(model_name=PREPROCESS, model_version=-1)
     step.input_map["IMAGE"] = "IMAGE"
-    step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
-    step = steps.add(model_name=ENCODER, model_version=-1)
-    step.input_map[ENCODER_INPUTS[0]] = "preprocessed_image"
+    if not fused:
+        step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
+        step = steps.add(model_name=ENCODER, model_version=-1)
+        step.input_map[ENCODER_INPUTS[0]] = "preprocessed_image"
     for n in ENCODER_OUTPUTS:
         step.output_map[n] = f"encoded_{n}"
     step = steps.add(model_name=GENERATOR, model_version=-1)
@@ -174,9 +187,9 @@ def build_configs(
         step.input_map[n] = f"encoded_{n}"
     step.output_map["CAPTION"] = "CAPTION"
     step.output_map["SCORE"] = "SCORE"
-    _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision,
+    _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision, "layout": layout,
                   "encoder_runtime": "tensorrt" if target == "gpu" else runtimes.get(ENCODER, "onnxruntime")})
-    return {c.name: c for c in (pre, enc, dec, gen, ens)}
+    return {c.name: c for c in ((pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens))}
 
 
 # --- checks ------------------------------------------------------------------------------
@@ -210,7 +223,7 @@ def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[st
 def _required_files(cfg: mc.ModelConfig) -> list[str]:
     main = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}.get(cfg.platform, "model.py")
     extra = {
-        PREPROCESS: ["preprocess.json"],
+        PREPROCESS: ["preprocess.json"] + (["model.onnx"] if _fused(cfg) else []),
         GENERATOR: ["vocab.json"],
         ENCODER: ["model.onnx"] if cfg.backend == "python" else [],
         DECODER_STEP: ["model.onnx"],
@@ -220,12 +233,20 @@ def _required_files(cfg: mc.ModelConfig) -> list[str]:
     return [main] + extra
 
 
+def _fused(cfg: mc.ModelConfig) -> bool:
+    return cfg.name == PREPROCESS and "fused_encoder" in cfg.parameters
+
+
 def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
     """Parse every config back and assert the repository is complete and consistent."""
     repo_dir = Path(repo_dir)
     configs: dict[str, mc.ModelConfig] = {}
     for name in MODELS:
         path = repo_dir / name / "config.pbtxt"
+        if name == ENCODER and _fused(configs[PREPROCESS]):
+            if path.exists():
+                raise RepositoryError(f"{path}: the fused layout's preprocess runs the encoder; no encoder model")
+            continue
         if not path.is_file():
             raise RepositoryError(f"missing {path}")
         text = path.read_text()
@@ -303,6 +324,7 @@ def assemble(
     runtimes: Mapping[str, str] | None = None,
     inference_precision: str = "fp32",
     encoder_input: str = "float32",
+    layout: str = "split",
 ) -> Path:
     """Write the model repository for `target` ("cpu" or "gpu") into `repo_dir`.
 
@@ -311,15 +333,19 @@ def assemble(
     runtimes: CPU runtime per Python model that runs a graph (encoder, decoder_step,
     caption_generator's in-process step): "onnxruntime" (default) or "openvino";
     inference_precision "bf16" is OpenVINO's hint for the encoder; encoder_input "uint8"
-    expects an encoder graph that normalises inside (build/uint8_input.py)."""
+    expects an encoder graph that normalises inside (build/uint8_input.py); layout
+    "fused" runs decode and the encoder in the preprocess model (CPU only)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if max_batch_size < 16:
         raise ValueError(f"max_batch_size must be >= 16, got {max_batch_size}")
-    if encoder_input not in ENCODER_INPUT_TYPES:
-        raise ValueError(f"encoder_input must be one of {ENCODER_INPUT_TYPES}, got {encoder_input!r}")
+    if layout not in LAYOUTS or (layout == "fused" and target != "cpu"):
+        raise ValueError(f"layout must be one of {LAYOUTS} (fused on cpu only), got {layout!r} for {target}")
+    if encoder_input not in ENCODER_INPUT_TYPES or (encoder_input == "uint8" and target != "cpu"):
+        # On GPU the TensorRT engine is built from the float graph (a uint8 engine is untested here).
+        raise ValueError(f"encoder_input must be one of {ENCODER_INPUT_TYPES} (uint8 on cpu only), got {encoder_input!r}")
     from captioner.serving.runtime import INFERENCE_PRECISIONS, RUNTIMES
 
     bad = {k: v for k, v in (runtimes or {}).items() if v not in RUNTIMES or k not in (ENCODER, DECODER_STEP, GENERATOR)}
@@ -343,14 +369,10 @@ def assemble(
         raise ValueError(f"unknown model names {sorted(unknown)}; models are {MODELS}")
 
     s, u, v = ck.preprocess.image_size, ck.args.lstm_units, len(ck.vocab)
-    if target == "cpu" or encoder_input == "uint8":
-        # The served encoder graph (on GPU the float graph feeds TensorRT unless uint8 is asked for).
-        u8 = encoder_input == "uint8"
-        _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [s, s, 3] if u8 else [3, s, s]},
-                    {n: [u] for n in ENCODER_OUTPUTS},
-                    {ENCODER_INPUTS[0]: onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.FLOAT})
-    else:
-        _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [3, s, s]}, {n: [u] for n in ENCODER_OUTPUTS})
+    u8 = encoder_input == "uint8"
+    _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [s, s, 3] if u8 else [3, s, s]},
+                {n: [u] for n in ENCODER_OUTPUTS},
+                {ENCODER_INPUTS[0]: onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.FLOAT})
     _check_onnx(
         Path(artifacts["decoder_onnx"]),
         {STEP_INPUTS[0]: [], STEP_INPUTS[1]: [u], STEP_INPUTS[2]: [u]},
@@ -369,6 +391,7 @@ def assemble(
         runtimes=runtimes,
         inference_precision=inference_precision,
         encoder_input=encoder_input,
+        layout=layout,
     )
 
     repo_dir = Path(repo_dir)
@@ -385,12 +408,15 @@ def assemble(
         }
         if step_mode == "inprocess":
             files[GENERATOR]["decoder_step.onnx"] = Path(artifacts["decoder_onnx"])
+        if layout == "fused":
+            files[PREPROCESS]["model.onnx"] = Path(artifacts["encoder_onnx"])
         for name, cfg in configs.items():
             version = staging / name / "1"
             version.mkdir(parents=True)
             write_config(cfg, staging / name / "config.pbtxt")
             if cfg.backend == "python":
-                shutil.copy2(PYTHON_MODELS_DIR / name / "model.py", version / "model.py")
+                source = FUSED_SOURCE if _fused(cfg) else name
+                shutil.copy2(PYTHON_MODELS_DIR / source / "model.py", version / "model.py")
             for filename, content in files[name].items():
                 if isinstance(content, Path):
                     shutil.copy2(content, version / filename)
@@ -401,7 +427,8 @@ def assemble(
             dest = repo_dir / name
             if dest.exists():
                 shutil.rmtree(dest)
-            (staging / name).rename(dest)
+            if (staging / name).exists():  # the fused layout has no encoder model
+                (staging / name).rename(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     check_repository(repo_dir)

@@ -132,11 +132,12 @@ def warm_cache(repo_dir: str | Path) -> list[str]:
     """Compile every OpenVINO model of an assembled repository once, with the settings
     and at the paths the server will use, so that its compiled-model cache is filled
     and a server start loads instead of compiling. Returns the models compiled."""
-    from .repository import DECODER_STEP, ENCODER, GENERATOR
+    from .repository import DECODER_STEP, ENCODER, GENERATOR, PREPROCESS
 
     repo_dir = Path(repo_dir)
     warmed = []
-    for name, graph in ((ENCODER, "model.onnx"), (DECODER_STEP, "model.onnx"), (GENERATOR, "decoder_step.onnx")):
+    for name, graph in ((PREPROCESS, "model.onnx"), (ENCODER, "model.onnx"), (DECODER_STEP, "model.onnx"),
+                        (GENERATOR, "decoder_step.onnx")):
         cfg_path = repo_dir / name / "config.pbtxt"
         if not cfg_path.is_file():
             continue

@@ -202,3 +202,55 @@ def test_auto_records_both_runtimes_figures_and_onnxruntime_refuses_bf16(tmp_pat
     assert warm_cache(repo) == (["encoder"] if choice["runtime"] == "openvino" else [])
     with pytest.raises(SystemExit):
         be.parse_args(["--precision", "bf16", "--runtime", "onnxruntime"])
+
+
+# --- the fused layout: decode + encoder in one model ------------------------------------------
+
+
+def test_image_encoder_runs_every_good_image_of_the_batch_once_and_refuses_the_bad_alone():
+    from captioner.preprocess import PreprocessConfig
+    from captioner.scenes import encoded_scenes
+    from captioner.serving import Rejected
+    from captioner.serving.preprocess import ImageEncoder, Limits, Preprocessor
+
+    calls = []
+
+    class Engine:  # h0 = per-image pixel sum, c0 = its negation: easy to trace back to a request
+        def run(self, outputs, feed):
+            x = feed["image"]
+            calls.append(x.shape)
+            s = x.reshape(len(x), -1).sum(axis=1, dtype=np.float64)[:, None].astype(np.float32)
+            return [s, -s]
+
+    cfg = PreprocessConfig(16)
+    enc = ImageEncoder(Preprocessor(cfg, Limits(), normalise=False), Engine())
+    good = [np.array([[d]], dtype=object) for d, _ in encoded_scenes(3, 9)]
+    bad = np.array([[b"junk"]], dtype=object)
+    out = enc.run([good[0], bad, np.concatenate([good[1], good[2]])])
+    assert calls == [(3, 16, 16, 3)]  # one engine run, uint8 HWC, the bad request left out
+    assert isinstance(out[1], Rejected) and out[1].reason == "not_an_image"
+    assert out[0][0].shape == (1, 1) and out[2][0].shape == (2, 1)
+    np.testing.assert_array_equal(out[2][1], -out[2][0])
+
+
+@needs_default
+def test_fused_repository_has_no_encoder_model_and_checks_its_absence(default_graphs, tmp_path):
+    from build.repository import RepositoryError, assemble, check_repository
+
+    ck, enc, dec = default_graphs
+    u8 = with_uint8_input(enc, tmp_path / "encoder.uint8.onnx", ck.preprocess)
+    repo = assemble(ck, tmp_path / "repo", "cpu", {"encoder_onnx": u8, "decoder_onnx": dec}, encoder_input="uint8",
+                    layout="fused")
+    configs = check_repository(repo)
+    assert "encoder" not in configs
+    steps = [s.model_name for s in configs["captioner"].ensemble_scheduling.step]
+    assert steps == ["preprocess", "caption_generator"]
+    assert [o.name for o in configs["preprocess"].output] == ["h0", "c0"]
+    (repo / "encoder").mkdir()
+    (repo / "encoder" / "config.pbtxt").write_text('name: "encoder"')
+    with pytest.raises(RepositoryError, match="no encoder model"):
+        check_repository(repo)
+    with pytest.raises(ValueError):
+        assemble(ck, tmp_path / "gpu", "gpu", {"encoder_onnx": u8, "decoder_onnx": dec}, layout="fused")
+    with pytest.raises(RepositoryError, match="UINT8"):  # a float graph where uint8 is declared
+        assemble(ck, tmp_path / "r2", "cpu", {"encoder_onnx": enc, "decoder_onnx": dec}, encoder_input="uint8")
