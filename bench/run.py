@@ -49,7 +49,9 @@ PRECISIONS = ("fp32", "bf16", "int8")
 # the reference of R1; the rest are what the build can serve. --variants overrides.
 DEFAULT_VARIANTS = {
     "default": "onnxruntime:fp32,openvino:fp32,openvino:int8",
-    "seed-inception": "onnxruntime:fp32,openvino:fp32,openvino:bf16,openvino:int8",
+    # openvino fp32 runs the seed encoder within a few % of onnxruntime fp32 (the build's
+    # RUNTIME=auto timing, in the notes); left out to keep `make bench` under 15 minutes.
+    "seed-inception": "onnxruntime:fp32,openvino:bf16,openvino:int8",
 }
 
 
@@ -110,6 +112,7 @@ def repo_summary(repo: Path) -> str:
     parts = []
     for name, cfg in check_repository(repo).items():
         if cfg.platform == "ensemble":
+            parts.append(f"layout {cfg.parameters['layout'].string_value if 'layout' in cfg.parameters else 'split'}")
             continue
         p = {k: v.string_value for k, v in cfg.parameters.items()}
         db = cfg.dynamic_batching
@@ -118,9 +121,11 @@ def repo_summary(repo: Path) -> str:
         if db.preferred_batch_size:
             bits.append(f"preferred {list(db.preferred_batch_size)}")
         if "intra_op_threads" in p:
-            bits.append(f"ORT threads {p['intra_op_threads']}")
+            bits.append(f"threads {p['intra_op_threads']}")
         if "step_mode" in p:
             bits.append(f"step {p['step_mode']}")
+        if "runtime" in p:
+            bits.append(p["runtime"] + (f" {p['inference_precision']}" if p.get("inference_precision", "fp32") != "fp32" else ""))
         parts.append(f"{name} ({', '.join(bits)})")
     return "; ".join(parts)
 
@@ -254,9 +259,13 @@ class Bench:
         notes, precisions = [], {}
         for precision in wanted:
             built = d / f"built-{precision}"
+            # The first build checks the export against torch on --parity-scenes scenes; the
+            # second exports the same graphs again and checks them on a few (InceptionV3 in
+            # eager torch is most of a seed-inception build).
+            scenes = a.parity_scenes if not precisions else min(8, a.parity_scenes)
             cmd = [sys.executable, "-m", "build.build_engines", "--model", str(spec.checkpoint), "--target", "cpu",
                    "--precision", precision, "--runtime", "auto", "--repo", str(built), "--out", str(out),
-                   "--parity-scenes", str(a.parity_scenes), "--encoder-input", "float32"]
+                   "--parity-scenes", str(scenes), "--encoder-input", "float32"]
             if speed_only:
                 # Random weights: captions are noise, so agreement with fp32 says nothing about
                 # quality; the variant is measured for speed and its agreement only reported.
@@ -278,7 +287,7 @@ class Bench:
                 continue
             manifest = json.loads((built / "build_manifest.json").read_text())
             step_runtime = manifest["runtime"]["decoder_step"]["runtime"]
-            base = {"decoder": out / "decoder_step.onnx", "step_runtime": step_runtime,
+            base = {"decoder": out / "decoder_step.onnx", "step_runtime": step_runtime, "layout": manifest["layout"],
                     "auto_encoder_runtime": manifest["runtime"]["encoder"]["runtime"]}
             if precision == "int8" and manifest["precision"] != "fp32":
                 # the build's reduced-precision graph (int8 unless onnxruntime ran a bf16 graph faster)
@@ -344,7 +353,7 @@ class Bench:
             runtimes={ENCODER: paths["runtime"], DECODER_STEP: paths["step_runtime"], GENERATOR: paths["step_runtime"]},
             inference_precision=paths["inference_precision"],
             encoder_input=a.encoder_input,
-            layout=a.layout,
+            layout=paths.get("layout", "split") if a.layout == "auto" else a.layout,
             **({"queue_delay_us": a.queue_delay_us} if a.queue_delay_us >= 0 else {}),
         )
         warm_cache(repo)  # what the build does: a server start must not compile
@@ -420,7 +429,7 @@ class Bench:
             "models": {s.name: f"{s.checkpoint} (max_length {s.max_length or 'from checkpoint'})" for s in specs},
             "variants": {s.name: ", ".join(variant_label(*v) for v in s.variants) for s in specs},
             "encoder input": f"{a.encoder_input} (preprocess -> encoder)",
-            "layout": a.layout,
+            "layout": f"{a.layout} (auto: the build's choice per model, see the Triton lines)",
             "stacks": ",".join(a.stacks),
             "load": f"closed loop, concurrency {a.concurrency}, {a.warmup:g} s warm-up + {a.duration:g} s measured per level "
             f"(stretched up to {4 * a.duration:g} s until 2 x clients replies are in), "
@@ -440,8 +449,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", type=parse_variants, default=parse_variants(env("BENCH_VARIANTS", "")) or None,
                    help="runtime:precision list for every model, e.g. openvino:int8,onnxruntime:fp32 "
                         f"(default per model: {DEFAULT_VARIANTS})")
-    p.add_argument("--layout", choices=("split", "fused"), default=env("BENCH_LAYOUT") or None,
-                   help="Triton CPU layout: split or fused (decode + encoder in one model) (default: the build's)")
+    p.add_argument("--layout", choices=("auto", "split", "fused"), default=env("BENCH_LAYOUT", "auto"),
+                   help="Triton CPU layout: split, fused (decode + encoder in one model) or auto: the build's "
+                        "choice for the model (default)")
     p.add_argument("--encoder-input", choices=("uint8", "float32"), default=env("BENCH_ENCODER_INPUT", "uint8"),
                    help="what preprocess hands the encoder (default uint8, normalised inside the graph)")
     p.add_argument("--stacks", type=_csv(str), default=_csv(str)(env("BENCH_STACKS", ",".join(STACKS))))
@@ -469,10 +479,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", action="append", help="a line for the report's notes (repeatable)")
     p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the report and plots from <out>/bench.json")
     a = p.parse_args(argv)
-    if a.layout is None:
-        from build.build_engines import DEFAULT_LAYOUT
-
-        a.layout = DEFAULT_LAYOUT
     if a.quick:
         a.duration, a.warmup, a.inproc_duration = 2.0, 0.5, 1.5
     for name, values, allowed in (("models", a.models, MODELS), ("stacks", a.stacks, STACKS)):

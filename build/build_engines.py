@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_BATCH = 32  # the one default: Triton configs and the TensorRT profile both take it from here
 DEFAULT_ENCODER_INPUT = "uint8"  # docs/bench.md, investigation 7
-DEFAULT_LAYOUT = "split"  # docs/bench.md, investigation 8
+DEFAULT_LAYOUT = "auto"  # fused for small encoders: build/runtime_choice.py, docs/bench.md investigation 8
 TARGETS = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 RUNTIMES = ("auto", "onnxruntime", "openvino")
@@ -68,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime", choices=RUNTIMES, default=env("CAPTIONER_RUNTIME", "auto"),
                    help="CPU runtime of the encoder and decoder step: auto times both here and keeps the faster "
                         "per graph (env CAPTIONER_RUNTIME)")
-    p.add_argument("--layout", choices=("split", "fused"), default=env("CAPTIONER_LAYOUT", DEFAULT_LAYOUT),
-                   help="CPU repository layout: split (preprocess -> encoder -> caption_generator) or fused "
-                        f"(decode + encoder in one Python model, one hop fewer) (env CAPTIONER_LAYOUT, default {DEFAULT_LAYOUT})")
+    p.add_argument("--layout", choices=("auto", "split", "fused"), default=env("CAPTIONER_LAYOUT", DEFAULT_LAYOUT),
+                   help="CPU repository layout: split (preprocess -> encoder -> caption_generator), fused "
+                        "(decode + encoder in one Python model, one hop fewer) or auto (fused when the encoder is "
+                        f"small, by its measured rate) (env CAPTIONER_LAYOUT, default {DEFAULT_LAYOUT})")
     p.add_argument("--encoder-input", choices=ENCODER_INPUTS_CHOICES,
                    default=env("CAPTIONER_ENCODER_INPUT", DEFAULT_ENCODER_INPUT),
                    help="what preprocess hands the CPU encoder: uint8 HWC (normalised inside the encoder graph) or "
@@ -289,7 +290,7 @@ def build(a: argparse.Namespace) -> dict:
             artifacts["encoder_onnx"] = variant.chosen.path
             precision = variant.chosen.name
 
-    runtimes, inference_precision, encoder_input = None, "fp32", "float32"
+    runtimes, inference_precision, encoder_input, layout = None, "fp32", "float32", "split"
     with step(6, f"CPU runtime (RUNTIME={a.runtime}) and encoder input ({a.encoder_input})"):
         if target == "gpu":
             log("      not needed: TensorRT and Triton's onnxruntime backend serve the graphs")
@@ -303,8 +304,10 @@ def build(a: argparse.Namespace) -> dict:
                 encoder_input = "uint8"
                 log(f"      {artifacts['encoder_onnx'].name}: uint8 [S, S, 3] input, normalisation inside the graph "
                     "(same float32 operations as captioner.preprocess.normalize)")
-            runtimes, inference_precision, precision = cpu_runtime(
+            runtimes, inference_precision, precision, fuse = cpu_runtime(
                 a, ck, Path(artifacts["encoder_onnx"]), float_graph, dec_onnx, precision, enc_onnx, eval_images, manifest)
+            layout = a.layout if a.layout != "auto" else ("fused" if fuse[0] else "split")
+            log(f"      layout {layout}" + (f" (auto: {fuse[1]})" if a.layout == "auto" else ""))
 
     with step(7, f"Triton repository ({target}, {precision}) -> {repo_dir}"):
         try:
@@ -314,7 +317,7 @@ def build(a: argparse.Namespace) -> dict:
         try:
             repo = Path(assemble(ck, repo_dir, target, artifacts, max_batch_size=a.max_batch_size,
                                  precision=precision, runtimes=runtimes, inference_precision=inference_precision,
-                                 encoder_input=encoder_input, layout=a.layout if target == "cpu" else "split"))
+                                 encoder_input=encoder_input, layout=layout))
         except ValueError as e:  # RepositoryError included: the repository could not be made consistent
             raise BuildFailed(EXIT_CHECK_FAILED, f"repository assembly failed: {e}") from None
         from .runtime_choice import warm_cache
@@ -329,7 +332,7 @@ def build(a: argparse.Namespace) -> dict:
             "target": target,
             "precision": precision,
             "encoder_input": encoder_input,
-            "layout": a.layout if target == "cpu" else "split",
+            "layout": layout,
             "openvino_cache_warmed": warmed,
             "max_batch_size": a.max_batch_size,
             "opset": OPSET,
@@ -359,7 +362,8 @@ def cpu_runtime(a, ck, served: Path, float_graph: Path, dec_onnx: Path, precisio
     (bf16 hint, or the int8 graph) by its greedy-caption agreement with fp32.
     `served` is timed; the checks run on `float_graph`, the same graph before the uint8
     wrapper, whose input step is bit-identical to captioner.preprocess.normalize.
-    Returns (runtimes for assemble, inference precision, precision label)."""
+    Returns (runtimes for assemble, inference precision, precision label, (fuse?, why)
+    for LAYOUT=auto)."""
     from captioner.preprocess import normalize
     from captioner.serving import runtime as rt
 
@@ -425,7 +429,7 @@ def cpu_runtime(a, ck, served: Path, float_graph: Path, dec_onnx: Path, precisio
                     "speed measurements" if speed_only else "; build with PRECISION=fp32 or RUNTIME=onnxruntime")
             raise BuildFailed(EXIT_REFUSED, f"{what} encoder REFUSED: {agreement.share:.2%} caption agreement with "
                                             f"fp32 is below {a.min_agreement:.0%}{hint}")
-    return report.runtimes(), inference_precision, precision
+    return report.runtimes(), inference_precision, precision, runtime_choice.fused_layout(report)
 
 
 def main(argv: list[str] | None = None) -> int:

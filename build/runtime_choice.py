@@ -25,6 +25,13 @@ SECONDS_PER_TIMING = 0.4
 # OpenVINO must beat onnxruntime by this factor to be chosen: brief timings on a shared
 # machine wobble by a few percent, and onnxruntime is the runtime with fewer moving parts.
 MARGIN = 1.05
+# The fused layout (decode + encoder in one Python model) for encoders faster than this at
+# the build's max batch, through the chosen runtime: there the hop between two Python
+# models costs more than the encoder (default model: ~4,000-5,000 img/s, fused saved 0.2-0.3 ms
+# CPU per caption at 32 clients and 1.7-2.3 ms at 1 client; docs/bench.md, investigation 8).
+# A heavy encoder (seed-inception: 20-150 img/s) keeps its own model, so decoding the next
+# requests overlaps with it.
+FUSE_ABOVE_IMAGES_PER_S = 500.0
 
 
 @dataclass
@@ -103,7 +110,8 @@ def choose_runtimes(ck: Checkpoint, encoder_onnx: Path, decoder_onnx: Path, requ
     """Time what has to be timed and choose (the requested runtime is kept without timing)."""
     enc_rates: dict[str, dict[int, float | None]] = {}
     notes = []
-    if requested == "auto" or inference_precision == "bf16":
+    # An explicit runtime is timed too: the layout choice (`fused_layout`) needs its rate.
+    if True:
         for name in candidates(requested, inference_precision):
             settings = rt.EngineSettings(runtime=name, threads=encoder_threads, inference_precision=inference_precision)
             enc_rates[name] = {b: _rate(encoder_onnx, settings, encoder_feed(ck, encoder_onnx, b), b, seconds)
@@ -126,6 +134,16 @@ def choose_runtimes(ck: Checkpoint, encoder_onnx: Path, decoder_onnx: Path, requ
             f"{k} {'n/a' if v is None else f'{v:.0f} rows/s'}" for k, v in step_rates.items()))
     step_choice = rt.choose(requested, step_rates, margin=MARGIN)
     return RuntimeReport(enc_choice, step_choice, inference_precision, enc_rates, notes)
+
+
+def fused_layout(report: RuntimeReport, fuse_above: float = FUSE_ABOVE_IMAGES_PER_S) -> tuple[bool, str]:
+    """(fuse?, why) for LAYOUT=auto, from the chosen encoder runtime's measured rate."""
+    rate = report.encoder.rows_per_s.get(report.encoder.runtime)
+    if rate is None:
+        return False, "encoder rate not measured: split"
+    verdict = rate >= fuse_above
+    return verdict, (f"encoder {rate:.0f} img/s {'>=' if verdict else '<'} {fuse_above:.0f}: "
+                     f"{'fused (decode + encoder in one model)' if verdict else 'split (encoder in its own model)'}")
 
 
 def warm_cache(repo_dir: str | Path) -> list[str]:

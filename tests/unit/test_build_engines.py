@@ -42,7 +42,9 @@ def model_dir(tmp_path_factory):
 
 def run(model_dir, tmp_path, *extra):
     repo, out = tmp_path / "repo", tmp_path / "out"
-    rc = be.main(["--model", str(model_dir), "--repo", str(repo), "--out", str(out), "--parity-scenes", "40", *extra])
+    # the split layout, whose encoder model these tests inspect (test_serving_runtime covers fused)
+    rc = be.main(["--model", str(model_dir), "--repo", str(repo), "--out", str(out), "--parity-scenes", "40",
+                  "--layout", "split", *extra])
     return rc, repo, out
 
 

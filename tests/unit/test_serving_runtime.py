@@ -65,6 +65,16 @@ def test_auto_picks_the_faster_runtime_and_ties_keep_onnxruntime():
         rt.choose("tensorrt", {})
 
 
+def test_layout_auto_fuses_only_small_encoders():
+    from build.runtime_choice import RuntimeReport, fused_layout
+
+    def report(rate):
+        return RuntimeReport(rt.Choice("openvino", "x", {"openvino": rate}), rt.Choice("onnxruntime", "x", {}), "fp32")
+
+    assert fused_layout(report(4000.0))[0] and not fused_layout(report(140.0))[0]
+    assert "split" in fused_layout(RuntimeReport(rt.Choice("openvino", "x", {}), rt.Choice("onnxruntime", "x", {}), "fp32"))[1]
+
+
 def test_bf16_needs_the_cpu_instructions():
     assert rt.cpu_has_bf16({"avx512f", "avx512_bf16"}) and rt.cpu_has_bf16({"amx_bf16"})
     assert not rt.cpu_has_bf16({"avx512f", "avx512_vnni", "avx2"})
@@ -172,7 +182,7 @@ def test_openvino_reduced_precision_builds_pass_the_caption_gate(tmp_path, no_cu
         rc, _, _ = _build(tmp_path, "--precision", "bf16", "--runtime", "openvino")
         assert rc == be.EXIT_REFUSED
         return
-    rc, repo, manifest = _build(tmp_path, "--precision", precision, "--runtime", "openvino")
+    rc, repo, manifest = _build(tmp_path, "--precision", precision, "--runtime", "openvino", "--layout", "split")
     assert rc == 0
     gate = manifest["runtime"]["agreement"]
     assert gate["variant"] == f"OpenVINO {precision}" and gate["total"] == 200
@@ -196,10 +206,12 @@ def test_auto_records_both_runtimes_figures_and_onnxruntime_refuses_bf16(tmp_pat
     assert set(choice["rows_per_s"]) == {"onnxruntime", "openvino"} and all(v > 0 for v in choice["rows_per_s"].values())
     fastest = max(choice["rows_per_s"], key=choice["rows_per_s"].get)
     assert choice["runtime"] in (fastest, "onnxruntime")  # onnxruntime keeps a near-tie
-    assert _params(repo, "encoder")["runtime"] == choice["runtime"]
+    # LAYOUT=auto: the small default encoder runs thousands of images/s, so decode and encoder share a model
+    assert manifest["layout"] == "fused" and not (repo / "encoder").exists()
+    assert _params(repo, "preprocess")["runtime"] == choice["runtime"]
     assert _params(repo, "caption_generator")["runtime"] == manifest["runtime"]["decoder_step"]["runtime"]
     assert manifest["encoder_input"] == "uint8" and _params(repo, "preprocess")["output_type"] == "uint8"
-    assert warm_cache(repo) == (["encoder"] if choice["runtime"] == "openvino" else [])
+    assert warm_cache(repo) == (["preprocess"] if choice["runtime"] == "openvino" else [])
     with pytest.raises(SystemExit):
         be.parse_args(["--precision", "bf16", "--runtime", "onnxruntime"])
 
