@@ -109,8 +109,12 @@ class OpenVinoEngine:
             raise RuntimeUnavailable("this CPU has no bf16 instructions (avx512_bf16 / amx_bf16)")
         core = ov.Core()
         if settings.cache_dir:
-            Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(settings.cache_dir)})
+            try:
+                Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass  # a read-only repository the build did not fill: compile at every start
+            else:
+                core.set_property({"CACHE_DIR": str(settings.cache_dir)})
         config = {
             "INFERENCE_NUM_THREADS": settings.threads,
             # One stream: a Triton instance runs one batch at a time; parallelism comes
