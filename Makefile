@@ -11,6 +11,8 @@ RUN ?= runs/default
 REPO ?= model_repository
 TARGET ?= auto
 PRECISION ?= fp32
+RUNTIME ?= auto
+LAYOUT ?= auto
 SPLIT ?= test
 TRAIN_SCENES ?= 60000
 EPOCHS ?= 12
@@ -67,9 +69,9 @@ test-unit: | $(STAMP)
 test-integration: | $(STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|int8|fp16
+## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|bf16|int8|fp16 RUNTIME=auto|onnxruntime|openvino LAYOUT=auto|split|fused
 build-engines: | $(STAMP)
-	$(PY) -m build.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --repo $(REPO)
+	$(PY) -m build.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --runtime $(RUNTIME) --layout $(LAYOUT) --repo $(REPO)
 
 ## serve          build if needed, start tritonserver (supervised), caption three sample scenes, keep serving; REPLICAS=N
 REPLICAS ?= 1

@@ -1,5 +1,6 @@
-"""The in-process bound: the served ONNX artifacts and the served decode loop in one
-Python process, no server, no IPC. Each caption does the work a request does: decode
+"""The in-process bound: the served ONNX artifacts, through the same runtime (onnxruntime
+or OpenVINO) at the same precision, and the served decode loop in one Python process,
+no server, no IPC. Each caption does the work a request does: decode
 the image bytes, resize, normalise, run the encoder, greedy-decode with
 `captioner.decoding` over `onnx_step`, turn tokens into text. Only the hops are gone,
 so a server can approach this figure but should not beat it.
@@ -15,6 +16,7 @@ import numpy as np
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import DecodeParams, decode, onnx_step
 from captioner.preprocess import decode_image, normalize, prepare
+from captioner.serving import runtime as rt
 
 from .loadgen import _CpuMeter
 
@@ -33,6 +35,15 @@ def ort_session(path: str | Path, threads: int | None, spinning: bool = False):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def engine(path: str | Path, runtime: str, threads: int | None, spinning: bool = False,
+           inference_precision: str = "fp32"):
+    """The graph through the variant's runtime, with the server's engine settings."""
+    if runtime == rt.ONNXRUNTIME:
+        return ort_session(path, threads, spinning)
+    return rt.load(path, rt.EngineSettings(runtime=runtime, threads=threads or 1,
+                                           inference_precision=inference_precision))
+
+
 class InProcessCaptioner:
     def __init__(
         self,
@@ -42,10 +53,15 @@ class InProcessCaptioner:
         threads: int | None = None,
         max_length: int | None = None,
         spinning: bool = False,
+        runtime: str = rt.ONNXRUNTIME,
+        step_runtime: str = rt.ONNXRUNTIME,
+        inference_precision: str = "fp32",
     ):
         self.cfg, self.vocab = ck.preprocess, ck.vocab
-        self.encoder = ort_session(encoder_onnx, threads, spinning)
-        self.step = onnx_step(ort_session(decoder_onnx, threads, spinning))
+        self.encoder = engine(encoder_onnx, runtime, threads, spinning, inference_precision)
+        # A uint8 graph normalises inside (build/uint8_input.py): the bytes go in as prepared.
+        self.normalise = rt.input_dtype(self.encoder, "image") != np.uint8
+        self.step = onnx_step(engine(decoder_onnx, step_runtime, threads, spinning))
         self.params = DecodeParams(
             max_length=max_length or ck.args.max_length, length_penalty=ck.decoding.get("length_penalty", 0.7)
         ).validate()
@@ -53,7 +69,7 @@ class InProcessCaptioner:
 
     def caption_bytes(self, images: Sequence[bytes]) -> list[str]:
         batch = np.stack([prepare(decode_image(b), self.cfg) for b in images])
-        h0, c0 = self.encoder.run(["h0", "c0"], {"image": normalize(batch, self.cfg)})
+        h0, c0 = self.encoder.run(["h0", "c0"], {"image": normalize(batch, self.cfg) if self.normalise else batch})
         hyps = decode(self.step, h0, c0, self.vocab.start, self.vocab.end, self.params)
         self.tokens += sum(len(h.tokens) for h in hyps)
         return [self.vocab.decode(h.tokens) for h in hyps]

@@ -43,11 +43,6 @@ class OverloadResult:
         return asdict(self)
 
 
-def _backoff(retry: int, initial: float = 0.05, cap: float = 1.0) -> float:
-    """Full-jitter exponential backoff (retry is 1-based)."""
-    return random.uniform(0.0, min(cap, initial * 2 ** (retry - 1)))
-
-
 async def run_overload(
     url: str,
     images: Sequence[bytes],
@@ -58,8 +53,16 @@ async def run_overload(
     warmup_s: float = 1.0,
     parameters: dict | None = None,
     model: str = "captioner",
+    retry=None,
 ) -> OverloadResult:
+    """`retry`: the client library's RetryPolicy (its default when None): refused callers
+    back off exactly as the library's callers do."""
     import tritonclient.grpc.aio as grpcclient
+
+    from client.core import RetryPolicy
+
+    retry = retry or RetryPolicy()
+    rng = random.Random(0)
     from tritonclient.utils import InferenceServerException
 
     inputs = []
@@ -80,7 +83,7 @@ async def run_overload(
 
     async def one(client, i: int) -> None:
         start = time.perf_counter()
-        retry = 0
+        attempt = 0
         while True:
             left = deadline_s - (time.perf_counter() - start)
             if left <= 0.001:
@@ -99,8 +102,8 @@ async def run_overload(
                 if status.endswith("UNAVAILABLE"):
                     if inside(t1):
                         refusal_lat.append(t1 - t0)
-                    retry += 1
-                    await asyncio.sleep(min(_backoff(retry), max(deadline_s - (t1 - start), 0)))
+                    attempt += 1
+                    await asyncio.sleep(min(retry.backoff(attempt, rng), max(deadline_s - (t1 - start), 0)))
                     continue
                 if inside(t1):
                     if status.endswith("DEADLINE_EXCEEDED"):

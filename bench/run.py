@@ -3,14 +3,16 @@ measured one after the other on the same machine with the same images and the sa
 model, then compared. Writes reports/bench.md, reports/bench.json and PNG plots, and
 prints the configuration and the ratio table.
 
-    python -m bench.run                       # everything (6.5 min on 2 quiet cores, cold builds)
+    python -m bench.run                       # everything (about 11 min on 2 quiet cores, cold builds)
     python -m bench.run --quick               # short levels, for a smoke run
     python -m bench.run --models default --stacks inprocess,naive
 
 Models: `default` (the shipped checkpoint, else the best-so-far of a running training)
 and `seed-inception` (InceptionV3 at 299 px with random weights, speed only; it
-decodes a fixed 20 tokens). Precisions: fp32, plus int8 where the build provides a
-reduced-precision CPU encoder. The naive server runs eager torch (fp32) only.
+decodes a fixed 20 tokens). Variants are runtime x precision of the encoder
+(onnxruntime or OpenVINO; fp32, bf16 = OpenVINO's hint, int8 = the QDQ graph), each
+with its in-process bound through the same runtime and precision. The naive server
+runs eager torch (fp32) only.
 """
 from __future__ import annotations
 
@@ -42,6 +44,33 @@ STACKS = ("inprocess", "triton", "naive")
 SEED_MAX_LENGTH = 20  # random weights rarely emit END: every caption costs the full 20 steps
 N_IMAGES = 64
 EXIT_REFUSED = 4  # build_engines: the reduced-precision variant was refused
+PRECISIONS = ("fp32", "bf16", "int8")
+# Per model, the variants `make bench` measures (runtime:precision). onnxruntime fp32 is
+# the reference of R1; the rest are what the build can serve. --variants overrides.
+DEFAULT_VARIANTS = {
+    "default": "onnxruntime:fp32,openvino:fp32,openvino:int8",
+    # openvino fp32 runs the seed encoder within a few % of onnxruntime fp32 (the build's
+    # RUNTIME=auto timing, in the notes); left out to keep `make bench` under 15 minutes.
+    "seed-inception": "onnxruntime:fp32,openvino:bf16,openvino:int8",
+}
+
+
+def parse_variants(s: str) -> list[tuple[str, str]]:
+    """`openvino:int8,onnxruntime:fp32` -> [("openvino", "int8"), ("onnxruntime", "fp32")]."""
+    from captioner.serving.runtime import RUNTIMES
+
+    out = []
+    for item in filter(None, (x.strip() for x in s.split(","))):
+        runtime, _, precision = item.partition(":")
+        if runtime not in RUNTIMES or precision not in PRECISIONS:
+            raise argparse.ArgumentTypeError(f"variant {item!r}: want runtime:precision with runtime in {RUNTIMES} "
+                                             f"and precision in {PRECISIONS}")
+        out.append((runtime, precision))
+    return out
+
+
+def variant_label(runtime: str, precision: str) -> str:
+    return f"{runtime} {precision}"
 
 
 def _csv(cast):
@@ -83,6 +112,7 @@ def repo_summary(repo: Path) -> str:
     parts = []
     for name, cfg in check_repository(repo).items():
         if cfg.platform == "ensemble":
+            parts.append(f"layout {cfg.parameters['layout'].string_value if 'layout' in cfg.parameters else 'split'}")
             continue
         p = {k: v.string_value for k, v in cfg.parameters.items()}
         db = cfg.dynamic_batching
@@ -91,9 +121,11 @@ def repo_summary(repo: Path) -> str:
         if db.preferred_batch_size:
             bits.append(f"preferred {list(db.preferred_batch_size)}")
         if "intra_op_threads" in p:
-            bits.append(f"ORT threads {p['intra_op_threads']}")
+            bits.append(f"threads {p['intra_op_threads']}")
         if "step_mode" in p:
             bits.append(f"step {p['step_mode']}")
+        if "runtime" in p:
+            bits.append(p["runtime"] + (f" {p['inference_precision']}" if p.get("inference_precision", "fp32") != "fp32" else ""))
         parts.append(f"{name} ({', '.join(bits)})")
     return "; ".join(parts)
 
@@ -123,16 +155,17 @@ class ModelSpec:
     name: str
     checkpoint: Path
     max_length: int | None  # None: the checkpoint's own
-    variants: dict[str, dict] = field(default_factory=dict)  # precision -> {"repo", "encoder", "decoder"}
+    variants: list[tuple[str, str]] = field(default_factory=list)  # (runtime, precision)
 
 
-def resolve_model(name: str, default_model: str | None) -> ModelSpec:
+def resolve_model(name: str, default_model: str | None, variants: list[tuple[str, str]] | None = None) -> ModelSpec:
+    chosen = variants or parse_variants(DEFAULT_VARIANTS.get(name, ""))
     if name == "default":
-        return ModelSpec(name, Path(default_model) if default_model else default_checkpoint(), None)
+        return ModelSpec(name, Path(default_model) if default_model else default_checkpoint(), None, chosen)
     if name == "seed-inception":
         from build import seed_inception
 
-        return ModelSpec(name, Path(seed_inception.ensure()), SEED_MAX_LENGTH)
+        return ModelSpec(name, Path(seed_inception.ensure()), SEED_MAX_LENGTH, chosen)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
@@ -160,9 +193,13 @@ class Bench:
 
     # --- the three stacks ------------------------------------------------------------
 
+    def captioner(self, spec: ModelSpec, paths: dict, threads: int | None, spinning: bool = False) -> InProcessCaptioner:
+        return InProcessCaptioner(ckpt_mod.load(spec.checkpoint), paths["encoder"], paths["decoder"], threads=threads,
+                                  max_length=spec.max_length, spinning=spinning, runtime=paths["runtime"],
+                                  step_runtime=paths["step_runtime"], inference_precision=paths["inference_precision"])
+
     def inprocess(self, spec: ModelSpec, variant: str, paths: dict, bar: tqdm) -> None:
-        ck = ckpt_mod.load(spec.checkpoint)
-        cap = InProcessCaptioner(ck, paths["encoder"], paths["decoder"], threads=self.a.inproc_threads, max_length=spec.max_length, spinning=self.a.inproc_spinning)
+        cap = self.captioner(spec, paths, self.a.inproc_threads, self.a.inproc_spinning)
         for b in self.a.batches:
             bar.set_postfix_str(f"{spec.name} in-process {variant} batch {b}")
             r = measure(cap, self.images, b, self.a.inproc_duration)
@@ -200,69 +237,127 @@ class Bench:
     # --- orchestration -----------------------------------------------------------------
 
     def build(self, spec: ModelSpec) -> dict[str, dict]:
-        """Precision -> the ONNX graphs to serve, made by build.build_engines (the command
-        `make build-engines` runs, with its parity checks). One build per model: a
-        reduced-precision build also leaves the checked fp32 graphs in its artifact
-        directory. Reused while the checkpoint and the requested precisions are unchanged."""
+        """Precision -> the checked graphs to serve, made by build.build_engines (the command
+        `make build-engines` runs, with its parity checks and caption-agreement gates): one
+        build with PRECISION=int8 (it leaves the checked fp32 graphs too) and one with
+        PRECISION=bf16 when those variants are asked for. Reused while the checkpoint and
+        the requested precisions are unchanged."""
         a = self.a
         d = self.work / spec.name
-        out, built, stamp = d / "out", d / "built", d / "bench_build.json"
+        out = d / "out"
         sha = ckpt_mod.file_sha256(ckpt_mod.resolve(spec.checkpoint))
-        reduced = any(p != "fp32" for p in a.precisions)
+        wanted = sorted({p for _, p in spec.variants if p != "fp32"}) or ["fp32"]
+        stamp = d / "bench_build.json"
         if stamp.is_file() and not a.rebuild:
             cached = json.loads(stamp.read_text())
-            if cached["checkpoint_sha256"] == sha and cached["reduced"] == reduced:
+            if cached["checkpoint_sha256"] == sha and set(wanted) <= set(cached.get("builds", [])):
                 self.results["notes"] += cached["notes"]
-                return {k: {n: Path(p) for n, p in v.items()} for k, v in cached["variants"].items()}
+                return {k: {n: (Path(p) if n in ("encoder", "decoder") else p) for n, p in v.items()}
+                        for k, v in cached["precisions"].items()}
         speed_only = bool(ckpt_mod.load(spec.checkpoint).meta.get("speed_only"))
-        cmd = [sys.executable, "-m", "build.build_engines", "--model", str(spec.checkpoint), "--target", "cpu",
-               "--precision", "int8" if reduced else "fp32", "--repo", str(built), "--out", str(out),
-               "--parity-scenes", str(a.parity_scenes)]
-        if speed_only:
-            # Random weights: captions are noise, so agreement with fp32 says nothing about
-            # quality; the variant is measured for speed and its agreement only reported.
-            cmd += ["--min-agreement", "0", "--agreement-images", str(a.speed_only_agreement_images)]
-        else:
-            # The 98% gate needs a sample whose error bar is well under 2 points.
-            cmd += ["--agreement-images", str(a.agreement_images)]
-        log = self.out / f"build-{spec.name}.log"
         d.mkdir(parents=True, exist_ok=True)
-        with open(log, "wb") as f:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-        lines = log.read_text(errors="replace").strip().splitlines()
-        if rc not in (0, EXIT_REFUSED):
-            raise RuntimeError(f"build_engines exited {rc}: {' / '.join(lines[-3:])} (log: {log})")
-        notes = [f"{spec.name}: " + ln.strip() + (" (speed-only model: built with --min-agreement 0)" if speed_only else "")
-                 for ln in lines if "greedy captions" in ln and "fp32 on" in ln]
-        variants = {"fp32": {"encoder": out / "encoder.onnx", "decoder": out / "decoder_step.onnx"}}
-        if reduced and rc == 0:
+        notes, precisions = [], {}
+        for precision in wanted:
+            built = d / f"built-{precision}"
+            # The first build checks the export against torch on --parity-scenes scenes; the
+            # second exports the same graphs again and checks them on a few (InceptionV3 in
+            # eager torch is most of a seed-inception build).
+            scenes = a.parity_scenes if not precisions else min(8, a.parity_scenes)
+            cmd = [sys.executable, "-m", "build.build_engines", "--model", str(spec.checkpoint), "--target", "cpu",
+                   "--precision", precision, "--runtime", "auto", "--repo", str(built), "--out", str(out),
+                   "--parity-scenes", str(scenes), "--encoder-input", "float32"]
+            if speed_only:
+                # Random weights: captions are noise, so agreement with fp32 says nothing about
+                # quality; the variant is measured for speed and its agreement only reported.
+                cmd += ["--min-agreement", "0", "--agreement-images", str(a.speed_only_agreement_images)]
+            else:
+                # The 98% gate needs a sample whose error bar is well under 2 points.
+                cmd += ["--agreement-images", str(a.agreement_images)]
+            log = self.out / f"build-{spec.name}-{precision}.log"
+            with open(log, "wb") as f:
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+            lines = log.read_text(errors="replace").strip().splitlines()
+            if rc not in (0, EXIT_REFUSED):
+                raise RuntimeError(f"build_engines exited {rc}: {' / '.join(lines[-3:])} (log: {log})")
+            suffix = " (speed-only model: built with --min-agreement 0)" if speed_only else ""
+            notes += [f"{spec.name}: " + ln.strip() + suffix for ln in lines
+                      if ("greedy captions" in ln and "fp32 on" in ln) or "chosen " in ln]
+            if rc != 0:
+                notes.append(f"{spec.name}: the build refused {precision}: {lines[-1].strip()}")
+                continue
             manifest = json.loads((built / "build_manifest.json").read_text())
-            variants[manifest["precision"]] = {"encoder": built / "encoder" / "1" / "model.onnx", "decoder": out / "decoder_step.onnx"}
-        elif reduced:
-            notes.append(f"{spec.name}: the build provides no reduced-precision encoder: {lines[-1].strip()}")
-        stamp.write_text(json.dumps({"checkpoint_sha256": sha, "reduced": reduced, "notes": notes,
-                                     "variants": {k: {n: str(p) for n, p in v.items()} for k, v in variants.items()}}, indent=1))
+            step_runtime = manifest["runtime"]["decoder_step"]["runtime"]
+            base = {"decoder": out / "decoder_step.onnx", "step_runtime": step_runtime, "layout": manifest["layout"],
+                    "auto_encoder_runtime": manifest["runtime"]["encoder"]["runtime"]}
+            if precision == "int8" and manifest["precision"] != "fp32":
+                # the build's reduced-precision graph (int8 unless onnxruntime ran a bf16 graph faster)
+                precisions["int8"] = {**base, "encoder": out / f"encoder.{manifest['precision']}.onnx",
+                                      "auto_encoder_runtime": manifest["runtime"]["encoder"]["runtime"]}
+            if precision == "bf16":
+                precisions["bf16"] = {**base, "encoder": out / "encoder.onnx"}
+            precisions.setdefault("fp32", {**base, "encoder": out / "encoder.onnx", "auto_encoder_runtime": None})
+        if "fp32" in precisions and precisions["fp32"]["auto_encoder_runtime"] is None:
+            precisions["fp32"]["auto_encoder_runtime"] = self._fp32_choice(spec, out, precisions["fp32"])
+        stamp.write_text(json.dumps({"checkpoint_sha256": sha, "builds": wanted, "notes": notes,
+                                     "precisions": {k: {n: str(p) for n, p in v.items()} for k, v in precisions.items()}},
+                                    indent=1))
         self.results["notes"] += notes
-        return variants
+        return precisions
+
+    def _fp32_choice(self, spec: ModelSpec, out: Path, paths: dict) -> str:
+        """What RUNTIME=auto picks for the fp32 encoder (the reduced-precision builds time their own graph)."""
+        from build.repository import DEFAULT_ORT_THREADS, ENCODER
+        from build.runtime_choice import choose_runtimes
+
+        ck = ckpt_mod.load(spec.checkpoint)
+        r = choose_runtimes(ck, paths["encoder"], paths["decoder"], "auto", "fp32", DEFAULT_ORT_THREADS[ENCODER],
+                            (1, self.a.max_batch_size), log=lambda m: None)
+        self.results["notes"].append(f"{spec.name}: fp32 RUNTIME=auto would serve the encoder with {r.encoder.runtime} "
+                                     f"({r.encoder.reason})")
+        return r.encoder.runtime
+
+    def served_paths(self, spec: ModelSpec, runtime: str, precision: str, built: dict) -> dict:
+        """The graphs, runtimes and precision hint of one variant, the encoder graph with
+        uint8 input when the bench serves that (build/uint8_input.py; cached)."""
+        paths = dict(built[precision])
+        if self.a.encoder_input == "uint8":
+            from build.uint8_input import with_uint8_input
+
+            src = Path(paths["encoder"])
+            dst = src.with_name(f"{src.stem}.uint8.onnx")
+            if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
+                with_uint8_input(src, dst, ckpt_mod.load(spec.checkpoint).preprocess)
+            paths["encoder"] = dst
+        paths.update(runtime=runtime, inference_precision="bf16" if precision == "bf16" else "fp32")
+        return paths
 
     def triton_repo(self, spec: ModelSpec, variant: str, paths: dict) -> Path:
         """The repository the bench serves: the built graphs, assembled with the bench's
         batching, instance and thread settings (build.repository's own parameters)."""
         from build.repository import assemble
 
+        from build.repository import DECODER_STEP, ENCODER, GENERATOR
+        from build.runtime_choice import warm_cache
+
         a = self.a
-        return assemble(
+        repo = assemble(
             ckpt_mod.load(spec.checkpoint),
-            self.work / spec.name / f"repo-{variant}",
+            self.work / spec.name / f"repo-{variant.replace(' ', '-')}",
             "cpu",
             {"encoder_onnx": paths["encoder"], "decoder_onnx": paths["decoder"]},
             max_batch_size=a.max_batch_size,
-            precision=variant,
+            precision=variant.split()[-1],
             instance_counts=a.instances or None,
             ort_threads=a.ort_threads or None,
             step_mode=a.step_mode,
+            runtimes={ENCODER: paths["runtime"], DECODER_STEP: paths["step_runtime"], GENERATOR: paths["step_runtime"]},
+            inference_precision=paths["inference_precision"],
+            encoder_input=a.encoder_input,
+            layout=paths.get("layout", "split") if a.layout == "auto" else a.layout,
             **({"queue_delay_us": a.queue_delay_us} if a.queue_delay_us >= 0 else {}),
         )
+        warm_cache(repo)  # what the build does: a server start must not compile
+        return repo
 
     def triton(self, spec: ModelSpec, variant: str, paths: dict, bar: tqdm) -> None:
         from captioner.server import TritonServer
@@ -280,7 +375,7 @@ class Bench:
     def _parity(self, spec: ModelSpec, variant: str, paths: dict, url: str, params) -> None:
         """The server must be doing the in-process work: same captions for a few images."""
         n = 8
-        cap = InProcessCaptioner(ckpt_mod.load(spec.checkpoint), paths["encoder"], paths["decoder"], threads=1, max_length=spec.max_length)
+        cap = self.captioner(spec, paths, threads=1)
         expected = cap.caption_bytes(self.images[:n])
 
         async def go():
@@ -293,31 +388,36 @@ class Bench:
 
     def run(self) -> dict:
         a = self.a
-        specs = [resolve_model(m, a.default_model) for m in a.models]
+        specs = [resolve_model(m, a.default_model, a.variants) for m in a.models]
         self.results["config"] = self.config(specs)
         steps = 0
-        for _ in specs:
+        for spec in specs:
             if "inprocess" in a.stacks:
-                steps += len(a.batches) * len(a.precisions)
+                steps += len(a.batches) * len(spec.variants)
             if "triton" in a.stacks:
-                steps += len(a.concurrency) * len(a.precisions)
+                steps += len(a.concurrency) * len(spec.variants)
             if "naive" in a.stacks:
                 steps += len(a.concurrency)
+        self.results["variants"] = {}
         with tqdm(total=steps, desc="bench", unit="step") as bar:
             for spec in specs:
                 if "inprocess" in a.stacks or "triton" in a.stacks:
                     bar.set_postfix_str(f"{spec.name}: build")
-                    variants = self.build(spec)
-                    for variant in a.precisions:
-                        # "int8" asks for the build's reduced-precision encoder, whatever it chose
-                        label = "fp32" if variant == "fp32" else next((k for k in variants if k != "fp32"), None)
-                        if label is None:
+                    built = self.build(spec)
+                    for runtime, precision in spec.variants:
+                        label = variant_label(runtime, precision)
+                        if precision not in built:
                             bar.update(len(a.batches) * ("inprocess" in a.stacks) + len(a.concurrency) * ("triton" in a.stacks))
                             continue
+                        paths = self.served_paths(spec, runtime, precision, built)
+                        self.results["variants"][f"{spec.name} {label}"] = {
+                            "runtime": runtime, "precision": precision, "step_runtime": paths["step_runtime"],
+                            "auto_choice": paths.get("auto_encoder_runtime") == runtime,
+                            "encoder_input": a.encoder_input}
                         if "inprocess" in a.stacks:
-                            self.inprocess(spec, label, variants[label], bar)
+                            self.inprocess(spec, label, paths, bar)
                         if "triton" in a.stacks:
-                            self.triton(spec, label, variants[label], bar)
+                            self.triton(spec, label, paths, bar)
                 if "naive" in a.stacks:
                     self.naive(spec, bar)
         self.results["machine"] += f"; at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
@@ -327,7 +427,9 @@ class Bench:
         a = self.a
         return {
             "models": {s.name: f"{s.checkpoint} (max_length {s.max_length or 'from checkpoint'})" for s in specs},
-            "precisions": ",".join(a.precisions),
+            "variants": {s.name: ", ".join(variant_label(*v) for v in s.variants) for s in specs},
+            "encoder input": f"{a.encoder_input} (preprocess -> encoder)",
+            "layout": f"{a.layout} (auto: the build's choice per model, see the Triton lines)",
             "stacks": ",".join(a.stacks),
             "load": f"closed loop, concurrency {a.concurrency}, {a.warmup:g} s warm-up + {a.duration:g} s measured per level "
             f"(stretched up to {4 * a.duration:g} s until 2 x clients replies are in), "
@@ -344,7 +446,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=_csv(str), default=_csv(str)(env("BENCH_MODELS", ",".join(MODELS))))
     p.add_argument("--default-model", default=env("CAPTIONER_MODEL"), help="checkpoint dir for `default` (else models/default, runs/default, /tmp/run0)")
-    p.add_argument("--precisions", type=_csv(str), default=_csv(str)(env("BENCH_PRECISIONS", "fp32,int8")))
+    p.add_argument("--variants", type=parse_variants, default=parse_variants(env("BENCH_VARIANTS", "")) or None,
+                   help="runtime:precision list for every model, e.g. openvino:int8,onnxruntime:fp32 "
+                        f"(default per model: {DEFAULT_VARIANTS})")
+    p.add_argument("--layout", choices=("auto", "split", "fused"), default=env("BENCH_LAYOUT", "auto"),
+                   help="Triton CPU layout: split, fused (decode + encoder in one model) or auto: the build's "
+                        "choice for the model (default)")
+    p.add_argument("--encoder-input", choices=("uint8", "float32"), default=env("BENCH_ENCODER_INPUT", "uint8"),
+                   help="what preprocess hands the encoder (default uint8, normalised inside the graph)")
     p.add_argument("--stacks", type=_csv(str), default=_csv(str)(env("BENCH_STACKS", ",".join(STACKS))))
     p.add_argument("--concurrency", type=_csv(int), default=_csv(int)(env("BENCH_CONCURRENCY", "1,4,16,32,64")))
     p.add_argument("--batches", type=_csv(int), default=_csv(int)(env("BENCH_BATCHES", "1,8,32")), help="in-process batch sizes")
@@ -372,7 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.inproc_duration = 2.0, 0.5, 1.5
-    for name, values, allowed in (("models", a.models, MODELS), ("stacks", a.stacks, STACKS), ("precisions", a.precisions, ("fp32", "int8"))):
+    for name, values, allowed in (("models", a.models, MODELS), ("stacks", a.stacks, STACKS)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             p.error(f"--{name}: {bad or 'empty'}; choose from {', '.join(allowed)}")

@@ -2,11 +2,12 @@
 
 Under overload a request is worth serving only if it can still finish inside its
 caller's deadline. Each model that admits new work (preprocess, encoder,
-caption_generator) gets a bounded queue, sized so that a full queue drains within the
-*queue budget* at the rate measured here, and a queue timeout of the same budget:
-past it the request is refused with UNAVAILABLE, fast, so the caller backs off or goes
-to another replica instead of waiting for an answer it will throw away. Callers may
-lower the timeout with their own deadline (`allow_timeout_override`).
+caption_generator) gets a bounded queue, sized so that a full queue drains within a
+quarter of the *queue budget* at the rate the whole stack reaches here, and a queue
+timeout of the budget: a request that finds the queue full is refused with UNAVAILABLE at once, so the
+caller backs off or goes to another replica instead of waiting for an answer it will
+throw away. Callers may lower the timeout with their own deadline
+(`allow_timeout_override`).
 
 The encoder's batches are capped too: one batch of 32 InceptionV3 images takes about a
 second on 2 cores, which alone eats half of a 2 s deadline. The cap is the largest
@@ -44,12 +45,16 @@ class QueuePolicy:
 
 @dataclass(frozen=True)
 class Capacity:
-    """Images per second, measured in this process on the build machine."""
+    """Captions per second, measured in this process on the build machine, with the
+    runtimes and input layout the repository will serve."""
 
-    preprocess_per_s: float
-    encoder_per_s: float
+    preprocess_per_s: float  # decode, resize (and normalise), one core
+    encoder_per_s: float  # at `encoder_batch`, with `threads` threads
+    decode_per_s: float  # greedy decoding over the decoder step, one core
+    pipeline_per_s: float  # all three sharing the machine's cores: the stack's ceiling
     encoder_batch: int
     threads: int
+    cores: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,55 +71,75 @@ def _rate(fn, n_items: int, min_seconds: float) -> float:
             return runs * n_items / elapsed
 
 
-def measure(ck, encoder_onnx: str | Path, threads: int, batch: int, min_seconds: float = 1.0) -> Capacity:
-    """Preprocess (decode, resize, normalise 128 px PNG scenes, one core) and encoder
-    (onnxruntime with the threads the repository gives it, at `batch`) throughput."""
+def measure(ck, encoder_graph: str | Path, decoder_graph: str | Path, batch: int, *, encoder_settings=None,
+            step_settings=None, normalise: bool = True, min_seconds: float = 1.0) -> Capacity:
+    """Time the served work on `batch` shapes-v1 scenes (128 px PNG): preprocessing as the
+    preprocess model does it, the encoder graph through its runtime, greedy decoding
+    through the decoder step's runtime. Settings are captioner.serving.runtime
+    EngineSettings (default: onnxruntime, the repository's encoder threads)."""
+    import os
+
+    from captioner.decoding import DecodeParams, decode, onnx_step
     from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
     from captioner.scenes import encoded_scenes
-    from captioner.serving.ort import OrtSettings, session
+    from captioner.serving import runtime as rt
     from captioner.serving.preprocess import Preprocessor
 
+    from .export import ENCODER_INPUTS, ENCODER_OUTPUTS
+    from .repository import DEFAULT_ORT_THREADS, ENCODER
+
+    encoder_settings = encoder_settings or rt.EngineSettings(threads=DEFAULT_ORT_THREADS[ENCODER])
+    step_settings = step_settings or rt.EngineSettings(threads=1)
     images = [np.array([[data]], dtype=np.object_) for data, _ in encoded_scenes(batch, seed=5)]
-    pre = Preprocessor(ck.preprocess, Limits(DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS))
-    pre_rate = _rate(lambda: pre.run(images), len(images), min_seconds)
+    pre = Preprocessor(ck.preprocess, Limits(DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS), normalise=normalise)
+    pre_rate = _rate(lambda: pre.run(images), batch, min_seconds)
     x = np.concatenate(pre.run(images))
-    sess = session(encoder_onnx, OrtSettings(intra_op_threads=threads))
-    name = sess.get_inputs()[0].name
-    enc_rate = _rate(lambda: sess.run(None, {name: x}), len(x), min_seconds)
-    return Capacity(round(pre_rate, 1), round(enc_rate, 1), batch, threads)
+    encoder = rt.load(encoder_graph, encoder_settings)
+    feed, outputs = {ENCODER_INPUTS[0]: x}, list(ENCODER_OUTPUTS)
+    enc_rate = _rate(lambda: encoder.run(outputs, feed), batch, min_seconds)
+    h0, c0 = encoder.run(outputs, feed)
+    step = onnx_step(rt.load(decoder_graph, step_settings))
+    params = DecodeParams(max_length=ck.args.max_length)
+    dec_rate = _rate(lambda: decode(step, h0, c0, ck.vocab.start, ck.vocab.end, params), batch, min_seconds)
+    cores = os.cpu_count() or 1
+    # CPU seconds per caption, every stage on its own cores' share of the machine.
+    per_caption = 1 / pre_rate + encoder_settings.threads / enc_rate + 1 / dec_rate
+    return Capacity(round(pre_rate, 1), round(enc_rate, 1), round(dec_rate, 1), round(cores / per_caption, 1),
+                    batch, encoder_settings.threads, cores)
 
 
 def policies(capacity: Capacity | None, max_batch: int, budget_ms: int = DEFAULT_QUEUE_BUDGET_MS,
-             max_queue_size: int | None = None) -> dict[str, QueuePolicy]:
-    """Queue policy per model. Without a measurement (tests, quick assemblies) the queues
-    are bounded at four full batches. `max_queue_size` overrides every bound; 0 turns
-    load shedding off (unbounded queues, no timeouts, no batch cap: the behaviour before
-    it existed, kept for before/after measurements)."""
+             max_queue_size: int | None = None, fused: bool = False) -> dict[str, QueuePolicy]:
+    """Queue policy per model. Each admitting queue holds what the whole stack serves in
+    a quarter of the budget at the measured ceiling: a full queue refuses at once
+    (milliseconds), and what it admits is served before the queue timeout (the budget)
+    would refuse it after a wait, even when the served rate is a third of the ceiling
+    (Triton's hops cost the small model about that much, docs/bench.md). Without a
+    measurement (tests, quick assemblies) the queues are bounded at four full batches.
+    `max_queue_size` overrides every bound; 0 turns load shedding off (unbounded queues,
+    no timeouts, no batch cap: the behaviour before it existed, kept for before/after
+    measurements). fused: preprocess runs the encoder too (the fused CPU layout)."""
     from .repository import ENCODER, GENERATOR, PREPROCESS
 
     if max_queue_size == 0:
         return {m: QueuePolicy() for m in (PREPROCESS, ENCODER, GENERATOR)}
-    budget_s = budget_ms / 1e3
+    half_s = budget_ms / 2e3
     timeout_us = int(budget_ms * 1000)
-
-    def size(rate: float | None) -> int:
-        if max_queue_size is not None:
-            return max_queue_size
-        if rate is None:
-            return 4 * max_batch
-        return max(max_batch, math.ceil(rate * budget_s))
-
-    pre = capacity.preprocess_per_s if capacity else None
-    enc = capacity.encoder_per_s if capacity else None
     cap = 0
-    if enc is not None:
-        fits = int(enc * budget_s / 2)
+    if capacity is not None:
+        fits = int(capacity.encoder_per_s * half_s)
         cap = 0 if fits >= max_batch else max(1, fits)
+    if max_queue_size is not None:
+        size = max_queue_size
+    elif capacity is None:
+        size = 4 * max_batch
+    else:
+        size = max(cap or 1, math.ceil(capacity.pipeline_per_s * half_s / 2))
+    encoder = QueuePolicy(size, timeout_us, cap)
     return {
-        PREPROCESS: QueuePolicy(size(pre), timeout_us),
-        ENCODER: QueuePolicy(size(enc), timeout_us, cap),
-        # Its rate is the decode loop's, far above the encoder's: sized like the encoder.
-        GENERATOR: QueuePolicy(size(enc), timeout_us),
+        PREPROCESS: encoder if fused else QueuePolicy(size, timeout_us),
+        ENCODER: encoder,
+        GENERATOR: QueuePolicy(size, timeout_us),
     }
 
 

@@ -6,8 +6,8 @@ defaults), written with text_format, parsed back and checked for completeness.
 
 Models (ensemble `captioner` = preprocess -> encoder -> caption_generator):
   preprocess         Python: Pillow decode + captioner.preprocess, request checks
-  encoder            CPU: Python + onnxruntime;  GPU: tensorrt_plan
-  decoder_step       CPU: Python + onnxruntime;  GPU: onnxruntime_onnx
+  encoder            CPU: Python + onnxruntime or OpenVINO;  GPU: tensorrt_plan
+  decoder_step       CPU: Python + onnxruntime or OpenVINO;  GPU: onnxruntime_onnx
   caption_generator  Python: batched greedy / beam / sampling over the decoder step
 """
 from __future__ import annotations
@@ -34,7 +34,15 @@ PREPROCESS, ENCODER, DECODER_STEP, GENERATOR = "preprocess", "encoder", "decoder
 MODELS = (PREPROCESS, ENCODER, DECODER_STEP, GENERATOR, ENSEMBLE)
 PYTHON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 TARGETS = ("cpu", "gpu")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# What preprocess hands the encoder: float32 [3, S, S] normalised, or the prepared
+# uint8 [S, S, 3] with normalisation inside the encoder graph (build/uint8_input.py).
+ENCODER_INPUT_TYPES = ("float32", "uint8")
+# CPU layouts: "split" = preprocess -> encoder -> caption_generator (three Python models);
+# "fused" = preprocess runs decode and the encoder in one process (model source
+# triton_models/preprocess_encoder), one hop fewer: preprocess -> caption_generator.
+LAYOUTS = ("split", "fused")
+FUSED_SOURCE = "preprocess_encoder"
 
 # Sized for 2 CPU cores: one instance per model lets the three stages of the ensemble
 # overlap; the bench tunes these through assemble's arguments, not by editing code.
@@ -52,7 +60,7 @@ DEFAULT_STEP_MODE = {"cpu": "inprocess", "gpu": "bls"}
 # and a 1 ms delay per stage halved throughput at 1-4 clients (docs/bench.md).
 DEFAULT_QUEUE_DELAY_US = 0
 
-_FP32, _INT64, _STRING = mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_STRING
+_FP32, _INT64, _STRING, _UINT8 = mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_STRING, mc.TYPE_UINT8
 
 
 class RepositoryError(ValueError):
@@ -131,6 +139,10 @@ def build_configs(
     step_mode: str,
     queue_delay_us: int,
     limits: Mapping[str, int],
+    runtimes: Mapping[str, str] | None = None,
+    inference_precision: str = "fp32",
+    encoder_input: str = "float32",
+    layout: str = "split",
     queues: Mapping[str, QueuePolicy] | None = None,
 ) -> dict[str, mc.ModelConfig]:
     s = ck.preprocess.image_size
@@ -141,23 +153,35 @@ def build_configs(
     decoding = {"max_length": ck.args.max_length, "length_penalty": ck.decoding.get("length_penalty", 0.7)}
     cpu, gpu = mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_GPU
     accel = gpu if target == "gpu" else cpu
-    image = [3, s, s]
+    image, image_type = ([s, s, 3], _UINT8) if encoder_input == "uint8" else ([3, s, s], _FP32)
+    runtimes = runtimes or {}
+
+    def runtime(model: str) -> dict[str, str]:
+        return {"runtime": runtimes.get(model, "onnxruntime")}
 
     queues = queues or {}
     pre = _python(_base(PREPROCESS, max_batch_size, instances[PREPROCESS], cpu, queue_delay_us, queues.get(PREPROCESS)))
     pre.input.append(_input("IMAGE", _STRING, [1]))
-    pre.output.append(_output(ENCODER_INPUTS[0], _FP32, image))
-    _params(pre, {**decoding, "max_image_bytes": limits["max_image_bytes"], "max_image_pixels": limits["max_image_pixels"]})
+    _params(pre, {**decoding, "max_image_bytes": limits["max_image_bytes"], "max_image_pixels": limits["max_image_pixels"],
+                  "output_type": encoder_input})
+    fused = layout == "fused"
+    if fused:
+        pre.output.extend(_output(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
+        _params(pre, {"fused_encoder": 1, "precision": precision, "intra_op_threads": ort_threads[ENCODER],
+                      **runtime(ENCODER), "inference_precision": inference_precision})
+    else:
+        pre.output.append(_output(ENCODER_INPUTS[0], image_type, image))
 
     enc = _base(ENCODER, max_batch_size, instances[ENCODER], accel, queue_delay_us, queues.get(ENCODER))
-    enc.input.append(_input(ENCODER_INPUTS[0], _FP32, image))
+    enc.input.append(_input(ENCODER_INPUTS[0], image_type, image))
     enc.output.extend(_output(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
     if target == "gpu":
         enc.platform, enc.default_model_filename = "tensorrt_plan", "model.plan"
         _params(enc, {"precision": precision})
     else:
         _python(enc)
-        _params(enc, {"precision": precision, "intra_op_threads": ort_threads[ENCODER]})
+        _params(enc, {"precision": precision, "intra_op_threads": ort_threads[ENCODER], **runtime(ENCODER),
+                      "inference_precision": inference_precision})
 
     # Every live beam of every image is one row of a step: up to max_batch_size * MAX_BEAM.
     dec = _base(DECODER_STEP, max_batch_size * MAX_BEAM, instances[DECODER_STEP], accel, queue_delay_us)
@@ -170,16 +194,17 @@ def build_configs(
         dec.platform, dec.default_model_filename = "onnxruntime_onnx", "model.onnx"
     else:
         _python(dec)
-        _params(dec, {"intra_op_threads": ort_threads[DECODER_STEP]})
+        _params(dec, {"intra_op_threads": ort_threads[DECODER_STEP], **runtime(DECODER_STEP)})
 
-    _warmup(pre, (1,))
+    _warmup(pre, (1, max_batch_size) if fused else (1,))
     if target == "cpu":  # TensorRT and onnxruntime backends allocate at load on the GPU
         _warmup(enc, (1, max_batch_size))
     gen = _python(_base(GENERATOR, max_batch_size, instances[GENERATOR], cpu, queue_delay_us, queues.get(GENERATOR)))
     gen.input.extend(_input(n, _FP32, [u]) for n in ENCODER_OUTPUTS)
     gen.output.append(_output("CAPTION", _STRING, [1]))
     gen.output.append(_output("SCORE", _FP32, [1]))
-    _params(gen, {**decoding, "step_mode": step_mode, "step_model": DECODER_STEP, "intra_op_threads": ort_threads[GENERATOR]})
+    _params(gen, {**decoding, "step_mode": step_mode, "step_model": DECODER_STEP, "intra_op_threads": ort_threads[GENERATOR],
+                  **runtime(GENERATOR)})
     if step_mode == "inprocess":  # a BLS step would call decoder_step before it is ready
         _warmup(gen, (1,))
 
@@ -190,9 +215,10 @@ def build_configs(
     steps = ens.ensemble_scheduling.step
     step = steps.add(model_name=PREPROCESS, model_version=-1)
     step.input_map["IMAGE"] = "IMAGE"
-    step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
-    step = steps.add(model_name=ENCODER, model_version=-1)
-    step.input_map[ENCODER_INPUTS[0]] = "preprocessed_image"
+    if not fused:
+        step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
+        step = steps.add(model_name=ENCODER, model_version=-1)
+        step.input_map[ENCODER_INPUTS[0]] = "preprocessed_image"
     for n in ENCODER_OUTPUTS:
         step.output_map[n] = f"encoded_{n}"
     step = steps.add(model_name=GENERATOR, model_version=-1)
@@ -200,16 +226,23 @@ def build_configs(
         step.input_map[n] = f"encoded_{n}"
     step.output_map["CAPTION"] = "CAPTION"
     step.output_map["SCORE"] = "SCORE"
-    _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision})
-    return {c.name: c for c in (pre, enc, dec, gen, ens)}
+    _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision, "layout": layout,
+                  "encoder_runtime": "tensorrt" if target == "gpu" else runtimes.get(ENCODER, "onnxruntime")})
+    return {c.name: c for c in ((pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens))}
 
 
 # --- checks ------------------------------------------------------------------------------
 
 
-def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[str, list[int]]) -> None:
-    """Tensor names and the non-batch dims of an exported graph must match the config."""
+def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[str, list[int]],
+                input_types: Mapping[str, int] | None = None) -> None:
+    """Tensor names, the non-batch dims (and the given element types) of an exported graph must match the config."""
     graph = onnx.load(str(path), load_external_data=False).graph
+    for i in graph.input:
+        want = (input_types or {}).get(i.name)
+        if want is not None and i.type.tensor_type.elem_type != want:
+            got = onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)
+            raise RepositoryError(f"{path.name}: input {i.name} is {got}, expected {onnx.TensorProto.DataType.Name(want)}")
 
     def dims(vi):
         return [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim][1:]
@@ -229,7 +262,7 @@ def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[st
 def _required_files(cfg: mc.ModelConfig) -> list[str]:
     main = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}.get(cfg.platform, "model.py")
     extra = {
-        PREPROCESS: ["preprocess.json"],
+        PREPROCESS: ["preprocess.json"] + (["model.onnx"] if _fused(cfg) else []),
         GENERATOR: ["vocab.json"],
         ENCODER: ["model.onnx"] if cfg.backend == "python" else [],
         DECODER_STEP: ["model.onnx"],
@@ -239,12 +272,20 @@ def _required_files(cfg: mc.ModelConfig) -> list[str]:
     return [main] + extra
 
 
+def _fused(cfg: mc.ModelConfig) -> bool:
+    return cfg.name == PREPROCESS and "fused_encoder" in cfg.parameters
+
+
 def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
     """Parse every config back and assert the repository is complete and consistent."""
     repo_dir = Path(repo_dir)
     configs: dict[str, mc.ModelConfig] = {}
     for name in MODELS:
         path = repo_dir / name / "config.pbtxt"
+        if name == ENCODER and _fused(configs[PREPROCESS]):
+            if path.exists():
+                raise RepositoryError(f"{path}: the fused layout's preprocess runs the encoder; no encoder model")
+            continue
         if not path.is_file():
             raise RepositoryError(f"missing {path}")
         text = path.read_text()
@@ -323,12 +364,21 @@ def assemble(
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     max_image_bytes: int = DEFAULT_MAX_BYTES,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    runtimes: Mapping[str, str] | None = None,
+    inference_precision: str = "fp32",
+    encoder_input: str = "float32",
+    layout: str = "split",
     queues: Mapping[str, QueuePolicy] | None = None,
 ) -> Path:
     """Write the model repository for `target` ("cpu" or "gpu") into `repo_dir`.
 
     artifacts: `encoder_onnx`, `decoder_onnx`, and `encoder_plan` for gpu. Model
     directories of this repository are replaced; anything else in `repo_dir` is kept.
+    runtimes: CPU runtime per Python model that runs a graph (encoder, decoder_step,
+    caption_generator's in-process step): "onnxruntime" (default) or "openvino";
+    inference_precision "bf16" is OpenVINO's hint for the encoder; encoder_input "uint8"
+    expects an encoder graph that normalises inside (build/uint8_input.py); layout
+    "fused" runs decode and the encoder in the preprocess model (CPU only).
     queues: the load-shedding policy per model (build/capacity.py; the build measures the
     rates it derives them from); None bounds every admitting queue at four batches."""
     if target not in TARGETS:
@@ -337,6 +387,20 @@ def assemble(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if max_batch_size < 16:
         raise ValueError(f"max_batch_size must be >= 16, got {max_batch_size}")
+    if layout not in LAYOUTS or (layout == "fused" and target != "cpu"):
+        raise ValueError(f"layout must be one of {LAYOUTS} (fused on cpu only), got {layout!r} for {target}")
+    if encoder_input not in ENCODER_INPUT_TYPES or (encoder_input == "uint8" and target != "cpu"):
+        # On GPU the TensorRT engine is built from the float graph (a uint8 engine is untested here).
+        raise ValueError(f"encoder_input must be one of {ENCODER_INPUT_TYPES} (uint8 on cpu only), got {encoder_input!r}")
+    from captioner.serving.runtime import INFERENCE_PRECISIONS, RUNTIMES
+
+    bad = {k: v for k, v in (runtimes or {}).items() if v not in RUNTIMES or k not in (ENCODER, DECODER_STEP, GENERATOR)}
+    if bad:
+        raise ValueError(f"runtimes: {bad}; models encoder, decoder_step, caption_generator; runtimes {RUNTIMES}")
+    if inference_precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"inference_precision must be one of {INFERENCE_PRECISIONS}, got {inference_precision!r}")
+    if inference_precision != "fp32" and (runtimes or {}).get(ENCODER) != "openvino":
+        raise ValueError(f"inference_precision {inference_precision} needs runtimes[encoder] = openvino")
     step_mode = step_mode or DEFAULT_STEP_MODE[target]
     if step_mode not in ("inprocess", "bls"):
         raise ValueError(f"step_mode must be inprocess or bls, got {step_mode!r}")
@@ -351,7 +415,10 @@ def assemble(
         raise ValueError(f"unknown model names {sorted(unknown)}; models are {MODELS}")
 
     s, u, v = ck.preprocess.image_size, ck.args.lstm_units, len(ck.vocab)
-    _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [3, s, s]}, {n: [u] for n in ENCODER_OUTPUTS})
+    u8 = encoder_input == "uint8"
+    _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [s, s, 3] if u8 else [3, s, s]},
+                {n: [u] for n in ENCODER_OUTPUTS},
+                {ENCODER_INPUTS[0]: onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.FLOAT})
     _check_onnx(
         Path(artifacts["decoder_onnx"]),
         {STEP_INPUTS[0]: [], STEP_INPUTS[1]: [u], STEP_INPUTS[2]: [u]},
@@ -367,7 +434,11 @@ def assemble(
         step_mode,
         queue_delay_us,
         {"max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels},
-        queues if queues is not None else policies(None, max_batch_size),
+        runtimes=runtimes,
+        inference_precision=inference_precision,
+        encoder_input=encoder_input,
+        layout=layout,
+        queues=queues if queues is not None else policies(None, max_batch_size, fused=layout == "fused"),
     )
 
     repo_dir = Path(repo_dir)
@@ -384,6 +455,8 @@ def assemble(
         }
         if step_mode == "inprocess":
             files[GENERATOR]["decoder_step.onnx"] = Path(artifacts["decoder_onnx"])
+        if layout == "fused":
+            files[PREPROCESS]["model.onnx"] = Path(artifacts["encoder_onnx"])
         for name, cfg in configs.items():
             version = staging / name / "1"
             version.mkdir(parents=True)
@@ -392,7 +465,8 @@ def assemble(
                 (staging / name / "warmup" / WARMUP_IMAGE).write_bytes(_warmup_image(ck.preprocess.image_size))
             write_config(cfg, staging / name / "config.pbtxt")
             if cfg.backend == "python":
-                shutil.copy2(PYTHON_MODELS_DIR / name / "model.py", version / "model.py")
+                source = FUSED_SOURCE if _fused(cfg) else name
+                shutil.copy2(PYTHON_MODELS_DIR / source / "model.py", version / "model.py")
             for filename, content in files[name].items():
                 if isinstance(content, Path):
                     shutil.copy2(content, version / filename)
@@ -403,7 +477,8 @@ def assemble(
             dest = repo_dir / name
             if dest.exists():
                 shutil.rmtree(dest)
-            (staging / name).rename(dest)
+            if (staging / name).exists():  # the fused layout has no encoder model
+                (staging / name).rename(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     check_repository(repo_dir)

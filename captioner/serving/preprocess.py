@@ -51,6 +51,9 @@ class Preprocessor:
     cfg: PreprocessConfig
     limits: Limits
     defaults: DecodeDefaults | None = None  # set: request parameters are checked here, first
+    # False: hand the encoder the prepared uint8 [n, S, S, 3] (its graph normalises), a
+    # quarter of float32's bytes through Triton's shared memory.
+    normalise: bool = True
 
     def prepare_request(self, images: np.ndarray) -> np.ndarray | Rejected:
         """One request's IMAGE tensor ([n, 1] bytes) -> uint8 [n, S, S, 3], or why not."""
@@ -76,15 +79,40 @@ class Preprocessor:
         return None
 
     def run(self, images: Sequence[np.ndarray], parameters: Sequence[Any] | None = None) -> list[np.ndarray | Rejected]:
-        """Per request: float32 [n, 3, S, S] for the encoder, or a Rejected for that request alone.
+        """Per request: float32 [n, 3, S, S] for the encoder (uint8 [n, S, S, 3] when not
+        `normalise`), or a Rejected for that request alone.
 
         A bad parameter is refused before the image is decoded: it is the cheaper check."""
         parameters = parameters if parameters is not None else [None] * len(images)
         prepared = [self.check_parameters(p) or self.prepare_request(x) for x, p in zip(images, parameters)]
         good = [i for i, p in enumerate(prepared) if not isinstance(p, Rejected)]
-        if not good:
+        if not good or not self.normalise:
             return prepared
         batch, sizes = concat([prepared[i] for i in good])
         for i, part in zip(good, split(normalize(batch, self.cfg), sizes)):
             prepared[i] = part
         return prepared
+
+
+@dataclass
+class ImageEncoder:
+    """Decode + encoder in one step (the `fused` CPU layout, one process hop fewer): every
+    good image of the Triton batch goes through `engine` (onnxruntime session or OpenVINO
+    engine) in one run; per request (h0, c0) or its Rejected."""
+
+    pre: Preprocessor
+    engine: Any
+    outputs: tuple[str, ...] = ("h0", "c0")
+    input_name: str = "image"
+
+    def run(self, images: Sequence[np.ndarray], parameters: Sequence[Any] | None = None) -> list[tuple | Rejected]:
+        prepared = self.pre.run(images, parameters)
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, Rejected)]
+        if not good:
+            return prepared
+        batch, sizes = concat([prepared[i] for i in good])
+        per_output = [split(np.asarray(o), sizes) for o in self.engine.run(list(self.outputs), {self.input_name: batch})]
+        out: list[tuple | Rejected] = list(prepared)
+        for k, i in enumerate(good):
+            out[i] = tuple(o[k] for o in per_output)
+        return out

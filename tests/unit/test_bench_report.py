@@ -41,12 +41,33 @@ def test_ratios_use_the_best_inprocess_batch_and_the_naive_level_at_the_same_con
 
 
 def test_targets_report_met_and_missed(results):
-    verdicts = {t.name: t for t in report.targets(results, "default")}
-    sat = verdicts["seed-inception fp32: Triton at saturation / in-process bound"]
-    assert sat.value == pytest.approx(0.95) and sat.met
-    assert verdicts["seed-inception fp32: Triton / naive at 16 clients"].met
-    d = verdicts["default fp32: Triton at 32 clients"]
-    assert d.value == 290.0 and d.met is False and "MISSED" in d.line()
+    verdicts = {t.name.split(" (")[0]: t for t in report.targets(results, "default")}
+    r1 = verdicts["R1 seed-inception best Triton variant / in-process fp32 bound"]
+    assert r1.value == pytest.approx(0.95) and r1.met is False
+    r3 = verdicts["R3 seed-inception best Triton variant / naive at 16 clients"]
+    assert r3.value == pytest.approx(3.8) and r3.met is False and "MISSED" in r3.line()
+    r2 = verdicts["R2 default fp32: Triton at 32 clients / its in-process bound"]
+    assert r2.value == pytest.approx(290.0 / 400.0) and r2.met is False
+
+
+def test_r1_takes_the_best_variant_over_the_onnxruntime_fp32_bound_and_r2_each_fp32_variant(results):
+    results["inprocess"] += [
+        dict(model="seed-inception", variant="onnxruntime fp32", batch_size=16, captions_per_s=30.0, mean_tokens=20.0),
+        dict(model="default", variant="openvino fp32", batch_size=32, captions_per_s=500.0, mean_tokens=5.0),
+    ]
+    results["levels"] += [
+        _level("seed-inception", "triton", "openvino int8", 16, 95.0),
+        _level("seed-inception", "triton", "openvino int8", 64, 100.0),
+        _level("default", "triton", "openvino fp32", 32, 470.0),
+        _level("default", "triton", "openvino int8", 32, 900.0),
+    ]
+    verdicts = {t.name.split(" (")[0]: t for t in report.targets(results, "default")}
+    r1 = verdicts["R1 seed-inception best Triton variant / in-process onnxruntime fp32 bound"]
+    assert r1.value == pytest.approx(100.0 / 30.0) and r1.met and "openvino int8, 64 clients" in r1.name
+    assert verdicts["R3 seed-inception best Triton variant / naive at 16 clients"].value == pytest.approx(19.0)
+    r2 = verdicts["R2 default openvino fp32: Triton at 32 clients / its in-process bound"]
+    assert r2.value == pytest.approx(0.94) and r2.met
+    assert not any("int8" in name for name in verdicts if name.startswith("R2"))
 
 
 def test_markdown_holds_every_table_and_the_config(results):
@@ -63,10 +84,13 @@ def test_plots_are_png_files(results, tmp_path):
 
 def test_cli_parses_tuning_and_refuses_unknown_names():
     assert _kv("encoder=2, preprocess=1") == {"encoder": 2, "preprocess": 1}
-    a = parse_args(["--quick", "--models", "seed-inception", "--instances", "encoder=2"])
+    a = parse_args(["--quick", "--models", "seed-inception", "--instances", "encoder=2",
+                    "--variants", "openvino:int8,onnxruntime:fp32"])
     assert a.models == ["seed-inception"] and a.instances == {"encoder": 2} and a.duration < 6
-    with pytest.raises(SystemExit):
-        parse_args(["--models", "resnet"])
+    assert a.variants == [("openvino", "int8"), ("onnxruntime", "fp32")]
+    for bad in (["--models", "resnet"], ["--variants", "tensorrt:fp32"], ["--variants", "openvino:fp8"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_the_investigation_section_is_lifted_from_the_docs(tmp_path):

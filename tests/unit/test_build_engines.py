@@ -42,7 +42,9 @@ def model_dir(tmp_path_factory):
 
 def run(model_dir, tmp_path, *extra):
     repo, out = tmp_path / "repo", tmp_path / "out"
-    rc = be.main(["--model", str(model_dir), "--repo", str(repo), "--out", str(out), "--parity-scenes", "40", *extra])
+    # the split layout, whose encoder model these tests inspect (test_serving_runtime covers fused)
+    rc = be.main(["--model", str(model_dir), "--repo", str(repo), "--out", str(out), "--parity-scenes", "40",
+                  "--layout", "split", *extra])
     return rc, repo, out
 
 
@@ -62,8 +64,10 @@ def test_cpu_build_is_complete_with_a_manifest(model_dir, tmp_path, no_cuda, cap
     assert "parity PASSED" in log and "greedy captions onnx == torch: 40/40" in log
     configs = check_repository(repo)
     assert configs["encoder"].max_batch_size == be.DEFAULT_MAX_BATCH
-    assert (repo / "encoder" / "1" / "model.onnx").read_bytes() == (out / "encoder.onnx").read_bytes()
+    # the served graph: the checked export with uint8 input, normalised inside (the default)
+    assert (repo / "encoder" / "1" / "model.onnx").read_bytes() == (out / "encoder.uint8.onnx").read_bytes()
     manifest = json.loads((repo / be.MANIFEST).read_text())
+    assert manifest["encoder_input"] == "uint8" and manifest["runtime"]["encoder"]["runtime"] in ("onnxruntime", "openvino")
     assert manifest == json.loads((out / be.MANIFEST).read_text())
     assert manifest["checkpoint"]["sha256"] == file_sha256(model_dir / "model.pt")
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}

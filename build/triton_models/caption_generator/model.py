@@ -2,16 +2,15 @@
 
 One execution merges every request of its batch, groups them by decoding parameters
 and runs captioner.decoding (one batched decoder step per token for all live
-sequences) once per group. The step runs in this process through onnxruntime
-(`step_mode: inprocess`) or calls the `decoder_step` model through BLS
+sequences) once per group. The step runs in this process through onnxruntime or
+OpenVINO (`step_mode: inprocess`, parameter `runtime`) or calls the `decoder_step` model through BLS
 (`step_mode: bls`); the README explains the choice."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from captioner.decoding import onnx_step
-from captioner.serving import Rejected
+from captioner.serving import Rejected, runtime
 from captioner.serving.generator import GenRequest, bls_step, generate
-from captioner.serving.ort import OrtSettings, session
 from captioner.serving.params import DecodeDefaults, ParamError, decode_params
 from captioner.serving.triton import (
     OutputMetrics,
@@ -35,7 +34,8 @@ class TritonPythonModel:
         self.defaults = DecodeDefaults.from_config(params)
         mode = params.get("step_mode", "inprocess")
         if mode == "inprocess":
-            self.step = onnx_step(session(here / "decoder_step.onnx", OrtSettings.from_config(params)))
+            settings = runtime.EngineSettings.from_config(params, here)
+            self.step = onnx_step(runtime.load(here / "decoder_step.onnx", settings))
         elif mode == "bls":
             self.step = bls_step(pb_utils, params.get("step_model", "decoder_step"))
         else:

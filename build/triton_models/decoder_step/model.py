@@ -1,9 +1,9 @@
 """Triton model `decoder_step` on CPU: (tokens, h, c) -> (log_probs, h_out, c_out)
-through onnxruntime, every request stacked into one run. On GPU the repository serves
+through onnxruntime or OpenVINO (config parameter `runtime`), every request stacked into one run. On GPU the repository serves
 the same ONNX graph with the onnxruntime backend instead."""
 import triton_python_backend_utils as pb_utils
 
-from captioner.serving.ort import OrtSettings, session
+from captioner.serving import runtime
 from captioner.serving.triton import batched_responses, config_parameters, model_config, version_dir
 
 
@@ -12,7 +12,8 @@ class TritonPythonModel:
         config = model_config(args)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        self.session = session(version_dir(args) / "model.onnx", OrtSettings.from_config(config_parameters(config)))
+        settings = runtime.EngineSettings.from_config(config_parameters(config), version_dir(args))
+        self.session = runtime.load(version_dir(args) / "model.onnx", settings)
 
     def _run(self, tokens, h, c):
         # The config carries tokens as [batch, 1] (Triton needs a non-empty shape); the graph takes [batch].

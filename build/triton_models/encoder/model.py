@@ -1,10 +1,12 @@
-"""Triton model `encoder` on CPU: image (float32 [3, S, S]) -> h0, c0 through onnxruntime.
+"""Triton model `encoder` on CPU: image -> h0, c0 through onnxruntime or OpenVINO (the
+build's choice, config parameter `runtime`). The image is float32 [3, S, S], or uint8
+[S, S, 3] when the graph normalises inside (parameter `output_type` of preprocess).
 
 Every request of the Triton batch is stacked into one tensor and run once. On GPU the
 repository uses a TensorRT plan instead of this model."""
 import triton_python_backend_utils as pb_utils
 
-from captioner.serving.ort import OrtSettings, session
+from captioner.serving import runtime
 from captioner.serving.triton import batched_responses, config_parameters, model_config, version_dir
 
 
@@ -13,7 +15,8 @@ class TritonPythonModel:
         config = model_config(args)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        self.session = session(version_dir(args) / "model.onnx", OrtSettings.from_config(config_parameters(config)))
+        settings = runtime.EngineSettings.from_config(config_parameters(config), version_dir(args))
+        self.session = runtime.load(version_dir(args) / "model.onnx", settings)
 
     def _run(self, *arrays):
         return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))

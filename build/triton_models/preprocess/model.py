@@ -1,4 +1,5 @@
-"""Triton model `preprocess`: IMAGE (encoded bytes) -> image (float32 [3, S, S]).
+"""Triton model `preprocess`: IMAGE (encoded bytes) -> image: float32 [3, S, S], or
+uint8 [S, S, 3] when the encoder graph normalises (parameter `output_type`).
 
 Decodes with Pillow through captioner.preprocess, the function training uses, and
 checks the request parameters first: every bad input is refused here, per request,
@@ -29,6 +30,7 @@ class TritonPythonModel:
             cfg=PreprocessConfig.from_dict(read_json(version_dir(args) / "preprocess.json")),
             limits=limits_from_config(params),
             defaults=DecodeDefaults.from_config(params),
+            normalise=params.get("output_type", "float32") == "float32",
         )
         self.metrics = RejectMetrics(pb_utils, REJECT_REASONS)
 

@@ -1,0 +1,63 @@
+"""Triton model `preprocess` of the fused CPU layout: IMAGE (encoded bytes) -> h0, c0.
+
+Decode (captioner.preprocess, with every request check of the split layout's
+preprocess model) and the encoder (onnxruntime or OpenVINO, parameter `runtime`) in
+one process: for a small encoder the hop between two Python models costs more than
+the encoder (docs/bench.md). The logic lives in captioner.serving.preprocess.ImageEncoder."""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from captioner.preprocess import PreprocessConfig
+from captioner.serving import Rejected, runtime
+from captioner.serving.params import DecodeDefaults
+from captioner.serving.preprocess import REJECT_REASONS, ImageEncoder, Preprocessor, limits_from_config
+from captioner.serving.triton import (
+    RejectMetrics,
+    config_parameters,
+    input_array,
+    internal_error_responses,
+    model_config,
+    read_json,
+    rejected_response,
+    skip_cancelled,
+    version_dir,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = model_config(args)
+        params = config_parameters(config)
+        here = version_dir(args)
+        engine = runtime.load(here / "model.onnx", runtime.EngineSettings.from_config(params, here))
+        self.outputs = tuple(t["name"] for t in config["output"])
+        self.encoder = ImageEncoder(
+            Preprocessor(
+                cfg=PreprocessConfig.from_dict(read_json(here / "preprocess.json")),
+                limits=limits_from_config(params),
+                defaults=DecodeDefaults.from_config(params),
+                normalise=runtime.input_dtype(engine, "image") != np.uint8,
+            ),
+            engine,
+            self.outputs,
+        )
+        self.metrics = RejectMetrics(pb_utils, REJECT_REASONS)
+
+    def execute(self, requests):
+        return skip_cancelled(pb_utils, requests, self._execute)
+
+    def _execute(self, requests):
+        try:
+            images = [input_array(pb_utils, r, "IMAGE") for r in requests]
+            results = self.encoder.run(images, [r.parameters() for r in requests])
+        except Exception as e:  # a bug, not a bad input: log it, fail this batch only
+            return internal_error_responses(pb_utils, len(requests), "preprocess", e)
+        responses = []
+        for result in results:
+            if isinstance(result, Rejected):
+                self.metrics.rejected(result.reason)
+                responses.append(rejected_response(pb_utils, result))
+            else:
+                tensors = [pb_utils.Tensor(n, a) for n, a in zip(self.outputs, result)]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
