@@ -287,15 +287,19 @@ class Bench:
                 continue
             manifest = json.loads((built / "build_manifest.json").read_text())
             step_runtime = manifest["runtime"]["decoder_step"]["runtime"]
-            base = {"decoder": out / "decoder_step.onnx", "step_runtime": step_runtime, "layout": manifest["layout"],
-                    "auto_encoder_runtime": manifest["runtime"]["encoder"]["runtime"]}
+            top = str(max(int(b) for r in manifest["runtime"]["encoder_rows_per_s"].values() for b in r))
+            base = {"decoder": out / "decoder_step.onnx", "step_runtime": step_runtime,
+                    "auto_encoder_runtime": manifest["runtime"]["encoder"]["runtime"],
+                    # images/s of this precision's graph per runtime: LAYOUT=auto's rule, per variant
+                    "rates": json.dumps({k: v[top] for k, v in manifest["runtime"]["encoder_rows_per_s"].items()})}
             if precision == "int8" and manifest["precision"] != "fp32":
                 # the build's reduced-precision graph (int8 unless onnxruntime ran a bf16 graph faster)
                 precisions["int8"] = {**base, "encoder": out / f"encoder.{manifest['precision']}.onnx",
                                       "auto_encoder_runtime": manifest["runtime"]["encoder"]["runtime"]}
             if precision == "bf16":
                 precisions["bf16"] = {**base, "encoder": out / "encoder.onnx"}
-            precisions.setdefault("fp32", {**base, "encoder": out / "encoder.onnx", "auto_encoder_runtime": None})
+            precisions.setdefault("fp32", {**base, "encoder": out / "encoder.onnx", "auto_encoder_runtime": None,
+                                           "rates": None})
         if "fp32" in precisions and precisions["fp32"]["auto_encoder_runtime"] is None:
             precisions["fp32"]["auto_encoder_runtime"] = self._fp32_choice(spec, out, precisions["fp32"])
         stamp.write_text(json.dumps({"checkpoint_sha256": sha, "builds": wanted, "notes": notes,
@@ -312,6 +316,7 @@ class Bench:
         ck = ckpt_mod.load(spec.checkpoint)
         r = choose_runtimes(ck, paths["encoder"], paths["decoder"], "auto", "fp32", DEFAULT_ORT_THREADS[ENCODER],
                             (1, self.a.max_batch_size), log=lambda m: None)
+        paths["rates"] = json.dumps({k: v[self.a.max_batch_size] for k, v in r.encoder_rates.items()})
         self.results["notes"].append(f"{spec.name}: fp32 RUNTIME=auto would serve the encoder with {r.encoder.runtime} "
                                      f"({r.encoder.reason})")
         return r.encoder.runtime
@@ -329,6 +334,14 @@ class Bench:
                 with_uint8_input(src, dst, ckpt_mod.load(spec.checkpoint).preprocess)
             paths["encoder"] = dst
         paths.update(runtime=runtime, inference_precision="bf16" if precision == "bf16" else "fp32")
+        if self.a.layout == "auto":
+            from build.runtime_choice import FUSE_ABOVE_IMAGES_PER_S
+
+            rates = paths.get("rates")
+            rate = json.loads(rates).get(runtime) if rates not in (None, "None") else None
+            paths["layout"] = "fused" if rate is not None and rate >= FUSE_ABOVE_IMAGES_PER_S else "split"
+        else:
+            paths["layout"] = self.a.layout
         return paths
 
     def triton_repo(self, spec: ModelSpec, variant: str, paths: dict) -> Path:
@@ -353,7 +366,7 @@ class Bench:
             runtimes={ENCODER: paths["runtime"], DECODER_STEP: paths["step_runtime"], GENERATOR: paths["step_runtime"]},
             inference_precision=paths["inference_precision"],
             encoder_input=a.encoder_input,
-            layout=paths.get("layout", "split") if a.layout == "auto" else a.layout,
+            layout=paths["layout"],
             **({"queue_delay_us": a.queue_delay_us} if a.queue_delay_us >= 0 else {}),
         )
         warm_cache(repo)  # what the build does: a server start must not compile
