@@ -236,6 +236,7 @@ class Faults:
                "--parity-scenes", "20"]
         cmd += {"default": [], "unbounded": ["--max-queue-size", "0"],
                 "tight": ["--queue-budget-ms", str(self.plan.queue_budget_ms)]}[variant]
+        cmd += self.a.build_args.split()
         with open(self.out / f"faults-build-{model}-{variant}.log", "wb") as f:
             subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
         self._repos.setdefault(model, {})[variant] = repo
@@ -519,6 +520,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="overload also a repository built without load shedding, in the same run "
                         "(default: on, off with --quick)")
+    p.add_argument("--build-args", default=env("FAULTS_BUILD_ARGS", ""),
+                   help="extra build_engines flags for every repository, e.g. '--layout fused'")
     p.add_argument("--out", default=env("FAULTS_OUT", str(ROOT / "reports")))
     p.add_argument("--work", default=env("FAULTS_WORK", str(ROOT / "artifacts" / "faults")))
     a = p.parse_args(argv)

@@ -29,10 +29,12 @@ MARGIN = 1.05
 # at the build's max batch, through the chosen runtime. Measured fused-better on 2 cores:
 # the default model (~4,000 img/s: 1.6 vs 1.8 ms CPU per caption at 32 clients) and
 # seed-inception int8 through OpenVINO (~100-155 img/s: 5-8% less CPU per caption, higher
-# throughput in 4 of 4 alternating runs; docs/bench.md, investigation 8). Slower encoders
-# (seed-inception fp32, ~35-40 img/s) were not measured fused: they keep their own model,
-# where decoding the next requests overlaps with the encoder.
-FUSE_ABOVE_IMAGES_PER_S = 50.0
+# throughput in 4 of 4 alternating runs; docs/bench.md, investigation 8). Slow encoders
+# fuse too: decoding (~1,400 img/s with uint8 output) overlapping a 40 img/s encoder saves
+# ~3%, while under overload the fused model's queue is the only one in front of any work,
+# so a refused request costs no Python execution (make faults, seed-inception fp32 at 128
+# clients: goodput 0.67x capacity fused vs 0.57x split, README "Reliability").
+FUSE_ABOVE_IMAGES_PER_S = 0.0
 
 
 @dataclass
