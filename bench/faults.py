@@ -122,6 +122,12 @@ class Launcher:
                 return child
         raise RuntimeError("no tritonserver under the launcher")
 
+    def stub_models(self) -> list[str]:
+        """The models on a caption's path that run in their own stub (the fused CPU
+        layout has no encoder model: preprocess runs it)."""
+        have = {s.model for s in stubs_of(self.tritonserver().pid)}
+        return [m for m in ("preprocess", "encoder", "caption_generator") if m in have]
+
     def stub(self, model: str) -> int:
         pids = [s.pid for s in stubs_of(self.tritonserver().pid) if s.model == model]
         if not pids:
@@ -440,10 +446,11 @@ class Faults:
                         if scenario == "overload":
                             self.overload(model, launcher)
                         elif scenario == "stub-kill":
-                            for target in ("preprocess", "encoder", "caption_generator"):
+                            for target in launcher.stub_models():
                                 self.stub_fault(model, launcher, target, signal.SIGKILL)
                         elif scenario == "hang":
-                            self.stub_fault(model, launcher, "encoder", signal.SIGSTOP)
+                            # the model that runs the encoder: its own, or the fused preprocess
+                            self.stub_fault(model, launcher, launcher.stub_models()[-2], signal.SIGSTOP)
                         elif scenario == "server-kill":
                             self.server_kill(model, launcher)
                         elif scenario == "drain":

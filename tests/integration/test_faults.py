@@ -32,16 +32,19 @@ def test_overload_is_shed_fast_and_the_server_recovers(report):
     assert r["recovered_s"] is not None
 
 
-@pytest.mark.parametrize("target", ["preprocess", "encoder", "caption_generator"])
-def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_nothing(report, target):
-    r = report[("stub-kill", target)]
-    assert r["not_ready_after_s"] is not None, "readiness never said NOT ready while the model was broken"
-    assert r["captions_again_after_s"] is not None, r["supervisor"]
-    assert r["lost"] == 0, r["lost_samples"]
+def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_nothing(report):
+    killed = {target: r for (scenario, target), r in report.items() if scenario == "stub-kill"}
+    # every model on the caption's path (the fused CPU layout runs the encoder in preprocess)
+    assert {"preprocess", "caption_generator"} <= set(killed)
+    for target, r in killed.items():
+        assert r["not_ready_after_s"] is not None, f"{target}: readiness never said NOT ready while broken"
+        assert r["captions_again_after_s"] is not None, r["supervisor"]
+        assert r["lost"] == 0, r["lost_samples"]
 
 
 def test_a_stopped_stub_is_repaired(report):
-    r = report[("hang", "encoder")]
+    (r,) = [r for (scenario, _), r in report.items() if scenario == "hang"]
+    assert r["target"] in ("encoder", "preprocess")  # the model that runs the encoder
     assert r["captions_again_after_s"] is not None, r["supervisor"]
     assert r["lost"] == 0, r["lost_samples"]
 
