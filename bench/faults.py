@@ -397,38 +397,47 @@ class Faults:
             return t_term
 
         t_term = asyncio.run(go())
-        accepted = [r for r in results if r[0] < t_term]
-        after = [r for r in results if r[0] >= t_term]
-        statuses: dict[str, int] = {}
-        for r in after:
-            statuses[r[2]] = statuses.get(r[2], 0) + 1
-        in_flight = [r for r in accepted if r[1] >= t_term]
+        # In flight at SIGTERM: sent before it, answered after it. These were accepted and
+        # must all be captioned; what was answered before SIGTERM is not the drain's doing.
+        in_flight = [r for r in results if r[0] < t_term <= r[1]]
+        after: dict[str, int] = {}
+        for r in results:
+            if r[0] >= t_term:
+                after[r[2]] = after.get(r[2], 0) + 1
         lost: dict[str, int] = {}
-        for r in accepted:
+        for r in in_flight:
             if r[2] != "OK":
                 lost[r[2]] = lost.get(r[2], 0) + 1
         return self.record(
             scenario="drain", model=model, launcher_exit=launcher.proc.returncode,
-            accepted=len(accepted), in_flight_at_sigterm=len(in_flight),
-            accepted_lost=sum(lost.values()), accepted_lost_by_status=lost, after_sigterm=statuses,
+            accepted=len(in_flight), in_flight_at_sigterm=len(in_flight),
+            accepted_lost=sum(lost.values()), accepted_lost_by_status=lost, after_sigterm=after,
             stopped_after_s=round(max((r[1] for r in results), default=t_term) - t_term, 2),
         )
 
     def soak(self, model: str, launcher: Launcher) -> dict:
-        p, params = self.plan, self.params(model)
+        """Steady load from clients of the client library (retries, backoff) for soak_s:
+        requests lost after retries, and the server's memory before and after."""
+        log: list = []
 
         async def go():
-            async with TritonClient(launcher.grpc_url, self.images, parameters=params) as c:
-                await first_caption(c)
-                await run_level(c, p.soak_clients, duration=3.0, warmup=1.0)  # warm: allocators, caches
-                rss0 = launcher.rss_mb()
-                r = await run_level(c, p.soak_clients, duration=p.soak_s, warmup=0.0)
-                return r, rss0, launcher.rss_mb()
+            stop = asyncio.Event()
+            task = asyncio.create_task(captions_with_retries(launcher.grpc_url, self.images, self.plan.soak_clients,
+                                                             stop, self.params(model), log))
+            await asyncio.sleep(5.0)  # warm: allocators, caches
+            rss0, t0 = launcher.rss_mb(), time.monotonic()
+            await asyncio.sleep(self.plan.soak_s)
+            rss1, t1 = launcher.rss_mb(), time.monotonic()
+            stop.set()
+            await task
+            return rss0, rss1, t0, t1
 
-        r, rss0, rss1 = asyncio.run(go())
-        return self.record(scenario="soak", model=model, seconds=round(r.elapsed_s, 1), requests=r.completed,
-                           failed=r.errors, throughput=r.throughput, rss_start_mb=round(rss0, 1),
-                           rss_end_mb=round(rss1, 1), rss_growth=(rss1 - rss0) / rss0)
+        rss0, rss1, t0, t1 = asyncio.run(go())
+        window = [r for r in log if t0 <= r[1] <= t1]
+        lost = [e for _, done, ok, e in window if not ok]
+        return self.record(scenario="soak", model=model, seconds=round(t1 - t0, 1), requests=len(window),
+                           failed=len(lost), lost_samples=lost[:3], throughput=(len(window) - len(lost)) / (t1 - t0),
+                           rss_start_mb=round(rss0, 1), rss_end_mb=round(rss1, 1), rss_growth=(rss1 - rss0) / rss0)
 
     # --------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -499,13 +508,14 @@ def report(results: dict) -> str:
                       "- supervisor: " + " / ".join(e.split("captioner.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
         elif s == "drain":
             lines += [f"## drain: {r['model']} (SIGTERM to the launcher, {results['plan']['fault_clients'] * 2} clients)",
-                      f"- accepted before SIGTERM {r['accepted']} ({r['in_flight_at_sigterm']} in flight), lost **{r['accepted_lost']}** "
+                      f"- in flight at SIGTERM {r['in_flight_at_sigterm']}, lost **{r['accepted_lost']}** "
                       f"{r['accepted_lost_by_status'] or ''}; "
                       f"sent after SIGTERM: {r['after_sigterm']}; launcher exit {r['launcher_exit']}, "
                       f"stopped {r['stopped_after_s']} s after SIGTERM", ""]
         elif s == "soak":
             lines += [f"## soak: {r['model']}, {r['seconds']} s",
-                      f"- {r['requests']} requests, {r['failed']} failed, {r['throughput']:.1f}/s; server RSS "
+                      f"- {r['requests']} captions asked by {results['plan']['soak_clients']} clients of the client library, "
+                      f"{r['failed']} lost after retries, {r['throughput']:.1f}/s; server RSS "
                       f"{r['rss_start_mb']} -> {r['rss_end_mb']} MB ({r['rss_growth'] * 100:+.1f} %)", ""]
     return "\n".join(lines)
 

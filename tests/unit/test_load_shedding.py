@@ -22,11 +22,11 @@ SMALL = Capacity(1500.0, 1200.0, 2000.0, 900.0, 32, 2, 2)
 
 def test_queues_hold_half_a_budget_of_the_stacks_rate_and_heavy_batches_are_capped():
     q = policies(SEED_LIKE, max_batch=32, budget_ms=1000)
-    assert q["encoder"].batch_cap == 7  # 7 images at 30/s run in 0.23 s: a quarter of the budget
-    # 24 captions/s x 0.25 s = 6 waiting, but at least one capped batch
-    assert q["preprocess"] == QueuePolicy(max_queue_size=7, timeout_us=1_000_000)
-    assert q["encoder"] == QueuePolicy(7, 1_000_000, 7)
-    assert q["caption_generator"].max_queue_size == 7
+    assert q["encoder"].batch_cap == 3  # 3 images at 30/s run in 0.1 s: an eighth of the budget
+    # 24 captions/s x 0.25 s = 6 waiting
+    assert q["preprocess"] == QueuePolicy(max_queue_size=6, timeout_us=1_000_000)
+    assert q["encoder"] == QueuePolicy(6, 1_000_000, 3)
+    assert q["caption_generator"].max_queue_size == 6
     assert "decoder_step" not in q  # mid-caption steps are never refused
 
 
@@ -38,7 +38,7 @@ def test_fast_models_get_deep_queues_and_no_batch_cap():
 
 def test_in_the_fused_layout_preprocess_admits_as_the_encoder_does():
     q = policies(SEED_LIKE, max_batch=32, budget_ms=1000, fused=True)
-    assert q["preprocess"] == q["encoder"] and q["preprocess"].batch_cap == 7
+    assert q["preprocess"] == q["encoder"] and q["preprocess"].batch_cap == 3
 
 
 def test_overrides_and_the_unmeasured_default():
@@ -60,7 +60,7 @@ def test_measure_reports_positive_rates_for_a_real_checkpoint(tmp_path):
 def test_the_repository_carries_the_policies(tmp_path):
     ck = checkpoint.load(tiny_checkpoint(tmp_path / "ck"))
     art = {"encoder_onnx": export_encoder(ck, tmp_path / "e.onnx"), "decoder_onnx": export_decoder_step(ck, tmp_path / "d.onnx")}
-    q = policies(SEED_LIKE, max_batch=32, budget_ms=400)  # cap: 30/s x 0.1 s = 3
+    q = policies(SEED_LIKE, max_batch=32, budget_ms=400)  # cap: 30/s x 0.05 s = 1
     repo = assemble(ck, tmp_path / "repo", "cpu", art, queues=q)
     cfg = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in repo.glob("*/config.pbtxt")}
     for name in ("preprocess", "encoder", "caption_generator"):
