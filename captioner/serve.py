@@ -252,6 +252,29 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop) -> thread
     return thread
 
 
+def drain_all(servers: list[TritonServer], a: argparse.Namespace) -> None:
+    """Model control is explicit under supervision: drain by unloading the ensemble first
+    (captioner.supervisor.drain), then tritonserver stops with nothing in flight."""
+    import tritonclient.http as httpclient
+
+    from build.repository import ENSEMBLE
+
+    from .supervisor import drain
+
+    for server in servers:
+        if not server.running():
+            continue
+        control = httpclient.InferenceServerClient(server.http_url, network_timeout=a.drain_timeout + 5.0)
+        try:
+            done = drain(control, ENSEMBLE, a.drain_timeout, control_headers(a))
+            print(f"{server.grpc_url}: " + ("every accepted request finished" if done else
+                                             f"requests still in flight after {a.drain_timeout} s"), flush=True)
+        except Exception as e:  # noqa: BLE001 - tritonserver's own drain still follows
+            print(f"{server.grpc_url}: drain by unloading failed ({type(e).__name__}: {e})", file=sys.stderr)
+        finally:
+            control.close()
+
+
 def resolve_checkpoint(model: str) -> Path:
     """The checkpoint behind MODEL, with the build's names (seed-inception is made on first use)."""
     from build.build_engines import BuildFailed, resolve_model
@@ -334,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         stop.event.set()  # supervisors stop before the servers do: a drain is not a crash
         for thread in supervisors:
             thread.join(timeout=60)
+        if args.supervise:
+            drain_all(servers, args)
         for server in servers:
             server.close()
         print("Stopped.", flush=True)

@@ -346,6 +346,24 @@ class Supervisor:
             time.sleep(self.interval_s)
 
 
+def drain(control, model: str, timeout_s: float, headers: dict[str, str] | None = None) -> bool:
+    """Stop admitting new requests and let the accepted ones finish, before tritonserver is
+    asked to stop. Triton's own shutdown refuses the *next step* of an ensemble request
+    already in flight ("Server is stopping"): seen losing 4 of 10 in-flight captions of the
+    slow seed-inception model. Unloading the ensemble instead turns readiness false,
+    answers new requests NOT_FOUND (clients retry elsewhere) and keeps the composing
+    models serving the steps of those in flight until the last one is done. True when
+    they all finished within timeout_s."""
+    control.unload_model(model, headers=headers or {})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = {m["name"]: m.get("state") for m in control.get_model_repository_index(headers=headers or {})}
+        if states.get(model) not in ("READY", "UNLOADING"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)

@@ -80,6 +80,28 @@ def _batched(pb_utils, requests, run, inputs: list[str], outputs: list[str], mod
     ]
 
 
+def image_responses(pb_utils, requests, run, outputs: tuple[str, ...], metrics: "RejectMetrics", model: str) -> list:
+    """The front model's execute (split or fused layout): every request's IMAGE through
+    `run(images, parameters)`, which gives per request its output arrays (one array or a
+    tuple, in `outputs` order) or a Rejected; rejections are counted and answered
+    INVALID_ARG for that request alone, a failure of `run` itself is INTERNAL for all."""
+    try:
+        images = [input_array(pb_utils, r, "IMAGE") for r in requests]
+        results = run(images, [r.parameters() for r in requests])
+    except Exception as e:  # a bug, not a bad input: log it, fail this batch only
+        return internal_error_responses(pb_utils, len(requests), model, e)
+    responses = []
+    for result in results:
+        if isinstance(result, Rejected):
+            metrics.rejected(result.reason)
+            responses.append(rejected_response(pb_utils, result))
+        else:
+            arrays = result if isinstance(result, tuple) else (result,)
+            tensors = [pb_utils.Tensor(n, a) for n, a in zip(outputs, arrays)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+    return responses
+
+
 def input_array(pb_utils, request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

@@ -238,3 +238,16 @@ def test_stubs_of_reads_model_and_instance_from_the_stub_command_line(monkeypatc
 
     monkeypatch.setattr(sv.psutil, "Process", lambda pid: Root())
     assert sv.stubs_of(1) == [sv.Stub(5, "encoder", "encoder_0_0")]  # a zombie is a dead stub
+
+
+def test_drain_unloads_the_ensemble_and_waits_for_requests_in_flight():
+    control = FakeControl()
+    assert sv.drain(control, "captioner", timeout_s=1.0, headers={"k": "v"})
+    assert control.calls == [("unload", "captioner", {"k": "v"})]
+
+    class Busy(FakeControl):  # in-flight requests keep the ensemble UNLOADING
+        def unload_model(self, name, headers=None):
+            super().unload_model(name, headers)
+            self.state[name] = "UNLOADING"
+
+    assert not sv.drain(Busy(), "captioner", timeout_s=0.2)

@@ -8,17 +8,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from captioner.preprocess import PreprocessConfig
-from captioner.serving import Rejected, runtime
+from captioner.serving import runtime
 from captioner.serving.params import DecodeDefaults
 from captioner.serving.preprocess import REJECT_REASONS, ImageEncoder, Preprocessor, limits_from_config
 from captioner.serving.triton import (
     RejectMetrics,
     config_parameters,
-    input_array,
-    internal_error_responses,
+    image_responses,
     model_config,
     read_json,
-    rejected_response,
     skip_cancelled,
     version_dir,
 )
@@ -47,17 +45,4 @@ class TritonPythonModel:
         return skip_cancelled(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
-        try:
-            images = [input_array(pb_utils, r, "IMAGE") for r in requests]
-            results = self.encoder.run(images, [r.parameters() for r in requests])
-        except Exception as e:  # a bug, not a bad input: log it, fail this batch only
-            return internal_error_responses(pb_utils, len(requests), "preprocess", e)
-        responses = []
-        for result in results:
-            if isinstance(result, Rejected):
-                self.metrics.rejected(result.reason)
-                responses.append(rejected_response(pb_utils, result))
-            else:
-                tensors = [pb_utils.Tensor(n, a) for n, a in zip(self.outputs, result)]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+        return image_responses(pb_utils, requests, self.encoder.run, self.outputs, self.metrics, "preprocess")
