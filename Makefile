@@ -57,13 +57,20 @@ eval: data
 caption: | $(STAMP)
 	$(PY) -m captioner caption --model $(MODEL) $(IMAGES)
 
+# Training tests run in a pytest process of their own: after OpenVINO has run in the same
+# process (tests/unit/test_serving_runtime.py), the pytest process segfaulted during them
+# (seen 3 of 3 times, never with either file alone).
+ISOLATED := tests/unit/test_train_devices.py
+
 ## test           the whole suite (unit + integration against a real tritonserver)
 test: | $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --ignore=$(ISOLATED) $(PYTEST_ARGS)
+	$(PY) -m pytest $(ISOLATED) $(PYTEST_ARGS)
 
 ## test-unit      tests/unit only (no server)
 test-unit: | $(STAMP)
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit --ignore=$(ISOLATED) $(PYTEST_ARGS)
+	$(PY) -m pytest $(ISOLATED) $(PYTEST_ARGS)
 
 ## test-integration tests/integration only
 test-integration: | $(STAMP)
