@@ -297,7 +297,10 @@ class Faults:
         )
 
     # stub faults ---------------------------------------------------------------------------
-    def stub_fault(self, model: str, launcher: Launcher, target: str, sig: int) -> dict:
+    def under_load(self, model: str, launcher: Launcher, fault, watch_s: float) -> tuple[list, float, object]:
+        """Client-library callers caption throughout; after 2 s `fault()` strikes (its
+        return value is passed back); the load goes on until captions came back after it
+        (or watch_s), plus 2 s. Returns (log, time of the fault, fault's result)."""
         log: list = []
 
         async def go():
@@ -305,60 +308,46 @@ class Faults:
             task = asyncio.create_task(captions_with_retries(launcher.grpc_url, self.images, self.plan.fault_clients,
                                                              stop, self.params(model), log))
             await asyncio.sleep(2.0)
-            pid = launcher.stub(target)
-            with ReadinessWatch(launcher) as watch:
-                t_kill = time.monotonic()
-                os.kill(pid, sig)
-                while time.monotonic() - t_kill < self.plan.watch_s:
-                    await asyncio.sleep(0.1)
-                    if first_ok_after(log, t_kill + 0.5) is not None and time.monotonic() - t_kill > 3:
-                        break
-                await asyncio.sleep(2.0)
-            stop.set()
-            await task
-            return t_kill, watch.not_ready_at
-
-        t_kill, not_ready_at = asyncio.run(go())
-        restored = first_ok_after(log, t_kill)
-        lost = [e for _, _, ok, e in log if not ok]
-        return self.record(
-            scenario="stub-kill" if sig == signal.SIGKILL else "hang", model=model, target=target,
-            signal=signal.Signals(sig).name,
-            not_ready_after_s=None if not_ready_at is None else round(not_ready_at - t_kill, 2),
-            captions_again_after_s=None if restored is None else round(restored, 2),
-            requests=len(log), lost=len(lost), lost_samples=lost[:3],
-            supervisor=launcher.supervisor_events()[-3:],
-        )
-
-    def server_kill(self, model: str, launcher: Launcher) -> dict:
-        log: list = []
-
-        async def go():
-            stop = asyncio.Event()
-            task = asyncio.create_task(captions_with_retries(launcher.grpc_url, self.images, self.plan.fault_clients,
-                                                             stop, self.params(model), log))
-            await asyncio.sleep(2.0)
-            ts = launcher.tritonserver()
-            old_stubs = [s.pid for s in stubs_of(ts.pid)]
-            t_kill = time.monotonic()
-            ts.kill()
-            while time.monotonic() - t_kill < self.plan.watch_s * 2:
-                await asyncio.sleep(0.2)
-                if first_ok_after(log, t_kill + 0.5) is not None:
+            t_fault = time.monotonic()
+            result = fault()
+            while time.monotonic() - t_fault < watch_s:
+                await asyncio.sleep(0.1)
+                if first_ok_after(log, t_fault + 0.5) is not None and time.monotonic() - t_fault > 3:
                     break
             await asyncio.sleep(2.0)
             stop.set()
             await task
-            return t_kill, old_stubs
+            return t_fault, result
 
-        t_kill, old_stubs = asyncio.run(go())
-        restored = first_ok_after(log, t_kill)
+        t_fault, result = asyncio.run(go())
+        return log, t_fault, result
+
+    @staticmethod
+    def outcome(log: list, t_fault: float) -> dict:
+        restored = first_ok_after(log, t_fault)
         lost = [e for _, _, ok, e in log if not ok]
+        return {"captions_again_after_s": None if restored is None else round(restored, 2),
+                "requests": len(log), "lost": len(lost), "lost_samples": lost[:3]}
+
+    # stub faults ---------------------------------------------------------------------------
+    def stub_fault(self, model: str, launcher: Launcher, target: str, sig: int) -> dict:
+        pid = launcher.stub(target)
+        with ReadinessWatch(launcher) as watch:
+            log, t_kill, _ = self.under_load(model, launcher, lambda: os.kill(pid, sig), self.plan.watch_s)
         return self.record(
-            scenario="server-kill", model=model,
-            captions_again_after_s=None if restored is None else round(restored, 2),
+            scenario="stub-kill" if sig == signal.SIGKILL else "hang", model=model, target=target,
+            signal=signal.Signals(sig).name,
+            not_ready_after_s=None if watch.not_ready_at is None else round(watch.not_ready_at - t_kill, 2),
+            **self.outcome(log, t_kill), supervisor=launcher.supervisor_events()[-3:],
+        )
+
+    def server_kill(self, model: str, launcher: Launcher) -> dict:
+        ts = launcher.tritonserver()
+        old_stubs = [s.pid for s in stubs_of(ts.pid)]
+        log, t_kill, _ = self.under_load(model, launcher, ts.kill, self.plan.watch_s * 2)
+        return self.record(
+            scenario="server-kill", model=model, **self.outcome(log, t_kill),
             orphaned_stubs_left=sum(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in old_stubs),
-            requests=len(log), lost=len(lost), lost_samples=lost[:3],
             supervisor=launcher.supervisor_events()[-3:],
         )
 

@@ -62,6 +62,18 @@ def _random_default_model(directory: Path) -> None:
     Checkpoint(args, default_preprocess(args.backbone), vocab, model, meta={"note": "random weights (tests)"}).save(directory)
 
 
+def default_checkpoint(directory: Path):
+    """The checkpoint the integration tests serve (see the module docstring), copied into
+    `directory` and loaded: (checkpoint, shipped?)."""
+    directory.mkdir()
+    source, shipped = _source()
+    if source is None:
+        _random_default_model(directory)
+    else:
+        shutil.copy2(source, directory / ckpt_mod.FILENAME)
+    return ckpt_mod.load(directory), shipped
+
+
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory) -> ServedModel:
     from build.export import export_decoder_step, export_encoder
@@ -69,13 +81,7 @@ def triton_server(tmp_path_factory) -> ServedModel:
 
     work = tmp_path_factory.mktemp("triton")
     ck_dir = work / "checkpoint"
-    ck_dir.mkdir()
-    source, shipped = _source()
-    if source is None:
-        _random_default_model(ck_dir)
-    else:
-        shutil.copy2(source, ck_dir / ckpt_mod.FILENAME)
-    ck = ckpt_mod.load(ck_dir)
+    ck, shipped = default_checkpoint(ck_dir)
     artifacts = {
         "encoder_onnx": export_encoder(ck, work / "onnx" / "encoder.onnx"),
         "decoder_onnx": export_decoder_step(ck, work / "onnx" / "decoder_step.onnx"),

@@ -6,8 +6,6 @@ is still refused per request in the fused layout, and the shipped model's captio
 correct by the scene spec."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from bench.inprocess import InProcessCaptioner
@@ -16,11 +14,10 @@ from build.quantize import calibration_images, quantize_int8
 from build.repository import assemble, check_repository
 from build.runtime_choice import warm_cache
 from build.uint8_input import with_uint8_input
-from captioner import checkpoint as ckpt_mod
 from captioner.scenes import caption_is_correct, encoded_scenes
 from captioner.server import TritonServer
 from captioner.serving import runtime as rt
-from conftest import _random_default_model, _source
+from conftest import default_checkpoint
 from triton_requests import ask_all
 
 pytestmark = [pytest.mark.integration,
@@ -31,14 +28,7 @@ N_SCENES = 64
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     work = tmp_path_factory.mktemp("openvino")
-    ck_dir = work / "checkpoint"
-    ck_dir.mkdir()
-    source, shipped = _source()
-    if source is None:
-        _random_default_model(ck_dir)
-    else:
-        shutil.copy2(source, ck_dir / ckpt_mod.FILENAME)
-    ck = ckpt_mod.load(ck_dir)
+    ck, shipped = default_checkpoint(work / "checkpoint")
     enc = export_encoder(ck, work / "encoder.onnx")
     int8 = quantize_int8(enc, work / "encoder.int8.onnx", calibration_images(ck, 32))
     return work, shipped, ck, {
