@@ -20,6 +20,9 @@ MEMO_REPEAT = 64
 MEMO_TRAIN_ARGS = [
     "--image-size", "32", "--batch-size", "32", "--lr", "3e-3", "--epochs", "12",
     "--augment-share", "0", "--val-decode", str(MEMO_SCENES), "--threads", "1", "--min-count", "1", "--seed", "1",
+    # The CPU run these figures are from, on a GPU machine too (`auto` would pick CUDA and bf16);
+    # tests/unit/test_cuda.py trains the same way with --device cuda appended.
+    "--device", "cpu",
 ]
 
 
@@ -35,11 +38,9 @@ def shapes_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def memorised_run(shapes_data, tmp_path_factory) -> Path:
-    """A model trained on 16 scenes until it captions them (the image path works end to end).
-    The val file is those 16 scenes; the train file lists each 64 times so an epoch is 32 steps."""
-    from captioner.train import main as train_main
-
+def memo_data(shapes_data) -> tuple[Path, Path]:
+    """(train, val) annotation files of the memorisation run: the val file is 16 scenes;
+    the train file lists each 64 times so an epoch is 32 steps."""
     raw = json.loads((shapes_data / "captions_train.json").read_text())
     images = raw["images"][:MEMO_SCENES]
     ids = {im["id"] for im in images}
@@ -53,12 +54,15 @@ def memorised_run(shapes_data, tmp_path_factory) -> Path:
             rep_images.append({**im, "id": new_id})
             rep_anns += [{"id": len(rep_anns), "image_id": new_id, "caption": a["caption"]} for a in anns if a["image_id"] == im["id"]]
     (shapes_data / "memo_train.json").write_text(json.dumps({"images": rep_images, "annotations": rep_anns}))
+    return shapes_data / "memo_train.json", shapes_data / "memo_val.json"
 
+
+@pytest.fixture(scope="session")
+def memorised_run(memo_data, tmp_path_factory) -> Path:
+    """A model trained on 16 scenes until it captions them (the image path works end to end)."""
+    from captioner.train import main as train_main
+
+    train_ann, val_ann = memo_data
     out = tmp_path_factory.mktemp("memorised")
-    train_main([
-        "--train-ann", str(shapes_data / "memo_train.json"),
-        "--val-ann", str(shapes_data / "memo_val.json"),
-        "--out", str(out),
-        *MEMO_TRAIN_ARGS,
-    ])
+    train_main(["--train-ann", str(train_ann), "--val-ann", str(val_ann), "--out", str(out), *MEMO_TRAIN_ARGS])
     return out

@@ -1,7 +1,8 @@
 """Training across processes (torchrun, gloo on the CPU), mixed precision, DataLoader
 workers, and the bare machine a GPU image may be: what a user of --device, --amp,
---workers and torchrun relies on. CUDA kernels themselves are not run here (no GPU):
-scripts/gpu_smoke.sh is their check."""
+--workers and torchrun relies on, on the CPU (pinned with --device cpu, also on a GPU
+machine). The CUDA paths: tests/unit/test_cuda.py and scripts/gpu_smoke.sh, both run by
+scripts/gpu_check.sh on a GPU machine."""
 import json
 import os
 import re
@@ -24,8 +25,10 @@ STEP1_TOLERANCE = 1e-5
 
 
 def small_run(shapes_data, out, *extra):
+    # --device cpu: these are the CPU's figures on a GPU machine too (`auto` would pick CUDA
+    # and bf16); a --device in `extra` comes later and wins. tests/unit/test_cuda.py: CUDA.
     return ["--data", str(shapes_data), "--out", str(out), "--image-size", "32", "--batch-size", "32", "--min-count", "1",
-            "--val-decode", "20", "--limit", "320", "--seed", "5", *extra]
+            "--val-decode", "20", "--limit", "320", "--seed", "5", "--device", "cpu", *extra]
 
 
 def step1_loss(log: str) -> float:
