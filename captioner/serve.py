@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=env("CAPTIONER_METRICS_PORT", DEFAULT_PORTS["metrics"], int))
     p.add_argument("--replicas", type=int, default=env("CAPTIONER_REPLICAS", 1, int),
                    help=f"servers to run, replica k on every port + {REPLICA_PORT_STEP} k [$CAPTIONER_REPLICAS]")
-    p.add_argument("--log-file", default=env("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"))
+    p.add_argument("--log-file", default=env("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"),
+                   help="tritonserver's log; '-' writes it to standard output (containers) [$CAPTIONER_SERVER_LOG]")
     p.add_argument("--samples", type=int, default=env("CAPTIONER_SAMPLES", 3, int),
                    help="sample scenes to caption once the server is up")
     p.add_argument("--startup-timeout", type=float, default=env("CAPTIONER_STARTUP_TIMEOUT", 300.0, float))
@@ -116,7 +117,7 @@ def control_headers(a: argparse.Namespace) -> dict[str, str]:
 
 
 def replica_log(log_file: str, k: int) -> str:
-    if k == 0:
+    if k == 0 or log_file == "-":
         return log_file
     p = Path(log_file)
     return str(p.with_name(f"{p.stem}-{k}{p.suffix}"))
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         for server in servers:
-            print(f"Starting {server.binary.path} on {repo} (log: {server.log_file}) ...", flush=True)
+            print(f"Starting {server.binary.path} on {repo} (log: {server.log_file or 'standard output'}) ...", flush=True)
             server.start(timeout_s=args.startup_timeout)
             print(f"Ready. gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}", flush=True)
             if stop.event.is_set():

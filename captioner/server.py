@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .serving.triton import EXECUTING_DIR_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
@@ -113,7 +115,12 @@ class TritonServer:
         self._wanted = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.ports = dict(self._wanted)
         self._tmp = Path(tempfile.mkdtemp(prefix="captioner-triton-"))
-        self.log_file = Path(log_file).resolve() if log_file else self._tmp / "tritonserver.log"
+        # "-": tritonserver writes to our stdout (a container's log, `kubectl logs`).
+        self.log_to_stdout = str(log_file) == "-"
+        # Each model instance says here since when it has been in execute (the supervisor's
+        # per-instance hang check; captioner.serving.triton.ExecuteClock).
+        self.executing_dir = self._tmp / "executing"
+        self.log_file = None if self.log_to_stdout else Path(log_file).resolve() if log_file else self._tmp / "tritonserver.log"
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = tuple(extra_args)
@@ -168,6 +175,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if sys.prefix != sys.base_prefix:
             env["VIRTUAL_ENV"] = sys.prefix
+        self.executing_dir.mkdir(parents=True, exist_ok=True)
+        env[EXECUTING_DIR_ENV] = str(self.executing_dir)
         if self.binary.wheel_root is not None:
             libs = self.binary.wheel_root.parent.parent / "nvidia_pytriton.libs"
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
@@ -195,17 +204,24 @@ class TritonServer:
         raise AssertionError("unreachable")
 
     def _launch(self) -> None:
+        if self.log_to_stdout:
+            sys.stdout.flush()
+            self._popen(None)
+            return
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.environment(),
-                # Own process group: a terminal's Ctrl-C reaches us, and we stop the server in order.
-                start_new_session=True,
-            )
+            self._popen(log)
+
+    def _popen(self, log) -> None:
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.environment(),
+            # Own process group: a terminal's Ctrl-C reaches us, and we stop the server in order.
+            start_new_session=True,
+        )
 
     def is_ready(self) -> bool:
         try:
@@ -226,6 +242,8 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
+        if self.log_file is None:
+            return "(tritonserver's log is on standard output, above)"
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

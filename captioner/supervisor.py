@@ -8,7 +8,9 @@ The supervisor watches what Triton does not:
   one gone or a zombie means that model is broken;
 - **hung stub**: a model with requests pending whose execution count has not moved for
   `hang_timeout_s` (a periodic tiny caption, the probe, makes sure something is pending
-  when the server is otherwise idle);
+  when the server is otherwise idle), or one stub inside a single execute for longer
+  (each instance's ExecuteClock: with two instances of a model, the other one keeps the
+  model's execution count moving);
 - **broken server**: tritonserver exited, or the probe fails `probe_failures` times in a
   row with anything but an overload refusal.
 
@@ -35,6 +37,7 @@ from typing import Callable
 import psutil
 
 from .server import ServerError, TritonServer
+from .serving.triton import executing_since
 
 log = logging.getLogger("captioner.supervisor")
 
@@ -70,15 +73,16 @@ def stubs_of(server_pid: int) -> list[Stub]:
     return out
 
 
-def stub_cpu(server_pid: int) -> dict[str, float]:
-    """CPU seconds used so far by each model's stubs."""
+def stub_cpu(server_pid: int, by: str = "model") -> dict[str, float]:
+    """CPU seconds used so far by each model's stubs (`by="instance"`: by each stub)."""
     out: dict[str, float] = {}
     for s in stubs_of(server_pid):
         try:
             t = psutil.Process(s.pid).cpu_times()
         except psutil.NoSuchProcess:
             continue
-        out[s.model] = out.get(s.model, 0.0) + t.user + t.system
+        key = s.model if by == "model" else s.instance
+        out[key] = out.get(key, 0.0) + t.user + t.system
     return out
 
 
@@ -110,6 +114,7 @@ class HangWatch:
     busy_factor: float = 4.0
     idle_cpu_share: float = 0.05  # of one core, over the stalled time
     _last: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # model -> (count, since, cpu then)
+    _executes: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # (instance, pid, start) -> (seen, cpu then)
 
     def update(self, pending: dict[str, float], executions: dict[str, float], now: float,
                cpu: dict[str, float] | None = None) -> list[str]:
@@ -126,8 +131,34 @@ class HangWatch:
                 hung.append(model)
         return hung
 
+    def instances(self, executing: dict[str, tuple[int, float]], live: dict[str, int], now: float,
+                  cpu: dict[str, float] | None = None) -> list[str]:
+        """Per stub: an instance inside one execute for longer than the bound (its own
+        clock, captioner.serving.triton.ExecuteClock), the same idle/busy rule. This
+        finds one hung instance of a model whose other instances keep its execution count
+        moving. `live`: instance -> pid of the stubs alive now (a killed stub's stale
+        clock is ignored); `executing`: instance -> (pid, monotonic start)."""
+        cpu = cpu or {}
+        hung = []
+        seen = {}
+        for instance, (pid, start) in executing.items():
+            if live.get(instance) != pid:
+                continue
+            key = (instance, pid, start)
+            first = self._executes.get(key)
+            if first is None:
+                first = self._executes[key] = (now, cpu.get(instance, 0.0))
+            seen[key] = first
+            watched = now - first[0]
+            busy = watched > 0 and cpu.get(instance, 0.0) - first[1] > self.idle_cpu_share * watched
+            if now - start > self.timeout_s * (self.busy_factor if busy else 1.0):
+                hung.append(instance)
+        self._executes = seen
+        return hung
+
     def reset(self) -> None:
         self._last.clear()
+        self._executes.clear()
 
 
 class BackgroundProbe:
@@ -243,7 +274,7 @@ class Supervisor:
             if want - alive.get(m, set())
         }
 
-    def hung_models(self) -> list[str]:
+    def hung_models(self) -> dict[str, str]:
         import urllib.request
 
         names = ("nv_inference_pending_request_count", "nv_inference_exec_count")
@@ -254,7 +285,17 @@ class Supervisor:
             return []
         # An ensemble executes nothing itself: only models with stubs can hang.
         executions = {k: v for k, v in m[names[1]].items() if k in self.expected}
-        return self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(self.server.process.pid))
+        pid = self.server.process.pid
+        t = self.hangs.timeout_s
+        hung = {m: f"no execution for {t:g} s with requests pending"
+                for m in self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(pid))}
+        live = {s.instance: s.pid for s in stubs_of(pid)}
+        for instance in self.hangs.instances(executing_since(self.server.executing_dir), live, time.monotonic(),
+                                             stub_cpu(pid, by="instance")):
+            model = self.model_of(instance)
+            if model is not None:
+                hung.setdefault(model, f"stub {instance} inside one execute for over {t:g} s")
+        return hung
 
     def check(self) -> str | None:
         """One round: None when healthy or repaired, else what was repaired (for tests)."""
@@ -264,8 +305,8 @@ class Supervisor:
             self.restart(f"tritonserver exited with code {code}")
             return "restarted"
         broken = self.dead_models()
-        for m in self.hung_models():
-            broken.setdefault(m, f"no execution for {self.hangs.timeout_s:g} s with requests pending")
+        for m, why in self.hung_models().items():
+            broken.setdefault(m, why)
         if broken:
             self.repair(broken)
             return "repaired"

@@ -4,6 +4,8 @@ keeps this file importable and testable anywhere."""
 from __future__ import annotations
 
 import json
+import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -14,6 +16,60 @@ from .batching import run_batched
 CAPTIONS = ("captioner_captions_total", "Captions returned by caption_generator")
 TOKENS = ("captioner_tokens_total", "Caption tokens generated (END excluded)")
 REJECTED = ("captioner_rejected_total", "Requests refused as invalid, by reason")
+
+
+# Set by the launcher (captioner.server): the folder where each model instance says since
+# when it has been inside `execute`, for the supervisor's hang check.
+EXECUTING_DIR_ENV = "CAPTIONER_EXECUTING_DIR"
+_IDLE = b"idle".ljust(40)
+
+
+class ExecuteClock:
+    """`with clock:` around a model instance's execute. Writes "<pid> <monotonic start>"
+    to `$CAPTIONER_EXECUTING_DIR/<instance name>` on entry and "idle" on exit, so the
+    launcher's supervisor sees one instance stuck in an execute while the model's other
+    instances keep the model's execution count moving (the metrics alone miss that).
+    A no-op when the variable is unset (no supervisor)."""
+
+    def __init__(self, instance: str, folder: str | os.PathLike | None = None):
+        folder = folder if folder is not None else os.environ.get(EXECUTING_DIR_ENV)
+        self._fd = None
+        if folder:
+            # Opened once: each execute costs one pwrite (~µs) on entry and one on exit.
+            self._fd = os.open(Path(folder) / instance, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self._fd, _IDLE, 0)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> "ExecuteClock":
+        return cls(args.get("model_instance_name") or f"{args.get('model_name', 'model')}_{os.getpid()}")
+
+    def __enter__(self) -> "ExecuteClock":
+        if self._fd is not None:
+            os.pwrite(self._fd, f"{os.getpid()} {time.monotonic():.3f}".encode().ljust(40), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.pwrite(self._fd, _IDLE, 0)
+
+
+def executing_since(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
+    """instance name -> (stub pid, monotonic time its current execute began), for the
+    instances inside an execute now (ExecuteClock's files)."""
+    out = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            with open(e.path, "rb") as f:
+                parts = f.read(64).split()
+            if len(parts) == 2:
+                out[e.name] = (int(parts[0]), float(parts[1]))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def model_config(args: Mapping[str, str]) -> dict:

@@ -8,7 +8,7 @@ container engine gets, and check what the manifests promise.
 - the init container's own command lays the repository out in the pod's volume;
 - the container's command, args and env from `kubectl kustomize deploy/k8s/overlays/cpu`,
   run in a private mount namespace (unshare, hence root) where / is read-only and only
-  the pod's volumes are writable (/tmp, the log folder, /dev/shm), as with
+  the pod's volumes are writable (/tmp, /dev/shm), as with
   readOnlyRootFilesystem; the repository volume is read-only, as mounted in the pod;
 - checks: ready within the startup probe's budget; the liveness command passes; after
   SIGKILL of the encoder's Python stub, readiness and liveness fail, then pass again once
@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-POD_PATHS = ("/mnt/models", "/var/log/captioner", "/tmp")
+POD_PATHS = ("/mnt/models", "/tmp")
 
 
 def render(overlay: str) -> dict:
@@ -100,7 +100,7 @@ def inside(work: Path) -> int:
     env |= {f"CAPTIONER_{k.upper()}_PORT": str(v) for k, v in ports.items()}
     cmd = c["command"] + [relocate(a, work) for a in c["args"]]
     print("$ " + " ".join(cmd), flush=True)
-    out = open(work / "pod" / "var" / "log" / "captioner" / "launcher.out", "w")
+    out = open(work / "launcher.out", "w")
     launcher = subprocess.Popen(cmd, cwd=app, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
@@ -126,7 +126,7 @@ def inside(work: Path) -> int:
             time.sleep(0.5)
         check(ready(), f"ready after {time.monotonic() - t0:.1f} s (startup probe budget {budget} s)")
         if launcher.poll() is not None:
-            print((work / "pod" / "var" / "log" / "captioner" / "launcher.out").read_text())
+            print((work / "launcher.out").read_text())
             return 1
         check(live(), "liveness command passes on a healthy pod")
 
@@ -215,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     pod = work / "pod"
     script = " && ".join([
         f"mount --bind {pod / 'tmp'} /tmp",
-        f"mount --bind {pod / 'var/log/captioner'} {pod / 'var/log/captioner'}",
         f"mount --bind {pod / 'mnt/models'} {pod / 'mnt/models'}",
         "mount -o remount,ro,bind /",
         f"{sys.executable} {Path(__file__).resolve()} --inside --work {work}",

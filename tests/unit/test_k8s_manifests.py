@@ -190,7 +190,9 @@ def test_the_launcher_accepts_the_container_args_and_they_match_the_pod(rendered
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
     assert a.repo in mounts and mounts[a.repo]["readOnly"]
     writable = [Path(m) for m, mount in mounts.items() if not mount.get("readOnly")]
-    assert Path(a.log_file).parent in writable, "the root filesystem is read-only: the log needs a volume"
+    # tritonserver's log goes to stdout (`kubectl logs`): the root filesystem is read-only.
+    assert a.log_file == "-"
+    assert Path("/tmp") in writable, "the root filesystem is read-only: Python and the backend need a writable /tmp"
 
     # The kubelet's SIGKILL must not cut the drain short: preStop, then Triton's drain,
     # then the launcher's wait before it kills a hung server.

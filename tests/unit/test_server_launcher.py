@@ -72,6 +72,30 @@ def test_a_server_that_dies_at_startup_reports_its_log(tmp_path, repo, monkeypat
     server.close()
 
 
+def test_log_file_dash_sends_the_server_log_to_standard_output(tmp_path, repo, monkeypatch):
+    """`--log-file -` (containers: `kubectl logs`): tritonserver inherits our stdout; no
+    file is written, and a failed start says where its log went."""
+    import subprocess
+
+    exe = _fake_triton(tmp_path / "bin", HEALTHY)
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    code = textwrap.dedent(f"""
+        from captioner.server import TritonServer
+        with TritonServer({str(repo)!r}, log_file="-") as server:
+            assert server.log_file is None and server.is_ready()
+            print("tail:", server.log_tail())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr
+    assert f"--model-repository={repo}" in out.stdout  # the server's own output
+    assert "got SIGTERM" in out.stdout
+    assert "tail: (tritonserver's log is on standard output" in out.stdout
+    from captioner.serve import replica_log
+
+    assert replica_log("-", 1) == "-" and replica_log("logs/t.log", 1) == "logs/t-1.log"
+
+
 def test_a_directory_without_the_captioner_repository_is_refused(tmp_path):
     with pytest.raises(ServerError, match="no captioner model repository"):
         TritonServer(tmp_path).start()

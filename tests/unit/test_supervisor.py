@@ -2,6 +2,9 @@
 server, fake stubs, a fake probe and a fake model-control client (no tritonserver)."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from captioner import supervisor as sv
@@ -48,6 +51,47 @@ def test_a_stub_that_keeps_computing_is_slow_not_hung_until_far_past_the_timeout
     w = sv.HangWatch(timeout_s=5.0)
     assert w.update({"encoder": 9}, {"encoder": 3}, now=0.0, cpu={"encoder": 10.0}) == []
     assert w.update({"encoder": 9}, {"encoder": 3}, now=6.0, cpu={"encoder": 10.01}) == ["encoder"]
+
+
+def test_one_instance_stuck_in_an_execute_is_hung_while_its_sibling_keeps_the_model_moving():
+    """Two instances of a model: the metrics' execution count keeps moving (the healthy
+    one), so only the instance's own clock shows the stuck one."""
+    w = sv.HangWatch(timeout_s=5.0)
+    live = {"preprocess_0_0": 11, "preprocess_0_1": 12}
+    stuck = {"preprocess_0_0": (11, 100.0)}
+    assert w.instances(stuck, live, now=101.0, cpu={"preprocess_0_0": 3.0}) == []
+    assert w.instances(stuck, live, now=104.0, cpu={"preprocess_0_0": 3.0}) == []
+    assert w.instances(stuck, live, now=105.5, cpu={"preprocess_0_0": 3.0}) == ["preprocess_0_0"]
+    # a new execute of the same instance starts its own clock
+    assert w.instances({"preprocess_0_0": (11, 105.4)}, live, now=106.0, cpu={"preprocess_0_0": 3.1}) == []
+    # an instance computing hard in one execute is slow, not hung, until 4x the bound
+    w = sv.HangWatch(timeout_s=5.0)
+    busy = {"preprocess_0_1": (12, 0.0)}
+    assert w.instances(busy, live, now=1.0, cpu={"preprocess_0_1": 1.0}) == []
+    assert w.instances(busy, live, now=8.0, cpu={"preprocess_0_1": 8.0}) == []
+    assert w.instances(busy, live, now=21.0, cpu={"preprocess_0_1": 21.0}) == ["preprocess_0_1"]
+    # a killed stub's stale clock (another pid holds that name now, or none) is ignored
+    assert w.instances({"preprocess_0_0": (99, 0.0)}, live, now=50.0) == []
+    assert w.instances({"gone_0_0": (11, 0.0)}, live, now=50.0) == []
+
+
+def test_execute_clock_files_say_who_is_inside_an_execute(tmp_path):
+    from captioner.serving.triton import ExecuteClock, executing_since
+
+    a, b = ExecuteClock("m_0_0", tmp_path), ExecuteClock("m_0_1", tmp_path)
+    assert executing_since(tmp_path) == {}
+    with a:
+        inside = executing_since(tmp_path)
+        assert list(inside) == ["m_0_0"] and inside["m_0_0"][0] == os.getpid()
+        assert abs(inside["m_0_0"][1] - time.monotonic()) < 5
+    with pytest.raises(ValueError):
+        with b:
+            assert set(executing_since(tmp_path)) == {"m_0_1"}
+            raise ValueError("an execute that raises still leaves the clock")
+    assert executing_since(tmp_path) == {}
+    assert executing_since(tmp_path / "missing") == {}
+    with ExecuteClock("m_0_0", folder=""):  # no supervisor: nothing written, nothing fails
+        pass
 
 
 class FakeProcess:
@@ -122,7 +166,7 @@ def world(monkeypatch):
     killed = []
     monkeypatch.setattr(sv, "stubs_of", lambda pid: [s for group in stubs.values() for s in group])
     monkeypatch.setattr(sv, "_kill", killed.append)
-    monkeypatch.setattr(sv.Supervisor, "hung_models", lambda self: [])
+    monkeypatch.setattr(sv.Supervisor, "hung_models", lambda self: {})
     monkeypatch.setattr(sv.time, "sleep", lambda s: None)
     server, control, probe = FakeServer(), FakeControl(), FakeProbe()
     sup = sv.Supervisor(server, probe, control, headers={"key": "v"}, max_restarts=2)

@@ -13,6 +13,7 @@ from captioner.serving import Rejected, runtime
 from captioner.serving.generator import GenRequest, bls_step, generate
 from captioner.serving.params import DecodeDefaults, ParamError, decode_params
 from captioner.serving.triton import (
+    ExecuteClock,
     OutputMetrics,
     config_parameters,
     input_array,
@@ -28,6 +29,7 @@ from captioner.vocab import Vocabulary
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.clock = ExecuteClock.from_args(args)
         params = config_parameters(model_config(args))
         here = version_dir(args)
         self.vocab = Vocabulary(read_json(here / "vocab.json"))
@@ -50,7 +52,8 @@ class TritonPythonModel:
         return GenRequest(input_array(pb_utils, request, "h0"), input_array(pb_utils, request, "c0"), params)
 
     def execute(self, requests):
-        return skip_cancelled(pb_utils, requests, self._execute)
+        with self.clock:  # the supervisor's hang check: since when this instance is in execute
+            return skip_cancelled(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
         try:

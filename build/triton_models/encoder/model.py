@@ -7,11 +7,12 @@ repository uses a TensorRT plan instead of this model."""
 import triton_python_backend_utils as pb_utils
 
 from captioner.serving import runtime
-from captioner.serving.triton import batched_responses, config_parameters, model_config, version_dir
+from captioner.serving.triton import ExecuteClock, batched_responses, config_parameters, model_config, version_dir
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.clock = ExecuteClock.from_args(args)
         config = model_config(args)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
@@ -22,4 +23,5 @@ class TritonPythonModel:
         return self.session.run(self.outputs, dict(zip(self.inputs, arrays)))
 
     def execute(self, requests):
-        return batched_responses(pb_utils, requests, self._run, self.inputs, self.outputs, "encoder")
+        with self.clock:  # the supervisor's hang check: since when this instance is in execute
+            return batched_responses(pb_utils, requests, self._run, self.inputs, self.outputs, "encoder")

@@ -10,6 +10,7 @@ from captioner.preprocess import PreprocessConfig
 from captioner.serving.params import DecodeDefaults
 from captioner.serving.preprocess import REJECT_REASONS, Preprocessor, limits_from_config
 from captioner.serving.triton import (
+    ExecuteClock,
     RejectMetrics,
     config_parameters,
     image_responses,
@@ -22,6 +23,7 @@ from captioner.serving.triton import (
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.clock = ExecuteClock.from_args(args)
         params = config_parameters(model_config(args))
         self.pre = Preprocessor(
             cfg=PreprocessConfig.from_dict(read_json(version_dir(args) / "preprocess.json")),
@@ -32,7 +34,8 @@ class TritonPythonModel:
         self.metrics = RejectMetrics(pb_utils, REJECT_REASONS)
 
     def execute(self, requests):
-        return skip_cancelled(pb_utils, requests, self._execute)
+        with self.clock:  # the supervisor's hang check: since when this instance is in execute
+            return skip_cancelled(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
         return image_responses(pb_utils, requests, self.pre.run, ("image",), self.metrics, "preprocess")

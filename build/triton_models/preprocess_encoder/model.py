@@ -12,6 +12,7 @@ from captioner.serving import runtime
 from captioner.serving.params import DecodeDefaults
 from captioner.serving.preprocess import REJECT_REASONS, ImageEncoder, Preprocessor, limits_from_config
 from captioner.serving.triton import (
+    ExecuteClock,
     RejectMetrics,
     config_parameters,
     image_responses,
@@ -24,6 +25,7 @@ from captioner.serving.triton import (
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.clock = ExecuteClock.from_args(args)
         config = model_config(args)
         params = config_parameters(config)
         here = version_dir(args)
@@ -42,7 +44,8 @@ class TritonPythonModel:
         self.metrics = RejectMetrics(pb_utils, REJECT_REASONS)
 
     def execute(self, requests):
-        return skip_cancelled(pb_utils, requests, self._execute)
+        with self.clock:  # the supervisor's hang check: since when this instance is in execute
+            return skip_cancelled(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
         return image_responses(pb_utils, requests, self.encoder.run, self.outputs, self.metrics, "preprocess")
