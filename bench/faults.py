@@ -10,9 +10,10 @@ Every scenario starts the launcher the way `make serve` does (`python -m caption
 - overload: capacity at 8 clients, then N closed-loop clients with 2 s deadlines that
   back off when refused (bench/overload.py): goodput / capacity, refusal latency, and how
   long after the load stops a single client's latency is back to normal;
-- stub-kill: SIGKILL of each Python model's stub in turn, and hang: SIGSTOP of one (Triton
-  then finds it unresponsive), while clients of the client library caption with retries:
-  time until readiness says NOT ready, time until captions come back, requests lost;
+- stub-kill: SIGKILL of each Python model's stub in turn, and hang: SIGSTOP of one while
+  it is inside an execute (an execute that never returns), while clients of the client
+  library caption with retries: time until readiness says NOT ready and until it is
+  ready again (repaired), time until captions come back, requests lost;
 - server-kill: SIGKILL of tritonserver itself: time to captions again, orphaned stubs left;
 - drain: SIGTERM to the launcher under load: accepted requests that failed (must be 0),
   what new requests got;
@@ -128,6 +129,26 @@ class Launcher:
         have = {s.model for s in stubs_of(self.tritonserver().pid)}
         return [m for m in ("preprocess", "encoder", "caption_generator") if m in have]
 
+    def stop_inside_execute(self, model: str, wait_s: float = 10.0) -> int:
+        """SIGSTOP a stub of `model` while it is inside an execute (its ExecuteClock file
+        says so): an execute that never returns, the hang the supervisor must find. After
+        `wait_s` without one (an idle server) the first stub is stopped as it is."""
+        from captioner.serving.triton import EXECUTING_DIR_ENV, executing_since
+
+        ts = self.tritonserver()
+        folder = ts.environ().get(EXECUTING_DIR_ENV)
+        deadline = time.monotonic() + wait_s
+        while folder and time.monotonic() < deadline:
+            live = {s.instance: s.pid for s in stubs_of(ts.pid) if s.model == model}
+            for instance, (pid, _) in executing_since(folder).items():
+                if live.get(instance) == pid:
+                    os.kill(pid, signal.SIGSTOP)
+                    return pid
+            time.sleep(0.002)
+        pid = self.stub(model)
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+
     def stub(self, model: str) -> int:
         pids = [s.pid for s in stubs_of(self.tritonserver().pid) if s.model == model]
         if not pids:
@@ -150,16 +171,21 @@ class Launcher:
 
 
 class ReadinessWatch:
-    """Polls /v2/health/ready every 50 ms in a thread: when did it first say NOT ready."""
+    """Polls /v2/health/ready every 50 ms in a thread: when did it first say NOT ready, and
+    when ready again after that (the supervisor's repair done)."""
 
     def __init__(self, launcher: Launcher):
-        self.launcher, self.not_ready_at, self._stop = launcher, None, threading.Event()
+        self.launcher, self.not_ready_at, self.ready_again_at = launcher, None, None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.not_ready_at is None and not self.launcher.ready():
+            ready = self.launcher.ready()
+            if self.not_ready_at is None and not ready:
                 self.not_ready_at = time.monotonic()
+            elif self.not_ready_at is not None and self.ready_again_at is None and ready:
+                self.ready_again_at = time.monotonic()
             time.sleep(0.05)
 
     def __enter__(self) -> "ReadinessWatch":
@@ -297,10 +323,13 @@ class Faults:
         )
 
     # stub faults ---------------------------------------------------------------------------
-    def under_load(self, model: str, launcher: Launcher, fault, watch_s: float) -> tuple[list, float, object]:
+    def under_load(self, model: str, launcher: Launcher, fault, watch_s: float,
+                   repaired=lambda: True) -> tuple[list, float, object]:
         """Client-library callers caption throughout; after 2 s `fault()` strikes (its
         return value is passed back); the load goes on until captions came back after it
-        (or watch_s), plus 2 s. Returns (log, time of the fault, fault's result)."""
+        and `repaired()` (a model with two instances keeps captioning on the healthy one
+        while the broken one waits for the supervisor), or watch_s, plus 2 s. Returns
+        (log, time of the fault, fault's result)."""
         log: list = []
 
         async def go():
@@ -312,7 +341,7 @@ class Faults:
             result = fault()
             while time.monotonic() - t_fault < watch_s:
                 await asyncio.sleep(0.1)
-                if first_ok_after(log, t_fault + 0.5) is not None and time.monotonic() - t_fault > 3:
+                if first_ok_after(log, t_fault + 0.5) is not None and time.monotonic() - t_fault > 3 and repaired():
                     break
             await asyncio.sleep(2.0)
             stop.set()
@@ -332,12 +361,15 @@ class Faults:
     # stub faults ---------------------------------------------------------------------------
     def stub_fault(self, model: str, launcher: Launcher, target: str, sig: int) -> dict:
         pid = launcher.stub(target)
+        fault = (lambda: os.kill(pid, sig)) if sig != signal.SIGSTOP else (lambda: launcher.stop_inside_execute(target))
         with ReadinessWatch(launcher) as watch:
-            log, t_kill, _ = self.under_load(model, launcher, lambda: os.kill(pid, sig), self.plan.watch_s)
+            log, t_kill, _ = self.under_load(model, launcher, fault, self.plan.watch_s,
+                                             repaired=lambda: watch.ready_again_at is not None)
         return self.record(
             scenario="stub-kill" if sig == signal.SIGKILL else "hang", model=model, target=target,
             signal=signal.Signals(sig).name,
             not_ready_after_s=None if watch.not_ready_at is None else round(watch.not_ready_at - t_kill, 2),
+            repaired_after_s=None if watch.ready_again_at is None else round(watch.ready_again_at - t_kill, 2),
             **self.outcome(log, t_kill), supervisor=launcher.supervisor_events()[-3:],
         )
 
@@ -487,7 +519,8 @@ def report(results: dict) -> str:
                 lines += [f"- error samples: {o['error_samples'][:2]}", ""]
         elif s in ("stub-kill", "hang"):
             lines += [f"## {s}: {r['model']} `{r['target']}` stub ({r['signal']})",
-                      f"- readiness NOT ready after {r['not_ready_after_s']} s; captions again after "
+                      f"- readiness NOT ready after {r['not_ready_after_s']} s, ready again (repaired) after "
+                      f"{r.get('repaired_after_s')} s; captions again after "
                       f"**{r['captions_again_after_s']} s**; requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",
                       "- supervisor: " + " / ".join(e.split("captioner.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
         elif s == "server-kill":

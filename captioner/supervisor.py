@@ -278,17 +278,17 @@ class Supervisor:
         import urllib.request
 
         names = ("nv_inference_pending_request_count", "nv_inference_exec_count")
+        pid, t, hung = self.server.process.pid, self.hangs.timeout_s, {}
         try:
             with urllib.request.urlopen(self.server.metrics_url, timeout=2) as r:
                 m = parse_metrics(r.read().decode(), names)
         except OSError:
-            return []
-        # An ensemble executes nothing itself: only models with stubs can hang.
-        executions = {k: v for k, v in m[names[1]].items() if k in self.expected}
-        pid = self.server.process.pid
-        t = self.hangs.timeout_s
-        hung = {m: f"no execution for {t:g} s with requests pending"
-                for m in self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(pid))}
+            m = None  # the per-instance clocks below need no metrics
+        if m is not None:
+            # An ensemble executes nothing itself: only models with stubs can hang.
+            executions = {k: v for k, v in m[names[1]].items() if k in self.expected}
+            hung = {model: f"no execution for {t:g} s with requests pending"
+                    for model in self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(pid))}
         live = {s.instance: s.pid for s in stubs_of(pid)}
         for instance in self.hangs.instances(executing_since(self.server.executing_dir), live, time.monotonic(),
                                              stub_cpu(pid, by="instance")):
@@ -383,7 +383,12 @@ class Supervisor:
         self._stopping = stopping
         self.snapshot()
         while not stopping():
-            self.check()
+            try:
+                self.check()
+            except GiveUp:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in one round must not end supervision
+                log.exception("supervision round failed; continuing")
             time.sleep(self.interval_s)
 
 

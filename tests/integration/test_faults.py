@@ -38,6 +38,7 @@ def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_no
     assert {"preprocess", "caption_generator"} <= set(killed)
     for target, r in killed.items():
         assert r["not_ready_after_s"] is not None, f"{target}: readiness never said NOT ready while broken"
+        assert r["repaired_after_s"] is not None, f"{target}: never ready again: {r['supervisor']}"
         assert r["captions_again_after_s"] is not None, r["supervisor"]
         assert r["lost"] == 0, r["lost_samples"]
 
@@ -45,6 +46,10 @@ def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_no
 def test_a_stopped_stub_is_repaired(report):
     (r,) = [r for (scenario, _), r in report.items() if scenario == "hang"]
     assert r["target"] in ("encoder", "preprocess")  # the model that runs the encoder
+    # the front model has two instances: captions go on through the other one, so only
+    # the supervisor's repair (readiness false, then true again) shows the hang was found
+    assert r["not_ready_after_s"] is not None and r["repaired_after_s"] is not None, r["supervisor"]
+    assert any("model_broken model=preprocess" in e for e in r["supervisor"]), r["supervisor"]
     assert r["captions_again_after_s"] is not None, r["supervisor"]
     assert r["lost"] == 0, r["lost_samples"]
 
