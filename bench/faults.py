@@ -40,7 +40,7 @@ import psutil
 from tqdm import tqdm
 
 from captioner.cli import env
-from captioner.server import free_port
+from captioner.server import free_ports
 from captioner.supervisor import stubs_of
 
 from .loadgen import TritonClient, run_level
@@ -82,7 +82,7 @@ class Launcher:
     """`python -m captioner.serve --no-build` on free ports, as an operator runs it."""
 
     def __init__(self, repo: Path, log_dir: Path, name: str, extra: tuple[str, ...] = ()):
-        self.ports = {k: free_port() for k in ("grpc", "http", "metrics")}
+        self.ports = free_ports({"grpc": 0, "http": 0, "metrics": 0})
         self.log = log_dir / f"faults-{name}-launcher.log"
         self.server_log = log_dir / f"faults-{name}-tritonserver.log"
         self.cmd = [sys.executable, "-m", "captioner.serve", "--no-build", "--repo", str(repo), "--samples", "0",

@@ -86,6 +86,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(wanted: dict[str, int], host: str = "127.0.0.1") -> dict[str, int]:
+    """`wanted` with every 0 replaced by a free port, all of them distinct: a port just
+    released can come back from the next bind (seen in CI: gRPC and metrics got the same
+    one, and tritonserver refused to start)."""
+    out, taken = {}, {p for p in wanted.values() if p}
+    for name, port in wanted.items():
+        while not port or (port in taken and not wanted[name]):
+            port = free_port(host)
+        taken.add(port)
+        out[name] = port
+    return out
+
+
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
@@ -189,7 +202,7 @@ class TritonServer:
             raise ServerError(f"{self.repository} holds no captioner model repository (make build-engines)")
         wanted = dict(self.ports) if keep_ports else self._wanted
         for attempt in range(attempts):
-            self.ports = {k: (v or free_port(self.host)) for k, v in wanted.items()}
+            self.ports = free_ports(wanted, self.host)
             self._launch()
             try:
                 self.wait_ready(timeout_s)
@@ -198,7 +211,8 @@ class TritonServer:
             except ServerError as e:
                 self.stop()
                 # Another process may have taken a free port between the pick and the bind.
-                if attempt + 1 < attempts and not all(wanted.values()) and "already in use" in str(e):
+                if attempt + 1 < attempts and not all(wanted.values()) and (
+                        "already in use" in str(e) or "at the same address and port" in str(e)):
                     continue
                 raise
         raise AssertionError("unreachable")

@@ -124,6 +124,14 @@ def test_the_wheel_binary_gets_a_backend_directory_and_its_libraries(tmp_path, r
         server.close()
 
 
+def test_free_ports_are_distinct_and_keep_the_fixed_ones(monkeypatch):
+    picks = iter([5000, 5000, 5001, 5002, 6000, 5003])  # the OS may hand a port back twice
+    monkeypatch.setattr(srv, "free_port", lambda host="127.0.0.1": next(picks))
+    assert srv.free_ports({"http": 0, "grpc": 0, "metrics": 0}) == {"http": 5000, "grpc": 5001, "metrics": 5002}
+    # a fixed port stays; a picked one never collides with it
+    assert srv.free_ports({"http": 6000, "grpc": 0}) == {"http": 6000, "grpc": 5003}
+
+
 def test_free_ports_are_bindable():
     import socket
 
