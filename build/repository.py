@@ -25,12 +25,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import MAX_BEAM
 from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from captioner.serving import DECODER_STEP, ENCODER, ENSEMBLE, GENERATOR, PREPROCESS
 
 from .capacity import QueuePolicy, policies
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 
-ENSEMBLE = "captioner"
-PREPROCESS, ENCODER, DECODER_STEP, GENERATOR = "preprocess", "encoder", "decoder_step", "caption_generator"
 MODELS = (PREPROCESS, ENCODER, DECODER_STEP, GENERATOR, ENSEMBLE)
 PYTHON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 TARGETS = ("cpu", "gpu")

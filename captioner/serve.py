@@ -258,7 +258,7 @@ def drain_all(servers: list[TritonServer], a: argparse.Namespace) -> None:
     (captioner.supervisor.drain), then tritonserver stops with nothing in flight."""
     import tritonclient.http as httpclient
 
-    from build.repository import ENSEMBLE
+    from .serving import ENSEMBLE
 
     from .supervisor import drain
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The Triton models' names: build.repository writes them, the launcher (which runs in
+# serving images without the build package) drains the ensemble by name.
+ENSEMBLE = "captioner"
+PREPROCESS, ENCODER, DECODER_STEP, GENERATOR = "preprocess", "encoder", "decoder_step", "caption_generator"
+
 
 @dataclass(frozen=True)
 class Rejected:

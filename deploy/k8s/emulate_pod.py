@@ -100,7 +100,7 @@ def inside(work: Path) -> int:
     env |= {f"CAPTIONER_{k.upper()}_PORT": str(v) for k, v in ports.items()}
     cmd = c["command"] + [relocate(a, work) for a in c["args"]]
     print("$ " + " ".join(cmd), flush=True)
-    out = open(work / "launcher.out", "w")
+    out = open(work / "out" / "launcher.out", "w")
     launcher = subprocess.Popen(cmd, cwd=app, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
@@ -126,12 +126,14 @@ def inside(work: Path) -> int:
             time.sleep(0.5)
         check(ready(), f"ready after {time.monotonic() - t0:.1f} s (startup probe budget {budget} s)")
         if launcher.poll() is not None:
-            print((work / "launcher.out").read_text())
+            print((work / "out" / "launcher.out").read_text())
             return 1
         check(live(), "liveness command passes on a healthy pod")
+        check("Started GRPCInferenceService" in (work / "out" / "launcher.out").read_text(),
+              "tritonserver's log is on the container's stdout (--log-file=-), where `kubectl logs` reads it")
 
         stub = encoder_stub(launcher.pid)
-        check(stub is not None, "found the encoder's Python stub")
+        check(stub is not None, "found the Python stub that runs the encoder")
         if stub is not None:
             os.kill(stub, signal.SIGKILL)
             t, seen = time.monotonic(), []
@@ -141,7 +143,8 @@ def inside(work: Path) -> int:
                     break
                 time.sleep(1)
             print(f"  after SIGKILL of stub {stub} (seconds, ready, live): {seen}")
-            check(not seen[0][2], "liveness fails at once on a dead stub")
+            # No check that liveness fails: the front model has two instances, so a caption
+            # still comes back through the healthy one while the supervisor reloads.
             check(any(not r for _, r, _ in seen), "readiness turns false until the model is reloaded")
             check(seen[-1][1] and seen[-1][2], f"ready and live again {seen[-1][0]} s later (model reloaded)")
 
@@ -176,16 +179,19 @@ def inside(work: Path) -> int:
 
 
 def encoder_stub(launcher_pid: int) -> int | None:
-    """The encoder's stub: a child of this launcher's tritonserver, found by pid."""
+    """The stub running the encoder: the `encoder` model's, or in the fused CPU layout the
+    first `preprocess` instance's (it runs the encoder too)."""
     import psutil
 
+    found = {}
     for server in psutil.Process(launcher_pid).children():
         if "tritonserver" in " ".join(server.cmdline()):
             for stub in server.children():
                 line = " ".join(stub.cmdline())
-                if "triton_python_backend_stub" in line and "/encoder/" in line:
-                    return stub.pid
-    return None
+                for model in ("encoder", "preprocess"):
+                    if "triton_python_backend_stub" in line and f"/{model}/" in line:
+                        found.setdefault(model, stub.pid)
+    return found.get("encoder", found.get("preprocess"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.repo} holds no model repository (make build-engines TARGET=cpu)", file=sys.stderr)
         return 2
     prepare(work, a.repo.resolve(), a.python)
+    (work / "out").mkdir(exist_ok=True)
     (work / "deployment.yaml").write_text(yaml.safe_dump(render(a.overlay)))
     pod = work / "pod"
     script = " && ".join([
         f"mount --bind {pod / 'tmp'} /tmp",
+        f"mount --bind {work / 'out'} {work / 'out'}",  # the emulator's own output, outside the pod
         f"mount --bind {pod / 'mnt/models'} {pod / 'mnt/models'}",
         "mount -o remount,ro,bind /",
         f"{sys.executable} {Path(__file__).resolve()} --inside --work {work}",
