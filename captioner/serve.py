@@ -234,9 +234,13 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop) -> thread
     from .supervisor import BackgroundProbe, GiveUp, Supervisor
 
     probe = BackgroundProbe(http_probe(server), interval_s=2.0).start()
-    control = httpclient.InferenceServerClient(server.http_url, network_timeout=60.0)
-    sup = Supervisor(server, probe, control, hang_timeout_s=a.hang_timeout, max_restarts=a.max_restarts,
-                     headers=control_headers(a))
+    # Unload and the repository index answer in milliseconds; a server that does not has
+    # wedged (seen: tritonserver aborting in its Python backend after a stub was killed
+    # while holding a shared-memory lock) and is restarted. Only loading may take long.
+    control = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=5.0)
+    loader = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=120.0)
+    sup = Supervisor(server, probe, control, loader=loader, hang_timeout_s=a.hang_timeout,
+                     max_restarts=a.max_restarts, headers=control_headers(a))
 
     def loop():
         try:

@@ -221,6 +221,7 @@ class Supervisor:
         probe,
         control,  # tritonclient.http.InferenceServerClient (or anything with load/unload_model)
         *,
+        loader=None,  # the client for load_model: loading may take long, the other calls must not
         interval_s: float = 0.5,
         hang_timeout_s: float = 6.0,
         probe_failures: int = 3,
@@ -232,6 +233,7 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.server, self.probe, self.control = server, probe, control
+        self.loader = loader or control
         self.interval_s = interval_s
         self.hangs = HangWatch(hang_timeout_s)
         self.probe_failures, self.max_restarts = probe_failures, max_restarts
@@ -341,7 +343,7 @@ class Supervisor:
             # No waiting for the unload: with a dead stub it lasts the Python backend's stub
             # timeout (30 s); the new instance loads beside the old one going away.
             for model in broken:
-                self.control.load_model(model, headers=self.headers)
+                self.loader.load_model(model, headers=self.headers)
             self._load_all()
         except Exception as e:  # noqa: BLE001 - any failure to reload means a restart
             self._event("reload_failed", error=f"{type(e).__name__}: {e}"[:300])
@@ -354,7 +356,7 @@ class Supervisor:
         """Everything in the repository back to READY (the ensemble was unloaded with its step)."""
         for m in self.control.get_model_repository_index(headers=self.headers):
             if m.get("state") != "READY":
-                self.control.load_model(m["name"], headers=self.headers)
+                self.loader.load_model(m["name"], headers=self.headers)
 
     def restart(self, why: str) -> None:
         if self._stopping():

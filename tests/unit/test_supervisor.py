@@ -193,6 +193,22 @@ def test_a_dead_stub_is_unloaded_then_its_model_and_the_ensemble_are_loaded_agai
     assert [e["event"] for e in sup.events] == ["model_broken", "model_reloaded"]
 
 
+def test_a_server_that_wedges_during_a_repair_is_restarted(world):
+    """Seen in CI: a stub SIGKILLed while holding a shared-memory lock made tritonserver
+    abort without exiting; the unload call then hung. It times out (the launcher's
+    control client: 5 s) and the server is restarted, instead of waiting a minute."""
+    sup, server, control, probe, stubs, killed = world
+
+    def wedged(name, headers=None):
+        raise TimeoutError("timed out")
+
+    control.unload_model = wedged
+    stubs["caption_generator"] = []
+    assert sup.check() == "repaired"  # the repair failed over to a restart
+    assert [e["event"] for e in sup.events] == ["model_broken", "reload_failed", "restart", "restarted"]
+    assert server.kills == 1
+
+
 def test_a_stub_triton_reports_unhealthy_is_repaired_and_its_remaining_processes_killed(world):
     sup, server, control, probe, stubs, killed = world
     probe.results = ["[500] in ensemble 'captioner', Stub process 'encoder_0_0' is not healthy."]
