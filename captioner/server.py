@@ -128,12 +128,12 @@ class TritonServer:
         self._wanted = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.ports = dict(self._wanted)
         self._tmp = Path(tempfile.mkdtemp(prefix="captioner-triton-"))
-        # "-": tritonserver writes to our stdout (a container's log, `kubectl logs`).
-        self.log_to_stdout = str(log_file) == "-"
         # Each model instance says here since when it has been in execute (the supervisor's
         # per-instance hang check; captioner.serving.triton.ExecuteClock).
         self.executing_dir = self._tmp / "executing"
-        self.log_file = None if self.log_to_stdout else Path(log_file).resolve() if log_file else self._tmp / "tritonserver.log"
+        # None ("-"): tritonserver writes to our stdout (a container's log, `kubectl logs`).
+        self.log_file = (None if str(log_file) == "-" else Path(log_file).resolve() if log_file
+                         else self._tmp / "tritonserver.log")
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = tuple(extra_args)
@@ -218,7 +218,7 @@ class TritonServer:
         raise AssertionError("unreachable")
 
     def _launch(self) -> None:
-        if self.log_to_stdout:
+        if self.log_file is None:
             sys.stdout.flush()
             self._popen(None)
             return

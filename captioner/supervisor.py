@@ -73,16 +73,15 @@ def stubs_of(server_pid: int) -> list[Stub]:
     return out
 
 
-def stub_cpu(server_pid: int, by: str = "model") -> dict[str, float]:
-    """CPU seconds used so far by each model's stubs (`by="instance"`: by each stub)."""
+def stub_cpu(stubs: list[Stub]) -> dict[str, float]:
+    """CPU seconds used so far by each stub (instance name -> seconds)."""
     out: dict[str, float] = {}
-    for s in stubs_of(server_pid):
+    for s in stubs:
         try:
             t = psutil.Process(s.pid).cpu_times()
         except psutil.NoSuchProcess:
             continue
-        key = s.model if by == "model" else s.instance
-        out[key] = out.get(key, 0.0) + t.user + t.system
+        out[s.instance] = t.user + t.system
     return out
 
 
@@ -280,7 +279,9 @@ class Supervisor:
         import urllib.request
 
         names = ("nv_inference_pending_request_count", "nv_inference_exec_count")
-        pid, t, hung = self.server.process.pid, self.hangs.timeout_s, {}
+        t, hung = self.hangs.timeout_s, {}
+        stubs = stubs_of(self.server.process.pid)  # one scan of the process table per round
+        cpu = stub_cpu(stubs)
         try:
             with urllib.request.urlopen(self.server.metrics_url, timeout=2) as r:
                 m = parse_metrics(r.read().decode(), names)
@@ -289,11 +290,13 @@ class Supervisor:
         if m is not None:
             # An ensemble executes nothing itself: only models with stubs can hang.
             executions = {k: v for k, v in m[names[1]].items() if k in self.expected}
+            model_cpu: dict[str, float] = {}
+            for s in stubs:
+                model_cpu[s.model] = model_cpu.get(s.model, 0.0) + cpu.get(s.instance, 0.0)
             hung = {model: f"no execution for {t:g} s with requests pending"
-                    for model in self.hangs.update(m[names[0]], executions, self.clock(), stub_cpu(pid))}
-        live = {s.instance: s.pid for s in stubs_of(pid)}
-        for instance in self.hangs.instances(executing_since(self.server.executing_dir), live, time.monotonic(),
-                                             stub_cpu(pid, by="instance")):
+                    for model in self.hangs.update(m[names[0]], executions, self.clock(), model_cpu)}
+        live = {s.instance: s.pid for s in stubs}
+        for instance in self.hangs.instances(executing_since(self.server.executing_dir), live, time.monotonic(), cpu):
             model = self.model_of(instance)
             if model is not None:
                 hung.setdefault(model, f"stub {instance} inside one execute for over {t:g} s")

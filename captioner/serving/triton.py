@@ -41,7 +41,7 @@ class ExecuteClock:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "ExecuteClock":
-        return cls(args.get("model_instance_name") or f"{args.get('model_name', 'model')}_{os.getpid()}")
+        return cls(args["model_instance_name"])
 
     def __enter__(self) -> "ExecuteClock":
         if self._fd is not None:
