@@ -59,7 +59,7 @@ async def run_overload(
     back off exactly as the library's callers do."""
     import tritonclient.grpc.aio as grpcclient
 
-    from client.core import RetryPolicy
+    from client.core import RetryPolicy, infer_without_cancel
 
     retry = retry or RetryPolicy()
     rng = random.Random(0)
@@ -92,10 +92,9 @@ async def run_overload(
                 return
             t0 = time.perf_counter()
             try:
-                await client.infer(
-                    model, inputs[i % len(inputs)], outputs=outputs, parameters=parameters,
-                    client_timeout=left, timeout=int(left * 1e6),
-                )
+                # as the client library waits: given up at the deadline, not cancelled
+                await infer_without_cancel(client, left, model, inputs[i % len(inputs)], outputs=outputs,
+                                           parameters=parameters, timeout=int(left * 1e6))
             except InferenceServerException as e:
                 t1 = time.perf_counter()
                 status = e.status() or ""

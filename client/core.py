@@ -5,9 +5,10 @@ synchronous code on a private event loop, so retry, failover, concurrency and er
 handling exist once.
 
 Deadlines: `timeout` is the whole time an image may take, retries and backoff included.
-Each attempt carries the time left twice: as the gRPC deadline (`client_timeout`), and as
-Triton's request timeout (`timeout`, microseconds) so that a server whose queue policy
-allows the override drops a request nobody waits for any more.
+Each attempt waits for the time left, and carries it as Triton's request timeout
+(`timeout`, microseconds) so that a server whose queue policy allows the override drops a
+request nobody waits for any more. An attempt given up is not cancelled at once
+(`infer_without_cancel`: Triton 2.51 can crash on a cancellation racing a response).
 
 Wire contract: input `IMAGE` (BYTES, [1] per item: encoded image file bytes), outputs
 `CAPTION` (BYTES) and `SCORE` (FP32, total log-probability); decoding options travel as
@@ -38,6 +39,34 @@ ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
 _UNAVAILABLE = "StatusCode.UNAVAILABLE"
 _DEADLINE = "StatusCode.DEADLINE_EXCEEDED"
+# How much longer than the caller waits an abandoned call may run before gRPC cancels it.
+CANCEL_GRACE_S = 5.0
+
+
+async def infer_without_cancel(client, wait_s: float | None, model: str, inputs, **kwargs):
+    """`client.infer(model, inputs, **kwargs)`, given up after `wait_s` (DEADLINE_EXCEEDED to the caller)
+    without cancelling the call: it runs on in the background, its gRPC deadline
+    `CANCEL_GRACE_S` later, while Triton's own `timeout` (the caller's time left, in
+    kwargs) drops it if it is still queued. Why: Triton 2.51 can crash (SIGSEGV in its
+    gRPC handler) when a cancellation races a response being completed (upstream issues
+    7368 and 8034, fixed in 24.12); seen here twice in one 128-client overload run, where
+    every late caller cancelled. A server that answers late is then only answered into
+    the void; a hung one is still cancelled once the grace is over."""
+    if wait_s is None:
+        return await client.infer(model, inputs, client_timeout=None, **kwargs)
+    call = asyncio.ensure_future(client.infer(model, inputs, client_timeout=wait_s + CANCEL_GRACE_S, **kwargs))
+    try:
+        return await asyncio.wait_for(asyncio.shield(call), wait_s)
+    except asyncio.TimeoutError:
+        call.add_done_callback(_discard)
+        from tritonclient.utils import InferenceServerException
+
+        raise InferenceServerException("Deadline Exceeded", status=_DEADLINE) from None
+
+
+def _discard(call: asyncio.Future) -> None:
+    if not call.cancelled():
+        call.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 class CaptionError(Exception):
@@ -332,11 +361,9 @@ class AsyncCaptionClient:
             tried.append(ep)
             since = self.pool.started(ep)
             try:
-                result = await ep.client.infer(
-                    self.model,
-                    [_image_input(data)],
+                result = await infer_without_cancel(
+                    ep.client, this, self.model, [_image_input(data)],
                     outputs=_requested_outputs(),
-                    client_timeout=this,
                     timeout=None if this is None else max(1, int(this * 1e6)),
                     parameters=params or None,
                 )

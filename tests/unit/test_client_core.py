@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import time
 
 import numpy as np
 import pytest
@@ -196,10 +197,33 @@ def test_parameters_and_timeout_reach_the_request():
     first, second = fake.calls
     assert first["model"] == "m2" and first["outputs"] == ["CAPTION", "SCORE"]
     assert first["parameters"] == {"beam_size": 3, "max_length": 20, "temperature": 0.5}
-    # The first attempt gets (almost) the whole deadline, on the wire and as the server's timeout.
-    assert 6.9 < first["timeout"] <= 7.0 and first["server_timeout_us"] == int(first["timeout"] * 1e6)
+    # The first attempt gets (almost) the whole deadline as the server's timeout; the gRPC
+    # deadline is CANCEL_GRACE_S later (the caller stops waiting at the deadline itself).
+    assert 6.9e6 < first["server_timeout_us"] <= 7.0e6
+    assert first["timeout"] == pytest.approx(first["server_timeout_us"] / 1e6 + core.CANCEL_GRACE_S, abs=1e-5)
     assert second["parameters"] is None  # unset options stay the server's defaults
-    assert 1.4 < second["timeout"] <= 1.5 and second["server_timeout_us"] == int(second["timeout"] * 1e6)
+    assert 1.4e6 < second["server_timeout_us"] <= 1.5e6
+    assert second["timeout"] == pytest.approx(second["server_timeout_us"] / 1e6 + core.CANCEL_GRACE_S, abs=1e-5)
+
+
+def test_a_caller_past_its_deadline_is_answered_at_once_and_the_call_is_not_cancelled():
+    """Triton 2.51 can crash when a cancellation races a response: a late call is left to
+    finish in the background while the caller gets DEADLINE_EXCEEDED on time."""
+    fake = FakeTriton(delay=lambda data: 0.3)
+    client = AsyncCaptionClient(triton_client=fake, timeout=0.1, retry=RetryPolicy(max_attempts=1))
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(CaptionError) as e:
+            await client.caption_one(b"slow")
+        waited = time.monotonic() - t0
+        assert fake.in_flight == 1  # still running on the server side: not cancelled
+        await _real_sleep(0.4)
+        return waited, e.value
+
+    waited, err = run(go())
+    assert waited < 0.25 and err.status == "StatusCode.DEADLINE_EXCEEDED"
+    assert fake.in_flight == 0  # it finished on its own
 
 
 def test_no_deadline_sends_no_timeouts():
