@@ -149,7 +149,10 @@ def test_dead_stub_on_one_replica_loses_no_image(triton_server, image_dir, tmp_p
         assert a.is_ready()  # the server still says ready: only a real inference tells
         a_line = endpoint_stats(proc.stderr, a.grpc_url)
         assert " 0 failed" not in a_line and "set aside now" in a_line
-        assert "Stub process 'encoder_0_0' is not healthy" in a_line
+        # Its last error is the dead stub's, or (CI, loaded machine) a probe that expired in
+        # the encoder's queue behind requests waiting for that stub; the health check below
+        # must name the stub either way.
+        assert "Stub process 'encoder_0_0' is not healthy" in a_line or "Request timeout expired" in a_line, a_line
         down = health(a.grpc_url)
         assert down.returncode == 1 and "Stub process 'encoder_0_0' is not healthy" in down.stdout, down.stdout
     finally:
