@@ -9,3 +9,8 @@ def env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
     """`$name` cast to the flag's type, or `default` when unset or empty."""
     value = os.environ.get(name)
     return default if value in (None, "") else cast(value)
+
+
+def flag(value: str) -> bool:
+    """An environment variable read as a boolean switch (1/true/yes/on)."""
+    return value.strip().lower() in ("1", "true", "yes", "on")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import env
+from .cli import env, flag
 from .server import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 
 # Everything but inference and health needs the key: those are what clients and probes use.
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", default=env("CAPTIONER_TARGET", "auto"), choices=("auto", "cpu", "gpu"))
     p.add_argument("--precision", default=env("CAPTIONER_PRECISION", "fp32"), choices=("fp32", "fp16", "int8"))
     p.add_argument("--rebuild", action="store_true", help="rebuild the repository even when it is up to date")
-    p.add_argument("--no-build", action="store_true", default=env("CAPTIONER_NO_BUILD", False, _flag),
+    p.add_argument("--no-build", action="store_true", default=env("CAPTIONER_NO_BUILD", False, flag),
                    help="serve the repository as it is; no checkpoint needed (images, pods) [$CAPTIONER_NO_BUILD]")
     p.add_argument(
         "--host",
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=int, default=env("CAPTIONER_DRAIN_TIMEOUT", 30, int),
                    help="seconds accepted requests get to finish on SIGTERM/Ctrl-C "
                         "(tritonserver --exit-timeout-secs) [$CAPTIONER_DRAIN_TIMEOUT]")
-    p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=env("CAPTIONER_SUPERVISE", True, _flag),
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=env("CAPTIONER_SUPERVISE", True, flag),
                    help="reload a model whose stub died or hung, restart a dead tritonserver [$CAPTIONER_SUPERVISE]")
     p.add_argument("--hang-timeout", type=float, default=env("CAPTIONER_HANG_TIMEOUT", 8.0, float),
                    help="a model with requests pending, no execution finished and idle stubs for this long is hung "
@@ -89,10 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (name and eq and value) or any(c in a.restricted_key for c in ",: "):
             p.error("--restricted-key takes NAME=VALUE (no spaces, commas or colons)")
     return a
-
-
-def _flag(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def server_args(a: argparse.Namespace) -> tuple[str, ...]:

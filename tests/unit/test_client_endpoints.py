@@ -409,7 +409,7 @@ def test_health_ok_sends_a_real_image_and_exits_0():
     assert out.startswith("ok a:1 ") and " ms caption=" in out and "caption of" in out and out.count("\n") == 1
     (call,) = fleet.fakes["a:1"].calls
     assert Image.open(io.BytesIO(call["data"])).format == "PNG"  # a valid image through the whole ensemble
-    assert call["model"] == "captioner" and 1.99 <= call["timeout"] <= 2.0 and call["server_timeout_us"] == 2_000_000
+    assert call["model"] == "captioner" and 1.99 <= call["timeout"] <= 2.0 and call["server_timeout_us"] == 1_600_000  # Triton gives up first: no cancellation
     assert fleet.fakes["a:1"].closed
 
 
@@ -423,6 +423,26 @@ def test_health_failure_exits_1_with_the_reason(error, reason):
     fleet.down["a:1"] = error
     code, out = health_main(["--url", "a:1"], fleet)
     assert code == 1 and out.startswith("FAIL a:1 after ") and reason in out and out.count("\n") == 1
+
+
+@pytest.mark.parametrize("error", [QUEUE_FULL, ("StatusCode.UNAVAILABLE", "Request timeout expired")])
+def test_health_overload_fails_unless_overload_ok(error, monkeypatch):
+    fleet = Fleet()
+    fleet.down["a:1"] = error
+    code, out = health_main(["--url", "a:1"], fleet)
+    assert code == 1 and out.startswith("FAIL a:1 ")
+    code, out = health_main(["--url", "a:1", "--overload-ok"], fleet)
+    assert code == 0 and out.startswith("ok (overloaded) a:1 ") and error[1] in out
+    monkeypatch.setenv("CAPTIONER_HEALTH_OVERLOAD_OK", "true")
+    assert health_main(["--url", "a:1"], fleet)[0] == 0
+
+
+@pytest.mark.parametrize("error", [UNAVAILABLE, STUB_DEAD, RELOADING])
+def test_health_overload_ok_still_fails_a_broken_replica(error):
+    fleet = Fleet()
+    fleet.down["a:1"] = error
+    code, out = health_main(["--url", "a:1", "--overload-ok"], fleet)
+    assert code == 1 and out.startswith("FAIL a:1 ")
 
 
 def test_health_checks_every_endpoint_and_needs_all():

@@ -174,6 +174,7 @@ def test_container_ports_services_and_probes_use_the_launchers_ports(rendered, o
     assert live[:3] == ["python", "-m", "client.health"]
     probe = health_parser().parse_args(live[3:])
     assert probe.url == f"127.0.0.1:{DEFAULT_PORTS['grpc']}" and probe.model_name == ENSEMBLE
+    assert probe.overload_ok  # a pod that sheds load is alive: restarting it deepens the overload
     assert server["livenessProbe"]["timeoutSeconds"] > probe.timeout
 
 
@@ -355,7 +356,8 @@ def test_the_kserve_runtime_serves_the_repository_with_the_launcher(rendered, mo
         assert container[probe]["httpGet"] == {"path": HEALTH_READY, "port": a.http_port}
     live = container["livenessProbe"]["exec"]["command"]
     assert live[:3] == ["python", "-m", "client.health"]
-    assert health_parser().parse_args(live[3:]).url == f"127.0.0.1:{a.grpc_port}"
+    probe = health_parser().parse_args(live[3:])
+    assert probe.url == f"127.0.0.1:{a.grpc_port}" and probe.overload_ok
     assert container["securityContext"]["runAsNonRoot"] is True
 
     model = isvc["spec"]["predictor"]["model"]
