@@ -234,6 +234,26 @@ async def first_caption(client, tries: int = 20) -> None:
             await asyncio.sleep(0.5)
 
 
+async def liveness_during(url: str, done: asyncio.Event, every_s: float = 2.0) -> dict:
+    """The Kubernetes liveness probe's check (`client.health --timeout 5 --overload-ok`) every
+    `every_s` until `done`: would an orchestrator kill this overloaded replica?"""
+    from client.health import check_async
+
+    counts = {"probes": 0, "caption": 0, "overloaded": 0, "failed": 0, "failures": []}
+    while not done.is_set():
+        r = await check_async(url, timeout=5.0, overload_ok=True)
+        counts["probes"] += 1
+        kind = "failed" if not r.ok else "overloaded" if r.reason else "caption"
+        counts[kind] += 1
+        if kind == "failed" and len(counts["failures"]) < 3:
+            counts["failures"].append(r.reason)
+        try:
+            await asyncio.wait_for(done.wait(), every_s)
+        except asyncio.TimeoutError:
+            pass
+    return counts
+
+
 def first_ok_after(log: list, t: float) -> float | None:
     times = [done for sent, done, ok, _ in log if ok and sent >= t]
     return min(times) - t if times else None
@@ -293,8 +313,14 @@ class Faults:
                 base = await run_level(c, 1, duration=2.0, warmup=0.5, min_completed=5)
                 cap = await run_level(c, 8, duration=p.capacity_s, warmup=1.0, min_completed=16)
                 before = await c.model_stats()
-                over = await run_overload(launcher.grpc_url, self.images, p.overload_clients[model], p.overload_s,
-                                          p.deadline_s, parameters=params)
+                done = asyncio.Event()
+                probes = asyncio.ensure_future(liveness_during(launcher.grpc_url, done))
+                try:
+                    over = await run_overload(launcher.grpc_url, self.images, p.overload_clients[model],
+                                              p.overload_s, p.deadline_s, parameters=params)
+                finally:
+                    done.set()
+                liveness = await probes
                 after = await c.model_stats()
                 # After the load: sequential requests until 5 in a row are near the idle latency.
                 t0, recent, recovered = time.monotonic(), [], None
@@ -311,15 +337,16 @@ class Faults:
                     if len(recent) == 5 and statistics.median(recent) <= normal:
                         recovered = time.monotonic() - t0
                         break
-                return base, cap, over, before, after, recovered
+                return base, cap, over, before, after, recovered, liveness
 
-        base, cap, over, before, after, recovered = asyncio.run(go())
+        base, cap, over, before, after, recovered, liveness = asyncio.run(go())
         from .run import model_breakdown
 
         return self.record(
             scenario="overload", model=model, shedding=shedding, capacity_8=cap.throughput, idle_p50_ms=base.p50_ms,
             goodput=over.goodput, goodput_ratio=over.goodput / cap.throughput if cap.throughput else float("nan"),
             recovered_s=recovered, overload=over.to_dict(), inside_triton=model_breakdown(before, after),
+            liveness=liveness,
         )
 
     # stub faults ---------------------------------------------------------------------------
@@ -512,6 +539,10 @@ def report(results: dict) -> str:
                       f"refusals answered in p50 **{o['refusal_p50_ms']:.1f} ms**, p99 {o['refusal_p99_ms']:.1f} ms",
                       f"- 1-client latency back to normal (median of 5 <= 1.5 x idle p50 {r['idle_p50_ms']:.1f} ms + 2 ms) "
                       f"**{r['recovered_s'] if r['recovered_s'] is None else round(r['recovered_s'], 2)} s** after the load stopped",
+                      f"- liveness probe (`client.health --overload-ok`) every 2 s during the load: "
+                      f"{r['liveness']['probes']} probes, {r['liveness']['caption']} captioned, "
+                      f"{r['liveness']['overloaded']} shed as overloaded (pass), **{r['liveness']['failed']} failed** "
+                      f"{r['liveness']['failures'] or ''}",
                       "- inside Triton during the overload: " + "; ".join(
                           f"{m} batch {v['batch']:.1f}, queue {v['queue_ms']:.0f} ms/request, compute {v['compute_ms']:.0f} ms/execution"
                           for m, v in r["inside_triton"].items()), ""]

@@ -30,6 +30,9 @@ def test_overload_is_shed_fast_and_the_server_recovers(report):
     # refused with UNAVAILABLE well before the caller's deadline, not after waiting it out
     assert o["refusal_p50_ms"] < o["deadline_s"] * 1e3 / 2
     assert r["recovered_s"] is not None
+    # the liveness probe an orchestrator runs found the overloaded replica alive throughout
+    live = r["liveness"]
+    assert live["probes"] > 0 and live["failed"] == 0, live["failures"]
 
 
 def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_nothing(report):
