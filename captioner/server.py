@@ -279,15 +279,19 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float | None = None) -> bool:
         """Drain and stop: on SIGTERM Triton turns readiness false, refuses new requests
-        with UNAVAILABLE and finishes those in flight for up to exit_timeout_s."""
+        with UNAVAILABLE and finishes those in flight for up to exit_timeout_s. Killed
+        after `wait_s` (default exit_timeout_s + 10) if still running; True when it
+        exited on its own."""
         proc, self.process = self.process, None
+        exited = True
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=self.exit_timeout_s + 10)
+                proc.wait(timeout=self.exit_timeout_s + 10 if wait_s is None else wait_s)
             except subprocess.TimeoutExpired:
+                exited = False
                 proc.kill()
                 proc.wait()
         if proc is not None:
@@ -296,6 +300,7 @@ class TritonServer:
             except (ProcessLookupError, PermissionError):
                 pass
         atexit.unregister(self.stop)
+        return exited
 
     def kill(self) -> None:
         """End the server and its whole process group (Python stubs included) at once: for
@@ -309,10 +314,12 @@ class TritonServer:
             proc.wait()
         atexit.unregister(self.stop)
 
-    def close(self) -> None:
-        """Stop, and remove the temporary backend directory (and the log, when it lives there)."""
-        self.stop()
+    def close(self, wait_s: float | None = None) -> bool:
+        """Stop (see `stop`), and remove the temporary backend directory (and the log, when
+        it lives there)."""
+        exited = self.stop(wait_s)
         shutil.rmtree(self._tmp, ignore_errors=True)
+        return exited
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -167,3 +167,40 @@ def test_stale_reason(tmp_path):
     assert "incomplete" in stale_reason(repo, ck_path, "auto")
     other = tiny_checkpoint(tmp_path / "other", seed=1)
     assert "another checkpoint" in stale_reason(repo, other, "auto")
+
+
+STUCK_UNLOADING = HEALTHY.replace('threading.Thread(target=httpd.shutdown).start()', 'pass  # unloads forever')
+
+
+def test_stop_kills_a_server_still_unloading_after_wait_s(tmp_path, repo, monkeypatch):
+    exe = _fake_triton(tmp_path / "bin", STUCK_UNLOADING)
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "triton.log"
+    server = TritonServer(repo, log_file=log, exit_timeout_s=60).start()
+    process = server.process
+    assert server.close(wait_s=0.5) is False  # not the 70 s its exit timeout would allow
+    assert process.poll() is not None and "got SIGTERM" in log.read_text()
+    healthy = _fake_triton(tmp_path / "bin2", HEALTHY)
+    monkeypatch.setenv("PATH", f"{healthy.parent}{os.pathsep}{os.environ['PATH']}")
+    with TritonServer(repo, log_file=log) as server:
+        assert server.stop(wait_s=30) is True  # exited on its own
+
+
+def test_only_drained_servers_get_the_short_unload_grace(capsys):
+    from captioner import serve
+
+    class Server:
+        grpc_url = "127.0.0.1:1"
+
+        def __init__(self, exits):
+            self.exits, self.waits = exits, []
+
+        def close(self, wait_s=None):
+            self.waits.append(wait_s)
+            return self.exits
+
+    drained, stuck, undrained = Server(True), Server(False), Server(True)
+    serve.stop_all([drained, stuck, undrained], {drained, stuck})
+    assert drained.waits == stuck.waits == [serve.UNLOAD_GRACE_S]
+    assert undrained.waits == [None]  # requests may be in flight: Triton's own exit timeout
+    assert "still unloading" in capsys.readouterr().out
