@@ -58,10 +58,34 @@ async def infer_without_cancel(client, wait_s: float | None, model: str, inputs,
     try:
         return await asyncio.wait_for(asyncio.shield(call), wait_s)
     except asyncio.TimeoutError:
+        _keep_until_done(call)  # the event loop holds tasks only weakly
         call.add_done_callback(_discard)
         from tritonclient.utils import InferenceServerException
 
         raise InferenceServerException("Deadline Exceeded", status=_DEADLINE) from None
+
+
+def call_without_cancel(method, request, wait_s: float):
+    """The synchronous counterpart of `infer_without_cancel` for a raw gRPC stub method
+    (`GRPCInferenceServiceStub(...).ModelInfer`, the Locust users): its answer if it comes
+    within `wait_s` seconds, else TimeoutError while the call runs on, its gRPC deadline
+    CANCEL_GRACE_S later. RpcError as gRPC raises it."""
+    import grpc
+
+    call = method.future(request, timeout=wait_s + CANCEL_GRACE_S)
+    try:
+        return call.result(timeout=wait_s)
+    except grpc.FutureTimeoutError:
+        _keep_until_done(call)  # a gRPC future that is garbage collected cancels its call
+        raise TimeoutError("Deadline Exceeded (the call was left to run out, not cancelled)") from None
+
+
+_abandoned: set = set()  # calls given up on but left to run: referenced until they end
+
+
+def _keep_until_done(call) -> None:
+    _abandoned.add(call)
+    call.add_done_callback(_abandoned.discard)
 
 
 def _discard(call: asyncio.Future) -> None:

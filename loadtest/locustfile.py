@@ -38,7 +38,7 @@ from tritonclient.utils import serialize_byte_tensor  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.scenes import caption_is_correct  # noqa: E402
-from client.core import RetryPolicy, probe_image  # noqa: E402
+from client.core import RetryPolicy, call_without_cancel, probe_image  # noqa: E402
 from client.endpoints import EndpointPool, Failure, classify, parse_endpoints  # noqa: E402
 from loadtest.pool import build_pool, parse_sizes  # noqa: E402
 
@@ -220,13 +220,18 @@ class TritonGrpcUser(User):
             # Triton's own request timeout (microseconds): the server drops what nobody waits for.
             sent.parameters["timeout"].int64_param = max(1, int(this * 1e6))
             try:
-                response = self.stubs[ep.url].ModelInfer(sent, timeout=this)
-            except grpc.RpcError as e:
-                failure = classify(str(e.code()), e.details())
-                if capped and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Not cancelled at the deadline: Triton 2.51 can crash on a cancellation
+                # racing a response (client.core.infer_without_cancel), and a load test is
+                # where deadlines run out.
+                response = call_without_cancel(self.stubs[ep.url].ModelInfer, sent, this)
+            except (grpc.RpcError, TimeoutError) as e:
+                code, details = ((e.code(), e.details()) if isinstance(e, grpc.RpcError)
+                                 else (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+                failure = classify(str(code), details)
+                if capped and code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     failure = Failure.BROKEN  # no answer within --attempt-timeout: try another replica
-                self.fleet.finished(ep, failure, e.details() or "", since)
-                key = f"{e.code().name}: {e.details()}"
+                self.fleet.finished(ep, failure, details or "", since)
+                key = f"{code.name}: {details}"
                 Fleet.attempt_errors[key] = Fleet.attempt_errors.get(key, 0) + 1
                 exception = e
                 if failure is Failure.FINAL or attempt >= self.retry.max_attempts:
@@ -262,9 +267,11 @@ class TritonGrpcUser(User):
         """One tiny real inference: readiness alone passes a replica whose stub is dead."""
         req = infer_request(model, _ProbeImage, {})
         try:
-            self.stubs[ep.url].ModelInfer(req, timeout=5.0)
+            call_without_cancel(self.stubs[ep.url].ModelInfer, req, 5.0)
         except grpc.RpcError as e:
             self.fleet.probe_result(ep, False, e.details() or "")
+        except TimeoutError as e:
+            self.fleet.probe_result(ep, False, str(e))
         else:
             self.fleet.probe_result(ep, True)
 

@@ -294,3 +294,46 @@ def test_sync_client_wraps_async_and_closes():
 def test_client_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         AsyncCaptionClient(triton_client=FakeTriton(), **kwargs)
+
+
+# --- call_without_cancel (the Locust users' raw gRPC calls) ---------------------------------
+
+@pytest.fixture
+def slow_grpc_server():
+    """A real in-process gRPC server whose one method answers after `delay_s`, and records
+    whether the call was still alive (not cancelled by the client) when it answered."""
+    from concurrent import futures
+
+    import grpc
+
+    seen = {"delay_s": 0.0, "alive_at_end": []}
+
+    def handle(request, context):
+        time.sleep(seen["delay_s"])
+        seen["alive_at_end"].append(context.is_active())
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(handle)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    method = channel.unary_unary("/test.Echo/Call")  # bytes in, bytes out
+    yield method, seen
+    channel.close()
+    server.stop(None)
+
+
+def test_call_without_cancel_answers_in_time_and_gives_up_without_cancelling(slow_grpc_server):
+    method, seen = slow_grpc_server
+    assert core.call_without_cancel(method, b"scene", 2.0) == b"scene"
+    seen["delay_s"] = 0.6
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="Deadline Exceeded"):
+        core.call_without_cancel(method, b"scene", 0.1)
+    assert time.monotonic() - start < 0.5  # the caller is answered at its deadline
+    time.sleep(0.8)
+    # The server finished the abandoned call with it still open: no cancellation reached it
+    # (a plain `method(request, timeout=0.1)` leaves False here).
+    assert seen["alive_at_end"] == [True, True]
