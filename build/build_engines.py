@@ -340,7 +340,7 @@ def build(a: argparse.Namespace) -> dict:
                 f"{measured.pipeline_per_s:.0f} captions/s on {measured.cores} cores")
         queues = capacity.policies(measured, a.max_batch_size, a.queue_budget_ms,
                                    None if a.max_queue_size < 0 else a.max_queue_size, fused=layout == "fused")
-        for line in capacity.describe(queues):
+        for line in capacity.describe(queues, fused=layout == "fused"):
             log(f"      load shedding: {line}")
         manifest["load_shedding"] = {"budget_ms": a.queue_budget_ms, "measured": measured and measured.to_dict(),
                                      "queues": {k: v.to_dict() for k, v in queues.items()}}

@@ -152,9 +152,16 @@ def policies(capacity: Capacity | None, max_batch: int, budget_ms: int = DEFAULT
     }
 
 
-def describe(queues: Mapping[str, QueuePolicy]) -> list[str]:
+def describe(queues: Mapping[str, QueuePolicy], fused: bool = False) -> list[str]:
+    """One line per model the repository holds (fused: no `encoder` model; preprocess runs it)."""
+    from .repository import ENCODER, PREPROCESS
+
     out = []
     for model, q in queues.items():
+        if fused and model == ENCODER:
+            continue
+        if fused and model == PREPROCESS:
+            model = f"{PREPROCESS} (runs the encoder)"
         bits = [f"max_queue_size {q.max_queue_size or 'unbounded'}",
                 f"timeout {q.timeout_us / 1000:g} ms" if q.timeout_us else "no timeout"]
         if q.batch_cap:

@@ -41,6 +41,14 @@ def test_in_the_fused_layout_preprocess_admits_as_the_encoder_does():
     assert q["preprocess"] == q["encoder"] and q["preprocess"].batch_cap == 3
 
 
+def test_the_build_log_names_only_models_the_repository_holds():
+    fused = capacity.describe(policies(SEED_LIKE, max_batch=32, fused=True), fused=True)
+    assert [line.split(":")[0] for line in fused] == ["preprocess (runs the encoder)", "caption_generator"]
+    assert "batches capped at 3" in fused[0]
+    split = capacity.describe(policies(SEED_LIKE, max_batch=32))
+    assert [line.split(":")[0] for line in split] == ["preprocess", "encoder", "caption_generator"]
+
+
 def test_overrides_and_the_unmeasured_default():
     assert policies(None, 32)["encoder"] == QueuePolicy(128, 1_000_000, 0)  # four batches
     assert policies(SEED_LIKE, 32, max_queue_size=9)["preprocess"].max_queue_size == 9
