@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import psutil
 from tqdm import tqdm
@@ -171,17 +172,17 @@ class Launcher:
 
 
 class ReadinessWatch:
-    """Polls /v2/health/ready every 50 ms in a thread: when did it first say NOT ready, and
-    when ready again after that (the supervisor's repair done)."""
+    """Polls `ready()` (/v2/health/ready) every 50 ms in a thread: when did it first say
+    NOT ready, and when ready again after that (the supervisor's repair done)."""
 
-    def __init__(self, launcher: Launcher):
-        self.launcher, self.not_ready_at, self.ready_again_at = launcher, None, None
+    def __init__(self, ready: Callable[[], bool]):
+        self.ready, self.not_ready_at, self.ready_again_at = ready, None, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            ready = self.launcher.ready()
+            ready = self.ready()
             if self.not_ready_at is None and not ready:
                 self.not_ready_at = time.monotonic()
             elif self.not_ready_at is not None and self.ready_again_at is None and ready:
@@ -349,7 +350,7 @@ class Faults:
             liveness=liveness,
         )
 
-    # stub faults ---------------------------------------------------------------------------
+    # faults under load -----------------------------------------------------------------------
     def under_load(self, model: str, launcher: Launcher, fault, watch_s: float,
                    repaired=lambda: True) -> tuple[list, float, object]:
         """Client-library callers caption throughout; after 2 s `fault()` strikes (its
@@ -387,9 +388,9 @@ class Faults:
 
     # stub faults ---------------------------------------------------------------------------
     def stub_fault(self, model: str, launcher: Launcher, target: str, sig: int) -> dict:
-        pid = launcher.stub(target)
-        fault = (lambda: os.kill(pid, sig)) if sig != signal.SIGSTOP else (lambda: launcher.stop_inside_execute(target))
-        with ReadinessWatch(launcher) as watch:
+        fault = ((lambda: launcher.stop_inside_execute(target)) if sig == signal.SIGSTOP
+                 else (lambda: os.kill(launcher.stub(target), sig)))
+        with ReadinessWatch(launcher.ready) as watch:
             log, t_kill, _ = self.under_load(model, launcher, fault, self.plan.watch_s,
                                              repaired=lambda: watch.ready_again_at is not None)
         return self.record(

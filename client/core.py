@@ -58,8 +58,7 @@ async def infer_without_cancel(client, wait_s: float | None, model: str, inputs,
     try:
         return await asyncio.wait_for(asyncio.shield(call), wait_s)
     except asyncio.TimeoutError:
-        _keep_until_done(call)  # the event loop holds tasks only weakly
-        call.add_done_callback(_discard)
+        _abandon(call)  # the event loop holds tasks only weakly
         from tritonclient.utils import InferenceServerException
 
         raise InferenceServerException("Deadline Exceeded", status=_DEADLINE) from None
@@ -76,19 +75,21 @@ def call_without_cancel(method, request, wait_s: float):
     try:
         return call.result(timeout=wait_s)
     except grpc.FutureTimeoutError:
-        _keep_until_done(call)  # a gRPC future that is garbage collected cancels its call
+        _abandon(call)  # a gRPC future that is garbage collected cancels its call
         raise TimeoutError("Deadline Exceeded (the call was left to run out, not cancelled)") from None
 
 
 _abandoned: set = set()  # calls given up on but left to run: referenced until they end
 
 
-def _keep_until_done(call) -> None:
+def _abandon(call) -> None:
+    """Keep a call given up on (an asyncio task or a gRPC future) referenced until it ends."""
     _abandoned.add(call)
-    call.add_done_callback(_abandoned.discard)
+    call.add_done_callback(_forget)
 
 
-def _discard(call: asyncio.Future) -> None:
+def _forget(call) -> None:
+    _abandoned.discard(call)
     if not call.cancelled():
         call.exception()  # retrieved: no "exception was never retrieved" warning
 

@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # bench.faults.ReadinessWatch: the emulator runs in the project venv
 POD_PATHS = ("/mnt/models", "/tmp")
 
 
@@ -136,31 +136,23 @@ def inside(work: Path) -> int:
         stub = encoder_stub(launcher.pid)
         check(stub is not None, "found the Python stub that runs the encoder")
         if stub is not None:
-            os.kill(stub, signal.SIGKILL)
-            t, seen, not_ready, watching = time.monotonic(), [], [], threading.Event()
+            from bench.faults import ReadinessWatch
 
-            def watch_readiness() -> None:
-                # The repair takes ~1.5 s, shorter than one liveness run (a Python start):
-                # readiness is watched on its own, as often as a load balancer would.
-                while not watching.is_set():
-                    if not ready():
-                        not_ready.append(round(time.monotonic() - t, 2))
-                    time.sleep(0.05)
-
-            watcher = threading.Thread(target=watch_readiness, daemon=True)
-            watcher.start()
-            while time.monotonic() - t < 60:
-                seen.append((round(time.monotonic() - t, 1), ready(), live()))
-                if seen[-1][1] and seen[-1][2] and len(seen) > 1:
-                    break
-                time.sleep(1)
-            watching.set()
-            watcher.join()
-            print(f"  after SIGKILL of stub {stub} (seconds, ready, live): {seen}; "
-                  f"NOT ready from {not_ready[:1]} to {not_ready[-1:]} s")
+            # The repair takes ~1.5 s, shorter than one liveness run (a Python start):
+            # readiness is watched on its own, as often as a load balancer would.
+            with ReadinessWatch(ready) as watch:
+                t, seen = time.monotonic(), []
+                os.kill(stub, signal.SIGKILL)
+                while time.monotonic() - t < 60:
+                    seen.append((round(time.monotonic() - t, 1), ready(), live()))
+                    if seen[-1][1] and seen[-1][2] and len(seen) > 1:
+                        break
+                    time.sleep(1)
+            since = {k: v and round(v - t, 2) for k, v in (("from", watch.not_ready_at), ("to", watch.ready_again_at))}
+            print(f"  after SIGKILL of stub {stub} (seconds, ready, live): {seen}; NOT ready {since}")
             # No check that liveness fails: the front model has two instances, so a caption
             # still comes back through the healthy one while the supervisor reloads.
-            check(bool(not_ready), "readiness turns false until the model is reloaded")
+            check(watch.not_ready_at is not None, "readiness turns false until the model is reloaded")
             check(seen[-1][1] and seen[-1][2], f"ready and live again {seen[-1][0]} s later (model reloaded)")
 
         load = subprocess.Popen([str(work / "venv" / "bin" / "python"), "-c", textwrap.dedent(f"""
