@@ -144,7 +144,14 @@ class Launcher:
             for instance, (pid, _) in executing_since(folder).items():
                 if live.get(instance) == pid:
                     os.kill(pid, signal.SIGSTOP)
-                    return pid
+                    # The execute may have ended between the read and the stop (a few ms
+                    # with the default model; seen once in CI: a stub stopped between
+                    # executes, which is another fault). A stopped stub cannot touch its
+                    # file, so this second read is certain.
+                    now = executing_since(folder).get(instance)
+                    if now is not None and now[0] == pid:
+                        return pid
+                    os.kill(pid, signal.SIGCONT)
             time.sleep(0.002)
         pid = self.stub(model)
         os.kill(pid, signal.SIGSTOP)
