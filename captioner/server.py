@@ -322,7 +322,11 @@ class TritonServer:
         return exited
 
     def __enter__(self) -> "TritonServer":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # `with` calls no __exit__ when __enter__ raises: the temp dir would stay
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -97,8 +97,11 @@ def test_log_file_dash_sends_the_server_log_to_standard_output(tmp_path, repo, m
 
 
 def test_a_directory_without_the_captioner_repository_is_refused(tmp_path):
+    server = TritonServer(tmp_path)
     with pytest.raises(ServerError, match="no captioner model repository"):
-        TritonServer(tmp_path).start()
+        with server:
+            pass
+    assert not server._tmp.exists()  # a failed start in `with` leaves no temp dir behind
 
 
 def test_the_wheel_binary_gets_a_backend_directory_and_its_libraries(tmp_path, repo, monkeypatch):
