@@ -10,8 +10,9 @@ Every scenario starts the launcher the way `make serve` does (`python -m caption
 - overload: capacity at 8 clients, then N closed-loop clients with 2 s deadlines that
   back off when refused (bench/overload.py): goodput / capacity, refusal latency, and how
   long after the load stops a single client's latency is back to normal;
-- stub-kill: SIGKILL of each Python model's stub in turn, and hang: SIGSTOP of one while
-  it is inside an execute (an execute that never returns), while clients of the client
+- stub-kill: SIGKILL of each Python model's stub in turn; hang: SIGSTOP of one while it
+  is inside an execute (an execute that never returns); hang-idle: SIGSTOP of one between
+  executes (a process frozen while idle); each while clients of the client
   library caption with retries: time until readiness says NOT ready and until it is
   ready again (repaired), time until captions come back, requests lost;
 - server-kill: SIGKILL of tritonserver itself: time to captions again, orphaned stubs left;
@@ -48,7 +49,7 @@ from .loadgen import TritonClient, run_level
 from .overload import run_overload
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("overload", "stub-kill", "hang", "server-kill", "drain", "soak")
+SCENARIOS = ("overload", "stub-kill", "hang", "hang-idle", "server-kill", "drain", "soak")
 MODELS = ("default", "seed-inception")
 SEED_PARAMS = {"max_length": 20}  # bench/run.py's SEED_MAX_LENGTH: random weights rarely emit END
 
@@ -130,10 +131,12 @@ class Launcher:
         have = {s.model for s in stubs_of(self.tritonserver().pid)}
         return [m for m in ("preprocess", "encoder", "caption_generator") if m in have]
 
-    def stop_inside_execute(self, model: str, wait_s: float = 10.0) -> int:
-        """SIGSTOP a stub of `model` while it is inside an execute (its ExecuteClock file
-        says so): an execute that never returns, the hang the supervisor must find. After
-        `wait_s` without one (an idle server) the first stub is stopped as it is."""
+    def stop_stub(self, model: str, inside: bool = True, wait_s: float = 10.0) -> tuple[int, bool | None]:
+        """SIGSTOP a stub of `model` while it is inside an execute (`inside`; its
+        ExecuteClock file says so: an execute that never returns), or while it is between
+        executes (a process frozen while idle: Triton finds it only when it next sends it
+        work). After `wait_s` without such a moment the first stub is stopped as it is.
+        Returns (pid, whether it was inside an execute; None: not known)."""
         from captioner.serving.triton import EXECUTING_DIR_ENV, executing_since
 
         ts = self.tritonserver()
@@ -141,21 +144,22 @@ class Launcher:
         deadline = time.monotonic() + wait_s
         while folder and time.monotonic() < deadline:
             live = {s.instance: s.pid for s in stubs_of(ts.pid) if s.model == model}
-            for instance, (pid, _) in executing_since(folder).items():
-                if live.get(instance) == pid:
-                    os.kill(pid, signal.SIGSTOP)
-                    # The execute may have ended between the read and the stop (a few ms
-                    # with the default model; seen once in CI: a stub stopped between
-                    # executes, which is another fault). A stopped stub cannot touch its
-                    # file, so this second read is certain.
-                    now = executing_since(folder).get(instance)
-                    if now is not None and now[0] == pid:
-                        return pid
-                    os.kill(pid, signal.SIGCONT)
+            busy = {i for i, (pid, _) in executing_since(folder).items() if live.get(i) == pid}
+            for instance, pid in live.items():
+                if (instance in busy) != inside:
+                    continue
+                os.kill(pid, signal.SIGSTOP)
+                # The execute may have ended (or begun) between the read and the stop: with
+                # the default model's ms-long executes 6 of 200 stops "inside" landed just
+                # after it. A stopped stub cannot touch its file, so this second read is certain.
+                now = executing_since(folder).get(instance)
+                if (now is not None and now[0] == pid) == inside:
+                    return pid, inside
+                os.kill(pid, signal.SIGCONT)
             time.sleep(0.002)
         pid = self.stub(model)
         os.kill(pid, signal.SIGSTOP)
-        return pid
+        return pid, None
 
     def stub(self, model: str) -> int:
         pids = [s.pid for s in stubs_of(self.tritonserver().pid) if s.model == model]
@@ -394,15 +398,17 @@ class Faults:
                 "requests": len(log), "lost": len(lost), "lost_samples": lost[:3]}
 
     # stub faults ---------------------------------------------------------------------------
-    def stub_fault(self, model: str, launcher: Launcher, target: str, sig: int) -> dict:
-        fault = ((lambda: launcher.stop_inside_execute(target)) if sig == signal.SIGSTOP
-                 else (lambda: os.kill(launcher.stub(target), sig)))
+    def stub_fault(self, model: str, launcher: Launcher, target: str, scenario: str) -> dict:
+        if scenario == "stub-kill":
+            sig, fault = signal.SIGKILL, lambda: (os.kill(launcher.stub(target), signal.SIGKILL), None)
+        else:
+            sig, fault = signal.SIGSTOP, lambda: launcher.stop_stub(target, inside=scenario == "hang")
         with ReadinessWatch(launcher.ready) as watch:
-            log, t_kill, _ = self.under_load(model, launcher, fault, self.plan.watch_s,
-                                             repaired=lambda: watch.ready_again_at is not None)
+            log, t_kill, (_, inside) = self.under_load(model, launcher, fault, self.plan.watch_s,
+                                                       repaired=lambda: watch.ready_again_at is not None)
         return self.record(
-            scenario="stub-kill" if sig == signal.SIGKILL else "hang", model=model, target=target,
-            signal=signal.Signals(sig).name,
+            scenario=scenario, model=model, target=target, signal=signal.Signals(sig).name,
+            stopped={True: "inside an execute", False: "between executes", None: None}[inside],
             not_ready_after_s=None if watch.not_ready_at is None else round(watch.not_ready_at - t_kill, 2),
             repaired_after_s=None if watch.ready_again_at is None else round(watch.ready_again_at - t_kill, 2),
             **self.outcome(log, t_kill), supervisor=launcher.supervisor_events()[-3:],
@@ -512,10 +518,10 @@ class Faults:
                             self.overload(model, launcher)
                         elif scenario == "stub-kill":
                             for target in launcher.stub_models():
-                                self.stub_fault(model, launcher, target, signal.SIGKILL)
-                        elif scenario == "hang":
+                                self.stub_fault(model, launcher, target, scenario)
+                        elif scenario in ("hang", "hang-idle"):
                             # the model that runs the encoder: its own, or the fused preprocess
-                            self.stub_fault(model, launcher, launcher.stub_models()[-2], signal.SIGSTOP)
+                            self.stub_fault(model, launcher, launcher.stub_models()[-2], scenario)
                         elif scenario == "server-kill":
                             self.server_kill(model, launcher)
                         elif scenario == "drain":
@@ -556,8 +562,9 @@ def report(results: dict) -> str:
                           for m, v in r["inside_triton"].items()), ""]
             if o["error_samples"]:
                 lines += [f"- error samples: {o['error_samples'][:2]}", ""]
-        elif s in ("stub-kill", "hang"):
-            lines += [f"## {s}: {r['model']} `{r['target']}` stub ({r['signal']})",
+        elif s in ("stub-kill", "hang", "hang-idle"):
+            lines += [f"## {s}: {r['model']} `{r['target']}` stub ({r['signal']}"
+                      + (f", {r['stopped'] or 'as it was: no such moment in 10 s'})" if r["signal"] == "SIGSTOP" else ")"),
                       f"- readiness NOT ready after {r['not_ready_after_s']} s, ready again (repaired) after "
                       f"{r.get('repaired_after_s')} s; captions again after "
                       f"**{r['captions_again_after_s']} s**; requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",

@@ -10,7 +10,8 @@ The supervisor watches what Triton does not:
   `hang_timeout_s` (a periodic tiny caption, the probe, makes sure something is pending
   when the server is otherwise idle), or one stub inside a single execute for longer
   (each instance's ExecuteClock: with two instances of a model, the other one keeps the
-  model's execution count moving);
+  model's execution count moving), or one whose heartbeat thread has gone silent that
+  long (a stub frozen between executes);
 - **broken server**: tritonserver exited, or the probe fails `probe_failures` times in a
   row with anything but an overload refusal.
 
@@ -37,7 +38,7 @@ from typing import Callable
 import psutil
 
 from .server import ServerError, TritonServer
-from .serving.triton import executing_since
+from .serving.triton import executing_since, heartbeats
 
 log = logging.getLogger("captioner.supervisor")
 
@@ -113,7 +114,7 @@ class HangWatch:
     busy_factor: float = 4.0
     idle_cpu_share: float = 0.05  # of one core, over the stalled time
     _last: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # model -> (count, since, cpu then)
-    _executes: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # (instance, pid, start) -> (seen, cpu then)
+    _stamps: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # (kind, instance, pid, stamp) -> (seen, cpu then)
 
     def update(self, pending: dict[str, float], executions: dict[str, float], now: float,
                cpu: dict[str, float] | None = None) -> list[str]:
@@ -130,34 +131,36 @@ class HangWatch:
                 hung.append(model)
         return hung
 
-    def instances(self, executing: dict[str, tuple[int, float]], live: dict[str, int], now: float,
-                  cpu: dict[str, float] | None = None) -> list[str]:
-        """Per stub: an instance inside one execute for longer than the bound (its own
-        clock, captioner.serving.triton.ExecuteClock), the same idle/busy rule. This
-        finds one hung instance of a model whose other instances keep its execution count
-        moving. `live`: instance -> pid of the stubs alive now (a killed stub's stale
-        clock is ignored); `executing`: instance -> (pid, monotonic start)."""
+    def instances(self, stamps: dict[str, tuple[int, float]], live: dict[str, int], now: float,
+                  cpu: dict[str, float] | None = None, kind: str = "execute") -> list[str]:
+        """Per stub: an instance whose stamp is older than the bound, the same idle/busy
+        rule. `kind` "execute": the stamp is when its current execute began (its own clock,
+        captioner.serving.triton.ExecuteClock), which finds one hung instance of a model
+        whose other instances keep its execution count moving; "heartbeat": its last
+        heartbeat, which finds one frozen between executes. `live`: instance -> pid of the
+        stubs alive now (a killed stub's stale stamp is ignored); `stamps`: instance ->
+        (pid, monotonic time)."""
         cpu = cpu or {}
         hung = []
-        seen = {}
-        for instance, (pid, start) in executing.items():
+        seen = {k: v for k, v in self._stamps.items() if k[0] != kind}
+        for instance, (pid, stamp) in stamps.items():
             if live.get(instance) != pid:
                 continue
-            key = (instance, pid, start)
-            first = self._executes.get(key)
+            key = (kind, instance, pid, stamp)
+            first = self._stamps.get(key)
             if first is None:
-                first = self._executes[key] = (now, cpu.get(instance, 0.0))
+                first = (now, cpu.get(instance, 0.0))
             seen[key] = first
             watched = now - first[0]
             busy = watched > 0 and cpu.get(instance, 0.0) - first[1] > self.idle_cpu_share * watched
-            if now - start > self.timeout_s * (self.busy_factor if busy else 1.0):
+            if now - stamp > self.timeout_s * (self.busy_factor if busy else 1.0):
                 hung.append(instance)
-        self._executes = seen
+        self._stamps = seen
         return hung
 
     def reset(self) -> None:
         self._last.clear()
-        self._executes.clear()
+        self._stamps.clear()
 
 
 class BackgroundProbe:
@@ -295,11 +298,13 @@ class Supervisor:
                 model_cpu[s.model] = model_cpu.get(s.model, 0.0) + cpu.get(s.instance, 0.0)
             hung = {model: f"no execution for {t:g} s with requests pending"
                     for model in self.hangs.update(m[names[0]], executions, self.clock(), model_cpu)}
-        live = {s.instance: s.pid for s in stubs}
-        for instance in self.hangs.instances(executing_since(self.server.executing_dir), live, time.monotonic(), cpu):
-            model = self.model_of(instance)
-            if model is not None:
-                hung.setdefault(model, f"stub {instance} inside one execute for over {t:g} s")
+        live, now = {s.instance: s.pid for s in stubs}, time.monotonic()
+        for kind, stamps, why in (("execute", executing_since, "inside one execute"),
+                                  ("heartbeat", heartbeats, "silent (no heartbeat)")):
+            for instance in self.hangs.instances(stamps(self.server.executing_dir), live, now, cpu, kind):
+                model = self.model_of(instance)
+                if model is not None:
+                    hung.setdefault(model, f"stub {instance} {why} for over {t:g} s")
         return hung
 
     def check(self) -> str | None:

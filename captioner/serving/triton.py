@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,8 @@ REJECTED = ("captioner_rejected_total", "Requests refused as invalid, by reason"
 # Set by the launcher (captioner.server): the folder where each model instance says since
 # when it has been inside `execute`, for the supervisor's hang check.
 EXECUTING_DIR_ENV = "CAPTIONER_EXECUTING_DIR"
+ALIVE_DIR = "alive"  # under it, each instance's heartbeat
+HEARTBEAT_S = 1.0
 _IDLE = b"idle".ljust(40)
 
 
@@ -29,15 +32,37 @@ class ExecuteClock:
     to `$CAPTIONER_EXECUTING_DIR/<instance name>` on entry and "idle" on exit, so the
     launcher's supervisor sees one instance stuck in an execute while the model's other
     instances keep the model's execution count moving (the metrics alone miss that).
+
+    A daemon thread also writes "<pid> <monotonic now>" to `.../alive/<instance name>`
+    every `heartbeat_s`: a stub frozen *between* executes (stopped, or deadlocked holding
+    the GIL) says nothing in the execute file, and with a healthy sibling instance Triton's
+    answers ("Stub process ... is not healthy") reach only the requests routed to it.
     A no-op when the variable is unset (no supervisor)."""
 
-    def __init__(self, instance: str, folder: str | os.PathLike | None = None):
+    def __init__(self, instance: str, folder: str | os.PathLike | None = None, heartbeat_s: float = HEARTBEAT_S):
         folder = folder if folder is not None else os.environ.get(EXECUTING_DIR_ENV)
         self._fd = None
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
         if folder:
             # Opened once: each execute costs one pwrite (~µs) on entry and one on exit.
             self._fd = os.open(Path(folder) / instance, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(self._fd, _IDLE, 0)
+            (Path(folder) / ALIVE_DIR).mkdir(exist_ok=True)
+            beat_fd = os.open(Path(folder) / ALIVE_DIR / instance, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._beating = threading.Thread(target=self._beat, args=(beat_fd, heartbeat_s),
+                                             name=f"heartbeat-{instance}", daemon=True)
+            self._beating.start()
+
+    def _beat(self, fd: int, every_s: float) -> None:
+        pid = os.getpid()
+        try:
+            while True:
+                os.pwrite(fd, _stamp(pid), 0)
+                if self._stop.wait(every_s):
+                    return
+        finally:
+            os.close(fd)
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> "ExecuteClock":
@@ -45,20 +70,28 @@ class ExecuteClock:
 
     def __enter__(self) -> "ExecuteClock":
         if self._fd is not None:
-            os.pwrite(self._fd, f"{os.getpid()} {time.monotonic():.3f}".encode().ljust(40), 0)
+            os.pwrite(self._fd, _stamp(os.getpid()), 0)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.pwrite(self._fd, _IDLE, 0)
 
+    def close(self) -> None:
+        """Stop the heartbeat (tests; in a stub the daemon thread ends with the process)."""
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
 
-def executing_since(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
-    """instance name -> (stub pid, monotonic time its current execute began), for the
-    instances inside an execute now (ExecuteClock's files)."""
+
+def _stamp(pid: int) -> bytes:
+    return f"{pid} {time.monotonic():.3f}".encode().ljust(40)
+
+
+def _read_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
     out = {}
     try:
-        entries = list(os.scandir(folder))
+        entries = [e for e in os.scandir(folder) if e.is_file()]
     except OSError:
         return out
     for e in entries:
@@ -70,6 +103,17 @@ def executing_since(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def executing_since(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
+    """instance name -> (stub pid, monotonic time its current execute began), for the
+    instances inside an execute now (ExecuteClock's files)."""
+    return _read_stamps(folder)
+
+
+def heartbeats(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
+    """instance name -> (stub pid, monotonic time of its last heartbeat) (ExecuteClock's)."""
+    return _read_stamps(Path(folder) / ALIVE_DIR)
 
 
 def model_config(args: Mapping[str, str]) -> dict:

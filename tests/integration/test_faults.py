@@ -57,6 +57,16 @@ def test_a_stopped_stub_is_repaired(report):
     assert r["lost"] == 0, r["lost_samples"]
 
 
+def test_a_stub_frozen_between_executes_is_repaired(report):
+    """Stopped while idle: no execute clock runs and the sibling instance keeps captions
+    flowing, so only its silent heartbeat (or Triton's "not healthy") shows it."""
+    (r,) = [r for (scenario, _), r in report.items() if scenario == "hang-idle"]
+    assert r["stopped"] == "between executes"
+    assert r["not_ready_after_s"] is not None and r["repaired_after_s"] is not None, r["supervisor"]
+    assert any(f"model_broken model={r['target']}" in e for e in r["supervisor"]), r["supervisor"]
+    assert r["lost"] == 0, r["lost_samples"]
+
+
 def test_a_killed_tritonserver_is_restarted_without_orphans(report):
     r = report[("server-kill", None)]
     assert r["captions_again_after_s"] is not None, r["supervisor"]

@@ -75,6 +75,47 @@ def test_one_instance_stuck_in_an_execute_is_hung_while_its_sibling_keeps_the_mo
     assert w.instances({"gone_0_0": (11, 0.0)}, live, now=50.0) == []
 
 
+def test_one_instance_frozen_between_executes_is_hung_once_its_heartbeat_is_silent():
+    """A stub stopped while idle: its execute clock says idle, its sibling keeps the model
+    moving; its heartbeat stops, and with no CPU used that is a hang at the plain bound."""
+    w = sv.HangWatch(timeout_s=5.0)
+    live = {"preprocess_0_0": 11, "preprocess_0_1": 12}
+    beats = {"preprocess_0_0": (11, 100.0), "preprocess_0_1": (12, 104.9)}
+    assert w.instances(beats, live, now=101.0, cpu={"preprocess_0_0": 3.0}, kind="heartbeat") == []
+    # the execute clocks are watched on their own: one kind does not forget the other's
+    assert w.instances({"preprocess_0_1": (12, 100.0)}, live, now=101.0, kind="execute") == []
+    assert w.instances(beats, live, now=105.5, cpu={"preprocess_0_0": 3.0}, kind="heartbeat") == ["preprocess_0_0"]
+    assert w.instances({"preprocess_0_1": (12, 100.0)}, live, now=105.5, kind="execute") == ["preprocess_0_1"]
+    # a fresh beat clears it
+    assert w.instances({"preprocess_0_0": (11, 105.4)}, live, now=106.0, kind="heartbeat") == []
+    # a stub computing so hard that its heartbeat thread starves: slow, until 4x the bound
+    w = sv.HangWatch(timeout_s=5.0)
+    starved = {"preprocess_0_1": (12, 0.0)}
+    assert w.instances(starved, live, now=1.0, cpu={"preprocess_0_1": 1.0}, kind="heartbeat") == []
+    assert w.instances(starved, live, now=8.0, cpu={"preprocess_0_1": 8.0}, kind="heartbeat") == []
+    assert w.instances(starved, live, now=21.0, cpu={"preprocess_0_1": 21.0}, kind="heartbeat") == ["preprocess_0_1"]
+
+
+def test_the_heartbeat_beats_until_closed(tmp_path):
+    from captioner.serving.triton import ExecuteClock, executing_since, heartbeats
+
+    clock = ExecuteClock("m_0_0", tmp_path, heartbeat_s=0.02)
+    try:
+        first = heartbeats(tmp_path)["m_0_0"]
+        assert first[0] == os.getpid()
+        deadline = time.monotonic() + 10
+        while heartbeats(tmp_path)["m_0_0"][1] == first[1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heartbeats(tmp_path)["m_0_0"][1] > first[1]
+        assert executing_since(tmp_path) == {}  # the heartbeats are not executes
+    finally:
+        clock.close()
+    last = heartbeats(tmp_path)["m_0_0"]
+    time.sleep(0.1)
+    assert heartbeats(tmp_path)["m_0_0"] == last
+    assert heartbeats(tmp_path / "missing") == {}
+
+
 def test_execute_clock_files_say_who_is_inside_an_execute(tmp_path):
     from captioner.serving.triton import ExecuteClock, executing_since
 
@@ -90,6 +131,7 @@ def test_execute_clock_files_say_who_is_inside_an_execute(tmp_path):
             raise ValueError("an execute that raises still leaves the clock")
     assert executing_since(tmp_path) == {}
     assert executing_since(tmp_path / "missing") == {}
+    a.close(), b.close()
     with ExecuteClock("m_0_0", folder=""):  # no supervisor: nothing written, nothing fails
         pass
 
