@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=env("CAPTIONER_SUPERVISE", True, flag),
                    help="reload a model whose stub died or hung, restart a dead tritonserver [$CAPTIONER_SUPERVISE]")
     p.add_argument("--hang-timeout", type=float, default=env("CAPTIONER_HANG_TIMEOUT", 8.0, float),
-                   help="a model with requests pending, no execution finished and idle stubs for this long is hung "
-                        "(4x as long while its stubs compute) [$CAPTIONER_HANG_TIMEOUT]")
+                   help="a model with requests pending and no execution finished, or a stub inside one execute "
+                        "or with a silent heartbeat, for this long with idle stubs is hung (4x as long while they "
+                        "compute) [$CAPTIONER_HANG_TIMEOUT]")
     p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", 5, int),
                    help="tritonserver restarts allowed in 10 minutes before the launcher gives up [$CAPTIONER_MAX_RESTARTS]")
     p.add_argument("--grpc-ssl-cert", default=env("CAPTIONER_GRPC_SSL_CERT", None),
