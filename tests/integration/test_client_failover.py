@@ -163,7 +163,7 @@ def test_dead_stub_on_one_replica_loses_no_image(triton_server, image_dir, tmp_p
             assert down.returncode == 1, seen
             if "Stub process 'encoder_0_0' is not healthy" in down.stdout:
                 break
-            assert "Request timeout expired" in down.stdout, seen
+            assert "UNAVAILABLE" in down.stdout, seen  # shed behind them: "Request timeout expired", or a full queue
             time.sleep(1)
         print("health after the run:", seen)
         assert "Stub process 'encoder_0_0' is not healthy" in seen[-1], seen
