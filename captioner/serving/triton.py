@@ -34,8 +34,8 @@ class ExecuteClock:
     instances keep the model's execution count moving (the metrics alone miss that).
 
     A daemon thread also writes "<pid> <monotonic now>" to `.../alive/<instance name>`
-    every `heartbeat_s`: a stub frozen *between* executes (stopped, or deadlocked holding
-    the GIL) says nothing in the execute file, and with a healthy sibling instance Triton's
+    every `heartbeat_s`: a stub frozen *between* executes (seen with SIGSTOP; a deadlock
+    that holds the GIL would silence it too) says nothing in the execute file, and with a healthy sibling instance Triton's
     answers ("Stub process ... is not healthy") reach only the requests routed to it.
     A no-op when the variable is unset (no supervisor)."""
 
