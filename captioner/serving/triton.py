@@ -50,6 +50,7 @@ class ExecuteClock:
             os.pwrite(self._fd, _IDLE, 0)
             (Path(folder) / ALIVE_DIR).mkdir(exist_ok=True)
             beat_fd = os.open(Path(folder) / ALIVE_DIR / instance, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(beat_fd, _stamp(os.getpid()), 0)  # never an empty file, even before the thread runs
             self._beating = threading.Thread(target=self._beat, args=(beat_fd, heartbeat_s),
                                              name=f"heartbeat-{instance}", daemon=True)
             self._beating.start()
@@ -57,10 +58,8 @@ class ExecuteClock:
     def _beat(self, fd: int, every_s: float) -> None:
         pid = os.getpid()
         try:
-            while True:
+            while not self._stop.wait(every_s):
                 os.pwrite(fd, _stamp(pid), 0)
-                if self._stop.wait(every_s):
-                    return
         finally:
             os.close(fd)
 
