@@ -400,12 +400,13 @@ class Faults:
     # stub faults ---------------------------------------------------------------------------
     def stub_fault(self, model: str, launcher: Launcher, target: str, scenario: str) -> dict:
         if scenario == "stub-kill":
-            sig, fault = signal.SIGKILL, lambda: (os.kill(launcher.stub(target), signal.SIGKILL), None)
+            sig, fault = signal.SIGKILL, lambda: os.kill(launcher.stub(target), signal.SIGKILL)
         else:
             sig, fault = signal.SIGSTOP, lambda: launcher.stop_stub(target, inside=scenario == "hang")
         with ReadinessWatch(launcher.ready) as watch:
-            log, t_kill, (_, inside) = self.under_load(model, launcher, fault, self.plan.watch_s,
-                                                       repaired=lambda: watch.ready_again_at is not None)
+            log, t_kill, stopped = self.under_load(model, launcher, fault, self.plan.watch_s,
+                                                   repaired=lambda: watch.ready_again_at is not None)
+        inside = stopped[1] if stopped else None  # stop_stub's (pid, inside); a kill returns nothing
         return self.record(
             scenario=scenario, model=model, target=target, signal=signal.Signals(sig).name,
             stopped={True: "inside an execute", False: "between executes", None: None}[inside],

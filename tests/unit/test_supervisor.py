@@ -131,7 +131,8 @@ def test_execute_clock_files_say_who_is_inside_an_execute(tmp_path):
             raise ValueError("an execute that raises still leaves the clock")
     assert executing_since(tmp_path) == {}
     assert executing_since(tmp_path / "missing") == {}
-    a.close(), b.close()
+    a.close()
+    b.close()
     with ExecuteClock("m_0_0", folder=""):  # no supervisor: nothing written, nothing fails
         pass
 
