@@ -83,12 +83,12 @@ test-integration: | $(STAMP)
 
 ## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|bf16|int8|fp16 RUNTIME=auto|onnxruntime|openvino LAYOUT=auto|split|fused
 build-engines: | $(STAMP)
-	$(PY) -m build.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --runtime $(RUNTIME) --layout $(LAYOUT) --repo $(REPO)
+	$(PY) -m builder.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --runtime $(RUNTIME) --layout $(LAYOUT) --repo $(REPO)
 
 ## serve          build if needed, start tritonserver (supervised), caption three sample scenes, keep serving; REPLICAS=N
 REPLICAS ?= 1
 serve: | $(STAMP)
-	$(PY) -m captioner.serve --model $(MODEL) --repo $(REPO) --replicas $(REPLICAS) $(ARGS)
+	$(PY) -m launcher --model $(MODEL) --repo $(REPO) --replicas $(REPLICAS) $(ARGS)
 
 ## loadtest       Locust headless against a running server (starts one if none answers); reports in reports/
 loadtest: | $(STAMP)

@@ -4,7 +4,7 @@
     python -m bench.faults --quick         # minutes; the test suite runs this mode
     python -m bench.faults --scenarios overload --models seed-inception
 
-Every scenario starts the launcher the way `make serve` does (`python -m captioner.serve
+Every scenario starts the launcher the way `make serve` does (`python -m launcher
 --no-build`, supervised, model control explicit) on free ports and talks to it over gRPC:
 
 - overload: capacity at 8 clients, then N closed-loop clients with 2 s deadlines that
@@ -42,8 +42,8 @@ import psutil
 from tqdm import tqdm
 
 from captioner.cli import env
-from captioner.server import free_ports
-from captioner.supervisor import stubs_of
+from launcher.tritonserver import free_ports
+from launcher.supervisor import stubs_of
 
 from .loadgen import TritonClient, run_level
 from .overload import run_overload
@@ -81,13 +81,13 @@ class Plan:
 
 
 class Launcher:
-    """`python -m captioner.serve --no-build` on free ports, as an operator runs it."""
+    """`python -m launcher --no-build` on free ports, as an operator runs it."""
 
     def __init__(self, repo: Path, log_dir: Path, name: str, extra: tuple[str, ...] = ()):
         self.ports = free_ports({"grpc": 0, "http": 0, "metrics": 0})
         self.log = log_dir / f"faults-{name}-launcher.log"
         self.server_log = log_dir / f"faults-{name}-tritonserver.log"
-        self.cmd = [sys.executable, "-m", "captioner.serve", "--no-build", "--repo", str(repo), "--samples", "0",
+        self.cmd = [sys.executable, "-m", "launcher", "--no-build", "--repo", str(repo), "--samples", "0",
                     "--grpc-port", str(self.ports["grpc"]), "--http-port", str(self.ports["http"]),
                     "--metrics-port", str(self.ports["metrics"]), "--log-file", str(self.server_log), *extra]
         self.proc: subprocess.Popen | None = None
@@ -179,7 +179,7 @@ class Launcher:
         return sum(p.memory_info().rss for p in [ts] + ts.children()) / 2**20
 
     def supervisor_events(self) -> list[str]:
-        return [ln for ln in self.log.read_text().splitlines() if "captioner.supervisor" in ln]
+        return [ln for ln in self.log.read_text().splitlines() if "launcher.supervisor" in ln]
 
 
 class ReadinessWatch:
@@ -295,7 +295,7 @@ class Faults:
         if variant in self._repos.get(model, {}):
             return self._repos[model][variant]
         repo = Path(self.a.work) / model / f"repo-{variant}"
-        cmd = [sys.executable, "-m", "build.build_engines", "--model", "models/default" if model == "default" else model,
+        cmd = [sys.executable, "-m", "builder.build_engines", "--model", "models/default" if model == "default" else model,
                "--target", "cpu", "--repo", str(repo), "--out", str(Path(self.a.work) / model / "out"),
                "--parity-scenes", "20"]
         cmd += {"default": [], "unbounded": ["--max-queue-size", "0"],
@@ -569,12 +569,12 @@ def report(results: dict) -> str:
                       f"- readiness NOT ready after {r['not_ready_after_s']} s, ready again (repaired) after "
                       f"{r.get('repaired_after_s')} s; captions again after "
                       f"**{r['captions_again_after_s']} s**; requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",
-                      "- supervisor: " + " / ".join(e.split("captioner.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
+                      "- supervisor: " + " / ".join(e.split("launcher.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
         elif s == "server-kill":
             lines += [f"## server-kill: {r['model']} (SIGKILL tritonserver)",
                       f"- captions again after **{r['captions_again_after_s']} s**; orphaned stubs left {r['orphaned_stubs_left']}; "
                       f"requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",
-                      "- supervisor: " + " / ".join(e.split("captioner.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
+                      "- supervisor: " + " / ".join(e.split("launcher.supervisor ", 1)[-1] for e in r["supervisor"]), ""]
         elif s == "drain":
             lines += [f"## drain: {r['model']} (SIGTERM to the launcher, {results['plan']['fault_clients'] * 2} clients)",
                       f"- in flight at SIGTERM {r['in_flight_at_sigterm']}, lost **{r['accepted_lost']}** "

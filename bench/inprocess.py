@@ -59,7 +59,7 @@ class InProcessCaptioner:
     ):
         self.cfg, self.vocab = ck.preprocess, ck.vocab
         self.encoder = engine(encoder_onnx, runtime, threads, spinning, inference_precision)
-        # A uint8 graph normalises inside (build/uint8_input.py): the bytes go in as prepared.
+        # A uint8 graph normalises inside (builder/uint8_input.py): the bytes go in as prepared.
         self.normalise = rt.input_dtype(self.encoder, "image") != np.uint8
         self.step = onnx_step(engine(decoder_onnx, step_runtime, threads, spinning))
         self.params = DecodeParams(

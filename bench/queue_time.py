@@ -20,9 +20,9 @@ import re
 import time
 import urllib.request
 
-from build.repository import ENSEMBLE
+from builder.repository import ENSEMBLE
 from captioner.scenes import encoded_scenes
-from captioner.server import TritonServer
+from launcher.tritonserver import TritonServer
 from client import AsyncCaptionClient
 
 _LINE = re.compile(r'^nv_inference_(queue_duration_us|request_success)\{model="([^"]+)"[^}]*\} (\S+)$')

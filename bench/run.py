@@ -107,7 +107,7 @@ def _kv(s: str) -> dict[str, int]:
 
 def repo_summary(repo: Path) -> str:
     """What the served repository actually says: instances, batching, ORT threads."""
-    from build.repository import check_repository
+    from builder.repository import check_repository
 
     parts = []
     for name, cfg in check_repository(repo).items():
@@ -163,7 +163,7 @@ def resolve_model(name: str, default_model: str | None, variants: list[tuple[str
     if name == "default":
         return ModelSpec(name, Path(default_model) if default_model else default_checkpoint(), None, chosen)
     if name == "seed-inception":
-        from build import seed_inception
+        from builder import seed_inception
 
         return ModelSpec(name, Path(seed_inception.ensure()), SEED_MAX_LENGTH, chosen)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
@@ -237,7 +237,7 @@ class Bench:
     # --- orchestration -----------------------------------------------------------------
 
     def build(self, spec: ModelSpec) -> dict[str, dict]:
-        """Precision -> the checked graphs to serve, made by build.build_engines (the command
+        """Precision -> the checked graphs to serve, made by builder.build_engines (the command
         `make build-engines` runs, with its parity checks and caption-agreement gates): one
         build with PRECISION=int8 (it leaves the checked fp32 graphs too) and one with
         PRECISION=bf16 when those variants are asked for. Reused while the checkpoint and
@@ -263,7 +263,7 @@ class Bench:
             # second exports the same graphs again and checks them on a few (InceptionV3 in
             # eager torch is most of a seed-inception build).
             scenes = a.parity_scenes if not precisions else min(8, a.parity_scenes)
-            cmd = [sys.executable, "-m", "build.build_engines", "--model", str(spec.checkpoint), "--target", "cpu",
+            cmd = [sys.executable, "-m", "builder.build_engines", "--model", str(spec.checkpoint), "--target", "cpu",
                    "--precision", precision, "--runtime", "auto", "--repo", str(built), "--out", str(out),
                    "--parity-scenes", str(scenes), "--encoder-input", "float32"]
             if speed_only:
@@ -310,8 +310,8 @@ class Bench:
 
     def _fp32_choice(self, spec: ModelSpec, out: Path, paths: dict) -> str:
         """What RUNTIME=auto picks for the fp32 encoder (the reduced-precision builds time their own graph)."""
-        from build.repository import DEFAULT_ORT_THREADS, ENCODER
-        from build.runtime_choice import choose_runtimes
+        from builder.repository import DEFAULT_ORT_THREADS, ENCODER
+        from builder.runtime_choice import choose_runtimes
 
         ck = ckpt_mod.load(spec.checkpoint)
         r = choose_runtimes(ck, paths["encoder"], paths["decoder"], "auto", "fp32", DEFAULT_ORT_THREADS[ENCODER],
@@ -323,10 +323,10 @@ class Bench:
 
     def served_paths(self, spec: ModelSpec, runtime: str, precision: str, built: dict) -> dict:
         """The graphs, runtimes and precision hint of one variant, the encoder graph with
-        uint8 input when the bench serves that (build/uint8_input.py; cached)."""
+        uint8 input when the bench serves that (builder/uint8_input.py; cached)."""
         paths = dict(built[precision])
         if self.a.encoder_input == "uint8":
-            from build.uint8_input import with_uint8_input
+            from builder.uint8_input import with_uint8_input
 
             src = Path(paths["encoder"])
             dst = src.with_name(f"{src.stem}.uint8.onnx")
@@ -335,7 +335,7 @@ class Bench:
             paths["encoder"] = dst
         paths.update(runtime=runtime, inference_precision="bf16" if precision == "bf16" else "fp32")
         if self.a.layout == "auto":
-            from build.runtime_choice import FUSE_ABOVE_IMAGES_PER_S
+            from builder.runtime_choice import FUSE_ABOVE_IMAGES_PER_S
 
             rates = paths.get("rates")
             rate = json.loads(rates).get(runtime) if rates not in (None, "None") else None
@@ -346,11 +346,11 @@ class Bench:
 
     def triton_repo(self, spec: ModelSpec, variant: str, paths: dict) -> Path:
         """The repository the bench serves: the built graphs, assembled with the bench's
-        batching, instance and thread settings (build.repository's own parameters)."""
-        from build.repository import assemble
+        batching, instance and thread settings (builder.repository's own parameters)."""
+        from builder.repository import assemble
 
-        from build.repository import DECODER_STEP, ENCODER, GENERATOR
-        from build.runtime_choice import warm_cache
+        from builder.repository import DECODER_STEP, ENCODER, GENERATOR
+        from builder.runtime_choice import warm_cache
 
         a = self.a
         repo = assemble(
@@ -373,7 +373,7 @@ class Bench:
         return repo
 
     def triton(self, spec: ModelSpec, variant: str, paths: dict, bar: tqdm) -> None:
-        from captioner.server import TritonServer
+        from launcher.tritonserver import TritonServer
 
         repo = self.triton_repo(spec, variant, paths)
         self.results["config"].setdefault("triton", {})[f"{spec.name} {variant}"] = repo_summary(repo)

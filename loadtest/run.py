@@ -2,7 +2,7 @@
 latency/throughput plot, and a verdict.
 
 Uses the server at --url when it answers; when nothing answers there it starts one with
-captioner.server for the length of the run. Unknown flags go to Locust and the locustfile
+launcher.tritonserver for the length of the run. Unknown flags go to Locust and the locustfile
 (e.g. --beam-size 3, --pool-size 96, --think-time 0.1). Exit status 1 when the failure ratio
 is above --max-failure-ratio (default 0), p95 is above --p95-ms, fewer than --min-requests
 calls were made, or a user raised an exception; 2 when no server could be had.
@@ -101,7 +101,7 @@ def _one_server_state(url: str, model: str, timeout: float) -> str:
 
 def start_server(args):
     """A TritonServer for the repository on free ports (not started yet)."""
-    from captioner.server import TritonServer
+    from launcher.tritonserver import TritonServer
 
     return TritonServer(args.repo, log_file=args.reports / f"{args.prefix}_tritonserver.log")
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_server == "never":
         print(f"no server answers at {args.url} (and --start-server never)", file=sys.stderr)
         return 2
-    from captioner.server import ServerError
+    from launcher.tritonserver import ServerError
 
     print(f"no server answers at {args.url}: starting one on {args.repo}")
     args.reports.mkdir(parents=True, exist_ok=True)

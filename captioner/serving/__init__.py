@@ -1,4 +1,4 @@
-"""Triton-free logic behind the Triton models in build/triton_models/.
+"""Triton-free logic behind the Triton models in builder/triton_models/.
 
 Each model.py only moves tensors between Triton and these functions, so everything
 that decides an answer (parameter validation, decoding images, batching, decoding
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The Triton models' names: build.repository writes them, the launcher (which runs in
+# The Triton models' names: builder.repository writes them, the launcher (which runs in
 # serving images without the build package) drains the ensemble by name.
 ENSEMBLE = "captioner"
 PREPROCESS, ENCODER, DECODER_STEP, GENERATOR = "preprocess", "encoder", "decoder_step", "caption_generator"

@@ -19,7 +19,7 @@ TOKENS = ("captioner_tokens_total", "Caption tokens generated (END excluded)")
 REJECTED = ("captioner_rejected_total", "Requests refused as invalid, by reason")
 
 
-# Set by the launcher (captioner.server): the folder where each model instance says since
+# Set by the launcher (launcher.tritonserver): the folder where each model instance says since
 # when it has been inside `execute`, for the supervisor's hang check.
 EXECUTING_DIR_ENV = "CAPTIONER_EXECUTING_DIR"
 ALIVE_DIR = "alive"  # under it, each instance's heartbeat

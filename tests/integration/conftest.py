@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from captioner import checkpoint as ckpt_mod
-from captioner.server import TritonServer
+from launcher.tritonserver import TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,8 +76,8 @@ def default_checkpoint(directory: Path):
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory) -> ServedModel:
-    from build.export import export_decoder_step, export_encoder
-    from build.repository import assemble
+    from builder.export import export_decoder_step, export_encoder
+    from builder.repository import assemble
 
     work = tmp_path_factory.mktemp("triton")
     ck_dir = work / "checkpoint"

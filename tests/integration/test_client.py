@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from captioner.scenes import random_scene, render
-from captioner.server import free_port
+from launcher.tritonserver import free_port
 from client import AsyncCaptionClient, CaptionClient, CaptionError, RetryPolicy, caption
 
 pytestmark = pytest.mark.integration

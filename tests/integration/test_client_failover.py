@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from captioner.scenes import random_scene, render
-from captioner.server import TritonServer
+from launcher.tritonserver import TritonServer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

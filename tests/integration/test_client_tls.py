@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner import serve
-from captioner.server import TritonServer
+from launcher import cli as serve
+from launcher.tritonserver import TritonServer
 from client import CaptionClient, TLSConfig
 from client.health import check
 

@@ -62,7 +62,7 @@ def test_users_fail_over_when_a_replica_is_killed(triton_server, tmp_path):
     import signal
     import threading
 
-    from captioner.server import TritonServer
+    from launcher.tritonserver import TritonServer
 
     replica = TritonServer(triton_server.repository, log_file=tmp_path / "replica.log")
     try:

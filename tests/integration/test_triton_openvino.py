@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 
 from bench.inprocess import InProcessCaptioner
-from build.export import export_decoder_step, export_encoder
-from build.quantize import calibration_images, quantize_int8
-from build.repository import assemble, check_repository
-from build.runtime_choice import warm_cache
-from build.uint8_input import with_uint8_input
+from builder.export import export_decoder_step, export_encoder
+from builder.quantize import calibration_images, quantize_int8
+from builder.repository import assemble, check_repository
+from builder.runtime_choice import warm_cache
+from builder.uint8_input import with_uint8_input
 from captioner.scenes import caption_is_correct, encoded_scenes
-from captioner.server import TritonServer
+from launcher.tritonserver import TritonServer
 from captioner.serving import runtime as rt
 from conftest import default_checkpoint
 from triton_requests import ask_all

@@ -1,4 +1,4 @@
-"""`python -m captioner.serve` (make serve): comes up, shows three captions, stops on Ctrl-C."""
+"""`python -m launcher` (make serve): comes up, shows three captions, stops on Ctrl-C."""
 from __future__ import annotations
 
 import signal
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serve_answers_then_stops_cleanly_on_ctrl_c(triton_server, tmp_path):
     log = tmp_path / "serve" / "tritonserver.log"
-    cmd = [sys.executable, "-m", "captioner.serve", "--model", str(triton_server.checkpoint)]
+    cmd = [sys.executable, "-m", "launcher", "--model", str(triton_server.checkpoint)]
     cmd += ["--repo", str(triton_server.repository), "--log-file", str(log)]
     cmd += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

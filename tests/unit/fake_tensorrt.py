@@ -1,4 +1,4 @@
-"""A fake `tensorrt` module with only the API surface build/tensorrt_engine.py calls
+"""A fake `tensorrt` module with only the API surface builder/tensorrt_engine.py calls
 (Builder, network, OnnxParser, builder config, optimisation profile, timing cache),
 recording what it was asked. Any other attribute is missing, as it would be on a
 TensorRT that lacks it: `weak_typing=False` removes the precision flags as 11.x did."""

@@ -49,9 +49,9 @@ def scene_png(seed: int, size: int | None = None, fmt: str = "PNG") -> bytes:
 
 
 def load_model_py(name: str, pb_utils: types.ModuleType):
-    """Import build/triton_models/<name>/model.py against the fake pb_utils."""
+    """Import builder/triton_models/<name>/model.py against the fake pb_utils."""
     sys.modules["triton_python_backend_utils"] = pb_utils
-    spec = importlib.util.spec_from_file_location(f"triton_model_{name}", ROOT / "build" / "triton_models" / name / "model.py")
+    spec = importlib.util.spec_from_file_location(f"triton_model_{name}", ROOT / "builder" / "triton_models" / name / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -14,7 +14,7 @@ import torch
 
 from bench.inprocess import InProcessCaptioner, measure
 from bench.naive_server import NaiveServer
-from build.export import export_decoder_step, export_encoder
+from builder.export import export_decoder_step, export_encoder
 from captioner.checkpoint import Checkpoint
 from captioner.inference import Captioner
 from captioner.model import CaptionModel, ModelArgs

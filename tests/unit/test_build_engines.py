@@ -14,10 +14,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build import build_engines as be
-from build import parity, seed_inception
-from build import tensorrt_engine as te
-from build.repository import check_repository
+from builder import build_engines as be
+from builder import parity, seed_inception
+from builder import tensorrt_engine as te
+from builder.repository import check_repository
 from captioner.checkpoint import Checkpoint, file_sha256
 from captioner.model import CaptionModel, ModelArgs
 from captioner.preprocess import PreprocessConfig
@@ -143,7 +143,7 @@ def test_gpu_refuses_a_tensorrt_that_does_not_match_the_target_triton(model_dir,
 
 
 def test_parity_failure_stops_the_build_before_the_repository(model_dir, tmp_path, no_cuda, monkeypatch, capsys):
-    import build.export as export
+    import builder.export as export
 
     real = export.export_encoder
 
@@ -165,7 +165,7 @@ def test_parity_failure_stops_the_build_before_the_repository(model_dir, tmp_pat
 
 
 def test_a_refused_int8_variant_writes_no_repository(model_dir, tmp_path, no_cuda, monkeypatch, capsys):
-    from build import quantize
+    from builder import quantize
 
     def low_agreement(ck, enc, dec, out_dir, evalset, **kw):
         assert len(evalset.images) == 20 and len(evalset.scenes) == 20

@@ -8,8 +8,8 @@ import onnx
 import pytest
 import torch
 
-from build import parity
-from build.export import export_decoder_step, export_encoder
+from builder import parity
+from builder.export import export_decoder_step, export_encoder
 from captioner import checkpoint
 from captioner.checkpoint import Checkpoint
 from captioner.model import CaptionModel, ModelArgs

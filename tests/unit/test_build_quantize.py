@@ -13,8 +13,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from build import parity, quantize
-from build.export import export_decoder_step, export_encoder
+from builder import parity, quantize
+from builder.export import export_decoder_step, export_encoder
 from captioner import checkpoint
 from captioner.checkpoint import Checkpoint
 from captioner.model import CaptionModel, ModelArgs
@@ -98,9 +98,9 @@ def trained_dir_or_skip() -> Path:
 def test_int8_build_follows_the_agreement_rule_on_the_trained_model(tmp_path, capsys, monkeypatch):
     """PRECISION=int8 on the trained model: the agreement with fp32 is measured and the
     variant is served only at >= 98%; below that the build refuses and writes nothing."""
-    from build import build_engines as be
-    from build import tensorrt_engine as te
-    from build.repository import check_repository
+    from builder import build_engines as be
+    from builder import tensorrt_engine as te
+    from builder.repository import check_repository
 
     monkeypatch.setattr(te, "cuda_available", lambda: False)
     repo = tmp_path / "repo"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from build import parity, seed_inception
-from build.export import export_decoder_step, export_encoder
+from builder import parity, seed_inception
+from builder.export import export_decoder_step, export_encoder
 from captioner import checkpoint
 
 

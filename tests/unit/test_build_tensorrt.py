@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
-from build import parity
-from build import tensorrt_engine as te
-from build.export import export_encoder
-from build.quantize import convert_fp16
+from builder import parity
+from builder import tensorrt_engine as te
+from builder.export import export_encoder
+from builder.quantize import convert_fp16
 from captioner.checkpoint import Checkpoint
 from captioner.model import CaptionModel, ModelArgs
 from captioner.preprocess import PreprocessConfig

@@ -161,7 +161,7 @@ def test_environment_supplies_defaults(monkeypatch):
 
 
 def test_no_server_and_no_start_exits_2(capsys):
-    from captioner.server import free_port
+    from launcher.tritonserver import free_port
 
     code = run.main(["--url", f"127.0.0.1:{free_port()}", "--start-server", "never"])
     assert code == 2
@@ -169,7 +169,7 @@ def test_no_server_and_no_start_exits_2(capsys):
 
 
 def test_missing_repository_exits_2_with_reason(tmp_path, capsys):
-    from captioner.server import free_port
+    from launcher.tritonserver import free_port
 
     code = run.main(["--url", f"127.0.0.1:{free_port()}", "--repo", str(tmp_path / "empty"),
                      "--reports", str(tmp_path / "r")])

@@ -2,8 +2,8 @@
 of a built-in kind passes the Kubernetes 1.30 JSON schemas in strict mode
 (kubernetes-validate), and what the manifests and Dockerfiles say about ports, probes,
 paths, the ensemble and the launcher's flags agrees with the code that serves it:
-captioner.server.DEFAULT_PORTS, build.repository.ENSEMBLE/MODELS and
-captioner.serve.parse_args. No cluster, no container engine."""
+launcher.tritonserver.DEFAULT_PORTS, builder.repository.ENSEMBLE/MODELS and
+launcher.parse_args. No cluster, no container engine."""
 from __future__ import annotations
 
 import copy
@@ -17,10 +17,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from build.repository import ENSEMBLE, MODELS
-from captioner.serve import parse_args
+from builder.repository import ENSEMBLE, MODELS
+from launcher.cli import parse_args
 from client.health import build_parser as health_parser
-from captioner.server import DEFAULT_PORTS, PROJECT_ROOT
+from launcher.tritonserver import DEFAULT_PORTS, PROJECT_ROOT
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -76,7 +76,7 @@ def _clean_env(monkeypatch) -> None:
 
 def _launcher_args(container: dict, monkeypatch) -> object:
     """The container's args as the launcher reads them, under the container's environment."""
-    assert container["command"] == ["python", "-m", "captioner.serve"]
+    assert container["command"] == ["python", "-m", "launcher"]
     _clean_env(monkeypatch)
     for var in container.get("env", []):
         monkeypatch.setenv(var["name"], var["value"])
@@ -250,7 +250,7 @@ def test_the_repository_image_is_built_from_where_the_builder_writes(monkeypatch
 @pytest.mark.parametrize("overlay", SERVING)
 def test_the_init_container_lays_the_repository_out_where_the_launcher_looks(rendered, overlay, tmp_path, monkeypatch):
     """Runs the init container's own command (paths moved under tmp) on a tree shaped like
-    build.repository's output: every model must land directly under --repo."""
+    builder.repository's output: every model must land directly under --repo."""
     dep = _one(rendered[overlay], "Deployment")
     spec = dep["spec"]["template"]["spec"]
     (init,) = spec["initContainers"]
@@ -382,7 +382,7 @@ def _cmd(dockerfile: str) -> list[str]:
 def test_the_serving_images_run_the_launcher_unprivileged_on_the_pods_paths(name, rendered, monkeypatch):
     text = _dockerfile(name)
     cmd = _cmd(text)
-    assert cmd[:3] == ["python", "-m", "captioner.serve"]
+    assert cmd[:3] == ["python", "-m", "launcher"]
     _clean_env(monkeypatch)
     a = parse_args(cmd[3:])
     assert a.no_build and a.host == "0.0.0.0" and a.samples == 0

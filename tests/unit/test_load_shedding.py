@@ -1,17 +1,17 @@
-"""Load shedding: queue policies derived from measured rates (build/capacity.py), written
-into the repository's configs, and the launcher's hardening flags (captioner/serve.py)."""
+"""Load shedding: queue policies derived from measured rates (builder/capacity.py), written
+into the repository's configs, and the launcher's hardening flags (launcher/cli.py)."""
 from __future__ import annotations
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build import capacity
-from build.capacity import Capacity, QueuePolicy, policies
-from build.export import export_decoder_step, export_encoder
-from build.repository import assemble
+from builder import capacity
+from builder.capacity import Capacity, QueuePolicy, policies
+from builder.export import export_decoder_step, export_encoder
+from builder.repository import assemble
 from captioner import checkpoint
-from captioner import serve
+from launcher import cli as serve
 from serving_support import tiny_checkpoint
 
 
@@ -126,7 +126,7 @@ def test_replicas_get_distinct_ports_and_logs():
 
 
 def test_serve_resolves_model_names_as_the_build_does(monkeypatch, tmp_path):
-    from build import seed_inception
+    from builder import seed_inception
 
     made = tmp_path / "seed"
     made.mkdir()

@@ -1,4 +1,4 @@
-"""captioner.server (the tritonserver launcher) and captioner.serve's staleness check,
+"""launcher.tritonserver (the tritonserver launcher) and launcher's staleness check,
 against stand-in binaries: no real server here (tests/integration starts one)."""
 import os
 import stat
@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from captioner import server as srv
-from captioner.server import ServerError, TritonServer
+from launcher import tritonserver as srv
+from launcher.tritonserver import ServerError, TritonServer
 
 
 def _fake_triton(bin_dir, body: str):
@@ -80,7 +80,7 @@ def test_log_file_dash_sends_the_server_log_to_standard_output(tmp_path, repo, m
     exe = _fake_triton(tmp_path / "bin", HEALTHY)
     monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
     code = textwrap.dedent(f"""
-        from captioner.server import TritonServer
+        from launcher.tritonserver import TritonServer
         with TritonServer({str(repo)!r}, log_file="-") as server:
             assert server.log_file is None and server.is_ready()
             print("tail:", server.log_tail())
@@ -91,7 +91,7 @@ def test_log_file_dash_sends_the_server_log_to_standard_output(tmp_path, repo, m
     assert f"--model-repository={repo}" in out.stdout  # the server's own output
     assert "got SIGTERM" in out.stdout
     assert "tail: (tritonserver's log is on standard output" in out.stdout
-    from captioner.serve import replica_log
+    from launcher.cli import replica_log
 
     assert replica_log("-", 1) == "-" and replica_log("logs/t.log", 1) == "logs/t-1.log"
 
@@ -143,14 +143,14 @@ def test_free_ports_are_bindable():
         s.bind(("127.0.0.1", port))
 
 
-# --- captioner.serve: when must the repository be rebuilt? --------------------------------
+# --- launcher: when must the repository be rebuilt? --------------------------------
 
 
 def test_stale_reason(tmp_path):
-    from build.export import export_decoder_step, export_encoder
-    from build.repository import assemble
+    from builder.export import export_decoder_step, export_encoder
+    from builder.repository import assemble
     from captioner import checkpoint
-    from captioner.serve import stale_reason
+    from launcher.cli import stale_reason
     from serving_support import tiny_checkpoint
 
     ck_path = tiny_checkpoint(tmp_path / "ck")
@@ -190,7 +190,7 @@ def test_stop_kills_a_server_still_unloading_after_wait_s(tmp_path, repo, monkey
 
 
 def test_only_drained_servers_get_the_short_unload_grace(capsys):
-    from captioner import serve
+    from launcher import cli as serve
 
     class Server:
         grpc_url = "127.0.0.1:1"

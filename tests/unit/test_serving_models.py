@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import fake_pb_utils
-from build.export import export_decoder_step, export_encoder
-from build.repository import assemble
+from builder.export import export_decoder_step, export_encoder
+from builder.repository import assemble
 from captioner import checkpoint
 from captioner.decoding import DecodeParams, decode, torch_step
 from captioner.preprocess import preprocess_bytes

@@ -1,12 +1,12 @@
-"""build.repository: configs generated from the checkpoint, complete, and refused when not."""
+"""builder.repository: configs generated from the checkpoint, complete, and refused when not."""
 import shutil
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build.export import export_decoder_step, export_encoder
-from build.repository import RepositoryError, assemble, check_repository, recorded_checkpoint
+from builder.export import export_decoder_step, export_encoder
+from builder.repository import RepositoryError, assemble, check_repository, recorded_checkpoint
 from captioner import checkpoint
 from serving_support import tiny_checkpoint
 

@@ -13,12 +13,12 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build import build_engines as be
-from build import parity
-from build import tensorrt_engine as te
-from build.export import export_decoder_step, export_encoder
-from build.runtime_choice import warm_cache
-from build.uint8_input import with_uint8_input
+from builder import build_engines as be
+from builder import parity
+from builder import tensorrt_engine as te
+from builder.export import export_decoder_step, export_encoder
+from builder.runtime_choice import warm_cache
+from builder.uint8_input import with_uint8_input
 from captioner import checkpoint as ckpt_mod
 from captioner.preprocess import normalize
 from captioner.serving import runtime as rt
@@ -66,7 +66,7 @@ def test_auto_picks_the_faster_runtime_and_ties_keep_onnxruntime():
 
 
 def test_layout_auto_fuses_only_small_encoders():
-    from build.runtime_choice import RuntimeReport, fused_layout
+    from builder.runtime_choice import RuntimeReport, fused_layout
 
     def report(rate):
         return RuntimeReport(rt.Choice("openvino", "x", {"openvino": rate}), rt.Choice("onnxruntime", "x", {}), "fp32")
@@ -249,7 +249,7 @@ def test_image_encoder_runs_every_good_image_of_the_batch_once_and_refuses_the_b
 
 @needs_default
 def test_fused_repository_has_no_encoder_model_and_checks_its_absence(default_graphs, tmp_path):
-    from build.repository import RepositoryError, assemble, check_repository
+    from builder.repository import RepositoryError, assemble, check_repository
 
     ck, enc, dec = default_graphs
     u8 = with_uint8_input(enc, tmp_path / "encoder.uint8.onnx", ck.preprocess)

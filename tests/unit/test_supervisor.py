@@ -1,4 +1,4 @@
-"""captioner.supervisor: what it sees as broken and what it does about it, with a fake
+"""launcher.supervisor: what it sees as broken and what it does about it, with a fake
 server, fake stubs, a fake probe and a fake model-control client (no tritonserver)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from captioner import supervisor as sv
-from captioner.server import ServerError
+from launcher import supervisor as sv
+from launcher.tritonserver import ServerError
 
 METRICS = """# HELP nv_inference_exec_count Number of model executions performed
 # TYPE nv_inference_exec_count counter

@@ -37,10 +37,10 @@ from typing import Callable
 
 import psutil
 
-from .server import ServerError, TritonServer
-from .serving.triton import executing_since, heartbeats
+from .tritonserver import ServerError, TritonServer
+from captioner.serving.triton import executing_since, heartbeats
 
-log = logging.getLogger("captioner.supervisor")
+log = logging.getLogger("launcher.supervisor")
 
 STUB_BINARY = "triton_python_backend_stub"
 # What Triton answers once it has found a stub unresponsive (e.g. stopped): names the instance.

@@ -1,11 +1,11 @@
-"""python -m captioner.serve: the `make serve` entry point.
+"""python -m launcher: the `make serve` entry point.
 
 Builds the model repository when it is missing or was built from another checkpoint
-(through `python -m build.build_engines`), starts tritonserver, captions three sample
+(through `python -m builder.build_engines`), starts tritonserver, captions three sample
 scenes over gRPC so you see it work, then keeps serving (log in a file) until Ctrl-C or
 SIGTERM, which drain: readiness false, new requests refused, accepted ones finished.
 
-While serving, a supervisor (captioner.supervisor) reloads a model whose Python stub died
+While serving, a supervisor (launcher.supervisor) reloads a model whose Python stub died
 or hung and restarts tritonserver if it exits; `--replicas N` runs N servers on distinct
 ports for failover experiments on one machine.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import env, flag
-from .server import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
+from captioner.cli import env, flag
+from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 
 # Everything but inference and health needs the key: those are what clients and probes use.
 RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
@@ -32,7 +32,7 @@ PROBE_TIMEOUT_S = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m captioner.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=env("CAPTIONER_MODEL", "models/default"),
                    help="checkpoint dir or file, or seed-inception [$CAPTIONER_MODEL]")
     p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"), help="Triton model repository [$CAPTIONER_REPO]")
@@ -122,9 +122,9 @@ def replica_log(log_file: str, k: int) -> str:
 
 def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     """Why the repository must be (re)built, or None when it serves this checkpoint."""
-    from build.repository import RepositoryError, check_repository, recorded_checkpoint
+    from builder.repository import RepositoryError, check_repository, recorded_checkpoint
 
-    from .checkpoint import file_sha256
+    from captioner.checkpoint import file_sha256
 
     recorded = recorded_checkpoint(repo)
     if recorded is None:
@@ -138,7 +138,7 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     built_for = configs["captioner"].parameters["target"].string_value
     if target != "auto" and built_for != target:
         return f"{repo} was built for {built_for}, not {target}"
-    for model_py in (PROJECT_ROOT / "build" / "triton_models").glob("*/model.py"):
+    for model_py in (PROJECT_ROOT / "builder" / "triton_models").glob("*/model.py"):
         served = repo / model_py.parent.name / "1" / "model.py"
         if served.is_file() and served.read_bytes() != model_py.read_bytes():
             return f"{served} differs from {model_py}"
@@ -147,15 +147,16 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
 
 def build(args: argparse.Namespace) -> None:
     """The repository for args.model, through the build's own entry point."""
-    cmd = [sys.executable, "-m", "build.build_engines", "--model", args.model, "--target", args.target]
-    cmd += ["--precision", args.precision, "--repo", args.repo]
+    from builder.command import build_command
+
+    cmd = build_command(args.model, args.repo, target=args.target, precision=args.precision)
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT)
 
 
 def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
     """Scenes drawn to the spec, as PNG bytes, with their ground truth."""
-    from .scenes import encoded_scenes
+    from captioner.scenes import encoded_scenes
 
     return encoded_scenes(n, seed)
 
@@ -163,7 +164,7 @@ def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
 def caption_samples(server: TritonServer, n: int) -> None:
     """Caption n sample scenes: over gRPC, or over local HTTP when gRPC needs TLS (the
     launcher holds the server's certificate, not a CA that clients would trust)."""
-    from .scenes import all_captions, caption_is_correct
+    from captioner.scenes import all_captions, caption_is_correct
 
     tls = any(x.startswith("--grpc-use-ssl=true") for x in server.extra_args)
     if tls:
@@ -264,11 +265,11 @@ UNLOAD_GRACE_S = 10.0
 
 def drain_all(servers: list[TritonServer], a: argparse.Namespace) -> set[TritonServer]:
     """Model control is explicit under supervision: drain by unloading the ensemble first
-    (captioner.supervisor.drain), then tritonserver stops with nothing in flight. Returns
+    (launcher.supervisor.drain), then tritonserver stops with nothing in flight. Returns
     the servers whose accepted requests all finished."""
     import tritonclient.http as httpclient
 
-    from .serving import ENSEMBLE
+    from captioner.serving import ENSEMBLE
 
     from .supervisor import drain
 
@@ -303,7 +304,7 @@ def stop_all(servers: list[TritonServer], drained: set[TritonServer]) -> None:
 
 def resolve_checkpoint(model: str) -> Path:
     """The checkpoint behind MODEL, with the build's names (seed-inception is made on first use)."""
-    from build.build_engines import BuildFailed, resolve_model
+    from builder.build_engines import BuildFailed, resolve_model
 
     try:
         return resolve_model(model)[0]

@@ -2,7 +2,7 @@
 call the `decoder_step` model through BLS? Serve the same checkpoint both ways and
 measure; the README quotes the table this prints.
 
-    python -m build.measure_step_mode --model runs/default [--out reports/step_mode.md]
+    python -m bench.measure_step_mode --model runs/default [--out reports/step_mode.md]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from captioner import checkpoint
-    from captioner.server import TritonServer
+    from launcher.tritonserver import TritonServer
 
     from .export import export_decoder_step, export_encoder
     from .repository import assemble

@@ -46,7 +46,7 @@ class RuntimeReport:
     notes: list[str] = field(default_factory=list)
 
     def runtimes(self) -> dict[str, str]:
-        """build.repository.assemble's `runtimes` argument."""
+        """builder.repository.assemble's `runtimes` argument."""
         from .repository import DECODER_STEP, ENCODER, GENERATOR
 
         return {ENCODER: self.encoder.runtime, DECODER_STEP: self.decoder_step.runtime,

@@ -4,7 +4,7 @@ measure the serving stack at the cost of the original model (299 px InceptionV3,
 2048 -> 120 -> 300, embedding 100, logit bottleneck 120, 8,769-word vocabulary)
 without pretrained weights, which cannot be downloaded here.
 
-`python -m build.seed_inception [--out DIR]` writes the checkpoint; the build CLI
+`python -m builder.seed_inception [--out DIR]` writes the checkpoint; the build CLI
 resolves `--model seed-inception` to it, creating it on first use."""
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from .capacity import DEFAULT_QUEUE_BUDGET_MS
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_BATCH = 32  # the one default: Triton configs and the TensorRT profile both take it from here
 DEFAULT_ENCODER_INPUT = "uint8"  # docs/bench.md, investigation 7
-DEFAULT_LAYOUT = "auto"  # fused for small encoders: build/runtime_choice.py, docs/bench.md investigation 8
+DEFAULT_LAYOUT = "auto"  # fused for small encoders: builder/runtime_choice.py, docs/bench.md investigation 8
 TARGETS = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 RUNTIMES = ("auto", "onnxruntime", "openvino")
@@ -57,7 +57,7 @@ def step(n: int, title: str):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m build.build_engines", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m builder.build_engines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=env("CAPTIONER_MODEL"),
                    help="checkpoint dir/file, or 'seed-inception' (env CAPTIONER_MODEL; default: models/default)")
@@ -323,7 +323,7 @@ def build(a: argparse.Namespace) -> dict:
         try:
             from .repository import DEFAULT_ORT_THREADS, ENCODER, GENERATOR, assemble
         except ImportError as e:
-            raise BuildFailed(EXIT_CHECK_FAILED, f"build/repository.py is not available ({e})") from None
+            raise BuildFailed(EXIT_CHECK_FAILED, f"builder/repository.py is not available ({e})") from None
         measured = None
         if target == "cpu":
             from captioner.serving.runtime import EngineSettings

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serving.triton import EXECUTING_DIR_ENV
+from captioner.serving.triton import EXECUTING_DIR_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}

@@ -35,7 +35,7 @@ PYTHON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 TARGETS = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # What preprocess hands the encoder: float32 [3, S, S] normalised, or the prepared
-# uint8 [S, S, 3] with normalisation inside the encoder graph (build/uint8_input.py).
+# uint8 [S, S, 3] with normalisation inside the encoder graph (builder/uint8_input.py).
 ENCODER_INPUT_TYPES = ("float32", "uint8")
 # CPU layouts: "split" = preprocess -> encoder -> caption_generator (three Python models);
 # "fused" = preprocess runs decode and the encoder in one process (model source
@@ -99,7 +99,7 @@ def _base(name: str, max_batch_size: int, instances: int, kind: int, queue_delay
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = queue_delay_us
     if queue is not None:
-        # Load shedding (build/capacity.py): a full queue or a request that waited past the
+        # Load shedding (builder/capacity.py): a full queue or a request that waited past the
         # timeout is refused with UNAVAILABLE; a caller's own deadline may lower the timeout.
         policy = db.default_queue_policy
         policy.timeout_action = mc.ModelQueuePolicy.REJECT
@@ -383,9 +383,9 @@ def assemble(
     runtimes: CPU runtime per Python model that runs a graph (encoder, decoder_step,
     caption_generator's in-process step): "onnxruntime" (default) or "openvino";
     inference_precision "bf16" is OpenVINO's hint for the encoder; encoder_input "uint8"
-    expects an encoder graph that normalises inside (build/uint8_input.py); layout
+    expects an encoder graph that normalises inside (builder/uint8_input.py); layout
     "fused" runs decode and the encoder in the preprocess model (CPU only).
-    queues: the load-shedding policy per model (build/capacity.py; the build measures the
+    queues: the load-shedding policy per model (builder/capacity.py; the build measures the
     rates it derives them from); None bounds every admitting queue at four batches."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
