@@ -29,13 +29,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # bench.faults.ReadinessWatch: the emulator runs in the project venv
+sys.path.insert(0, str(ROOT))  # client.readiness: the emulator runs in the project venv
 POD_PATHS = ("/mnt/models", "/tmp")
 
 
@@ -85,6 +84,8 @@ class Checks:
 
 
 def inside(work: Path) -> int:
+    from client.readiness import ReadinessWatch, http_ready
+
     dep = yaml.safe_load((work / "deployment.yaml").read_text())
     spec = dep["spec"]["template"]["spec"]
     (c,) = [x for x in spec["containers"] if x["name"] == "tritonserver"]
@@ -105,11 +106,7 @@ def inside(work: Path) -> int:
     launcher = subprocess.Popen(cmd, cwd=app, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}{c['readinessProbe']['httpGet']['path']}", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ready(f"127.0.0.1:{ports['http']}", c["readinessProbe"]["httpGet"]["path"], timeout_s=2)
 
     def live() -> bool:
         probe = list(c["livenessProbe"]["exec"]["command"])
@@ -136,8 +133,6 @@ def inside(work: Path) -> int:
         stub = encoder_stub(launcher.pid)
         check(stub is not None, "found the Python stub that runs the encoder")
         if stub is not None:
-            from bench.faults import ReadinessWatch
-
             # The repair takes ~1.5 s, shorter than one liveness run (a Python start):
             # readiness is watched on its own, as often as a load balancer would.
             with ReadinessWatch(ready) as watch:
