@@ -18,7 +18,7 @@ TRAIN_SCENES ?= 60000
 EPOCHS ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: help setup data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench faults clean
+.PHONY: help setup lint data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench faults clean
 
 help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
@@ -35,6 +35,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
+
+## lint           ruff (lint + format check) and mypy, as configured in pyproject.toml; CI runs it
+lint: | $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 ## data           shapes-v1 train/val/test in COCO captions layout under $(DATA)
 data: $(DATA)/captions_test.json
