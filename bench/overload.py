@@ -2,11 +2,12 @@
 when the server refuses them, as production callers do.
 
 Each client sends one caption request at a time. A request has `deadline_s` from its
-first send: the gRPC deadline and the server-side `timeout` of every attempt are the
-time left, an `UNAVAILABLE` refusal is retried after a jittered exponential backoff while
-time is left, and the request is *good* only when its caption arrives inside the
-deadline. Goodput is good requests per second of the measured window; the refusal
-latency (send to `UNAVAILABLE`) says whether the server sheds load fast.
+first send and retries as the client library's callers do (client.retry, the one driver):
+the wait and the server-side `timeout` of every attempt are the time left, a refusal
+(`UNAVAILABLE`) is retried after a jittered exponential backoff while time and attempts
+are left, and the request is *good* only when its caption arrives inside the deadline.
+Goodput is good requests per second of the measured window; the refusal latency (send to
+`UNAVAILABLE`) says whether the server sheds load fast.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-import numpy as np
 
 from .loadgen import percentiles
 
@@ -31,6 +31,7 @@ class OverloadResult:
     good: int  # captions returned inside their deadline, in the window
     late: int  # requests that ran out of time (deadline exceeded, or refused until it passed)
     refusals: int  # UNAVAILABLE answers (each attempt counts)
+    gave_up: int  # requests refused RetryPolicy.max_attempts times before their deadline
     other_errors: int
     goodput: float  # good / elapsed
     good_p50_ms: float
@@ -58,23 +59,21 @@ async def run_overload(
     """`retry`: the client library's RetryPolicy (its default when None): refused callers
     back off exactly as the library's callers do."""
     import tritonclient.grpc.aio as grpcclient
+    from tritonclient.utils import InferenceServerException
 
-    from client.core import RetryPolicy, infer_without_cancel
+    from client.endpoints import EndpointPool
+    from client.retry import DEADLINE_EXCEEDED, Retry, RetryPolicy, drive_async
+    from client.wire import attempt_failed, image_input, infer_without_cancel
 
     retry = retry or RetryPolicy()
     rng = random.Random(0)
-    from tritonclient.utils import InferenceServerException
-
-    inputs = []
-    for data in images:
-        inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-        inputs.append([inp])
+    endpoints = EndpointPool([url])  # one server; the driver only needs its bookkeeping
+    inputs = [[image_input(data, grpcclient)] for data in images]
     outputs = [grpcclient.InferRequestedOutput("CAPTION")]
     window = [None, None]
     good_lat: list[float] = []
     refusal_lat: list[float] = []
-    counts = {"late": 0, "other": 0}
+    counts = {"late": 0, "gave_up": 0, "other": 0}
     errors: list[str] = []
     stop = asyncio.Event()
 
@@ -83,42 +82,34 @@ async def run_overload(
 
     async def one(client, i: int) -> None:
         start = time.perf_counter()
-        attempt = 0
-        while True:
-            left = deadline_s - (time.perf_counter() - start)
-            if left <= 0.001:
-                if inside(time.perf_counter()):
-                    counts["late"] += 1
-                return
+
+        async def attempt(a):
             t0 = time.perf_counter()
             try:
                 # as the client library waits: given up at the deadline, not cancelled
-                await infer_without_cancel(client, left, model, inputs[i % len(inputs)], outputs=outputs,
-                                           parameters=parameters, timeout=int(left * 1e6))
+                return await infer_without_cancel(client, a.wait_s, model, inputs[i % len(inputs)], outputs=outputs,
+                                                  parameters=parameters, timeout=a.server_timeout_us)
             except InferenceServerException as e:
                 t1 = time.perf_counter()
-                status = e.status() or ""
-                if status.endswith("UNAVAILABLE"):
-                    if inside(t1):
-                        refusal_lat.append(t1 - t0)
-                    attempt += 1
-                    await asyncio.sleep(min(retry.backoff(attempt, rng), max(deadline_s - (t1 - start), 0)))
-                    continue
-                if inside(t1):
-                    if status.endswith("DEADLINE_EXCEEDED"):
-                        counts["late"] += 1
-                    else:
-                        counts["other"] += 1
-                        if len(errors) < MAX_ERROR_SAMPLES:
-                            errors.append(f"{status}: {e.message()}"[:300])
-                return
-            t1 = time.perf_counter()
-            if inside(t1):
-                if t1 - start <= deadline_s:
-                    good_lat.append(t1 - start)
-                else:
-                    counts["late"] += 1
+                if (e.status() or "").endswith("UNAVAILABLE") and inside(t1):
+                    refusal_lat.append(t1 - t0)
+                raise attempt_failed(e) from None
+
+        outcome = await drive_async(Retry(endpoints, retry, timeout=deadline_s, clock=time.perf_counter, rng=rng),
+                                    attempt)
+        t1 = time.perf_counter()
+        if not inside(t1):
             return
+        if outcome.ok and t1 - start <= deadline_s:
+            good_lat.append(t1 - start)
+        elif outcome.ok or outcome.out_of_time or outcome.failure.status == DEADLINE_EXCEEDED:
+            counts["late"] += 1
+        elif (outcome.failure.status or "").endswith("UNAVAILABLE"):
+            counts["gave_up"] += 1
+        else:
+            counts["other"] += 1
+            if len(errors) < MAX_ERROR_SAMPLES:
+                errors.append(f"{outcome.failure.status}: {outcome.failure.message}"[:300])
 
     async def worker(client, k: int) -> None:
         i = k
@@ -151,6 +142,7 @@ async def run_overload(
         good=len(good_lat),
         late=counts["late"],
         refusals=len(refusal_lat),
+        gave_up=counts["gave_up"],
         other_errors=counts["other"],
         goodput=len(good_lat) / elapsed,
         good_p50_ms=gp[50],

@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from captioner.cli import env as _env
+from captioner.cli import env as _env, flag as _flag
 from client import health
 from client.core import DEFAULT_MODEL, DEFAULT_URL, AsyncCaptionClient, RetryPolicy, find_images
 from client.endpoints import parse_endpoints
-from client.options import add_tls_flags, parse_bool, tls_from_args
+from client.options import add_tls_flags, tls_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
                    help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]")
     p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a third column")
-    p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, parse_bool),
+    p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, _flag),
                    help="print retries and per-endpoint counts to stderr at the end [$CAPTIONER_STATS]")
     add_tls_flags(p)
     return p

@@ -1,8 +1,9 @@
 """Several Triton endpoints behind one client: parsing, which errors mean what, and which
 endpoint gets the next request.
 
-No I/O here: the asyncio client (client.core) and the Locust user (loadtest/locustfile.py)
-both drive the same `EndpointPool` and `classify`, so failover behaves the same in both.
+No I/O here: the retry driver (client.retry), which the asyncio client (client.core), the
+Locust user (loadtest/locustfile.py) and the overload bench (bench/overload.py) all run,
+drives the same `EndpointPool` and `classify`, so failover behaves the same in each.
 
 What the statuses mean was seen against tritonserver 2.51 (see README, Client library):
 - UNAVAILABLE: connection refused or lost ("Socket closed"), server shutting down: this
@@ -70,6 +71,11 @@ def classify(status: str | None, message: str | None) -> Failure:
     if status == "StatusCode.NOT_FOUND" and "has no available versions" in message:
         return Failure.BROKEN
     return Failure.FINAL
+
+
+def status_text(status: str | None) -> str:
+    """A gRPC status for people: "StatusCode.UNAVAILABLE" -> "UNAVAILABLE"."""
+    return (status or "unknown status").removeprefix("StatusCode.")
 
 
 @dataclass

@@ -24,19 +24,12 @@ import time
 from dataclasses import dataclass
 
 from captioner.cli import env as _env, flag as _flag
-from client.core import (
-    DEFAULT_MODEL,
-    DEFAULT_URL,
-    CaptionError,
-    TLSConfig,
-    _image_input,
-    _parse_result,
-    _requested_outputs,
-    _status_text,
-    make_triton_client,
-    probe_image,
-)
-from client.endpoints import Failure, classify, parse_endpoints
+from client.core import DEFAULT_MODEL, DEFAULT_URL
+from client.endpoints import Failure, classify, parse_endpoints, status_text
+from client.images import probe_image
+from client.results import CaptionError, parse_result
+from client.tls import TLSConfig, make_triton_client
+from client.wire import image_input, requested_outputs
 from client.options import add_tls_flags, tls_from_args
 
 
@@ -75,13 +68,13 @@ async def check_async(url: str, *, model: str = DEFAULT_MODEL, timeout: float = 
     client = (client_factory or make_triton_client)(url, tls)
     start = time.monotonic()
     try:
-        result = await client.infer(model, [_image_input(probe_image())], outputs=_requested_outputs(),
+        result = await client.infer(model, [image_input(probe_image())], outputs=requested_outputs(),
                                     client_timeout=timeout, timeout=int(timeout * SERVER_SHARE * 1e6))
-        cap = _parse_result(result, "health")
+        cap = parse_result(result, "health")
     except InferenceServerException as e:
         overloaded = overload_ok and classify(e.status(), e.message()) is Failure.OVERLOADED
         return HealthReport(url, overloaded, time.monotonic() - start,
-                            reason=f"{_status_text(e.status())}: {e.message() or 'no details'}")
+                            reason=f"{status_text(e.status())}: {e.message() or 'no details'}")
     except CaptionError as e:
         return HealthReport(url, False, time.monotonic() - start, reason=e.reason)
     finally:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from captioner.cli import env as _env
-from client.core import TLSConfig
+from captioner.cli import env as _env, flag as _flag
+from client.tls import TLSConfig
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:
     """TLS flags shared by the captioning CLI and the health check."""
     g = p.add_argument_group("TLS (gRPC); any certificate flag turns TLS on")
-    g.add_argument("--tls", action="store_true", default=_env("CAPTIONER_TLS", False, parse_bool),
+    g.add_argument("--tls", action="store_true", default=_env("CAPTIONER_TLS", False, _flag),
                    help="use TLS with the system's root certificates [$CAPTIONER_TLS]")
     g.add_argument("--tls-root-cert", default=_env("CAPTIONER_TLS_ROOT_CERT", None), metavar="PEM",
                    help="CA certificate that signed the server's [$CAPTIONER_TLS_ROOT_CERT]")
@@ -18,15 +18,6 @@ def add_tls_flags(p: argparse.ArgumentParser) -> None:
                    help="client certificate for mutual TLS [$CAPTIONER_TLS_CLIENT_CERT]")
     g.add_argument("--tls-client-key", default=_env("CAPTIONER_TLS_CLIENT_KEY", None), metavar="PEM",
                    help="client private key for mutual TLS [$CAPTIONER_TLS_CLIENT_KEY]")
-
-
-def parse_bool(text: str) -> bool:
-    """Environment switches: 1/true/yes/on or 0/false/no/off."""
-    if text.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a yes/no value: {text!r}")
 
 
 def tls_from_args(args) -> TLSConfig | None:

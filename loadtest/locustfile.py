@@ -38,8 +38,10 @@ from tritonclient.utils import serialize_byte_tensor  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.scenes import caption_is_correct  # noqa: E402
-from client.core import RetryPolicy, call_without_cancel, probe_image  # noqa: E402
-from client.endpoints import EndpointPool, Failure, classify, parse_endpoints  # noqa: E402
+from client.endpoints import EndpointPool, parse_endpoints, status_text  # noqa: E402
+from client.images import probe_image  # noqa: E402
+from client.retry import Retry, RetryPolicy, drive, run_probe  # noqa: E402
+from client.wire import attempt_failed, call_without_cancel  # noqa: E402
 from loadtest.pool import build_pool, parse_sizes  # noqa: E402
 
 log = logging.getLogger("loadtest")
@@ -195,62 +197,25 @@ class TritonGrpcUser(User):
         """Override to validate answers; raise BadResponse for an unusable one."""
 
     def infer(self, request: service_pb2.ModelInferRequest, timeout: float):
-        """ModelInfer with failover within `timeout` seconds; returns the response or None."""
+        """ModelInfer with failover within `timeout` seconds (client.retry, as the client
+        library does); returns the response or None."""
         start = time.perf_counter()
-        deadline = time.monotonic() + timeout
-        tried, attempt, response, exception = [], 0, None, None
-        while True:
-            attempt += 1
-            for ep in self.fleet.due_for_probe():
-                gevent.spawn(self._probe, ep, request.model_name)
-            ep = self.fleet.pick(avoid=tried)
-            if attempt > 1 and any(ep is t for t in tried):
-                pause = self.retry.backoff(attempt - 1, self._retry_rng)
-                gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                ep = self.fleet.pick(avoid=tried)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            capped = self.attempt_timeout is not None and self.attempt_timeout < left
-            this = self.attempt_timeout if capped else left
-            tried.append(ep)
-            since = self.fleet.started(ep)
-            sent = service_pb2.ModelInferRequest()
-            sent.CopyFrom(request)
-            # Triton's own request timeout (microseconds): the server drops what nobody waits for.
-            sent.parameters["timeout"].int64_param = max(1, int(this * 1e6))
-            try:
-                # Not cancelled at the deadline: Triton 2.51 can crash on a cancellation
-                # racing a response (client.core.infer_without_cancel), and a load test is
-                # where deadlines run out.
-                response = call_without_cancel(self.stubs[ep.url].ModelInfer, sent, this)
-            except (grpc.RpcError, TimeoutError) as e:
-                code, details = ((e.code(), e.details()) if isinstance(e, grpc.RpcError)
-                                 else (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
-                failure = classify(str(code), details)
-                if capped and code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    failure = Failure.BROKEN  # no answer within --attempt-timeout: try another replica
-                self.fleet.finished(ep, failure, details or "", since)
-                key = f"{code.name}: {details}"
-                Fleet.attempt_errors[key] = Fleet.attempt_errors.get(key, 0) + 1
-                exception = e
-                if failure is Failure.FINAL or attempt >= self.retry.max_attempts:
-                    break
-                continue
-            self.fleet.finished(ep, None, since=since)
-            exception = None
-            break
+        retry = Retry(self.fleet, self.retry, timeout=timeout, attempt_timeout=self.attempt_timeout,
+                      rng=self._retry_rng, probe=lambda ep: gevent.spawn(self._probe, ep, request.model_name))
+        outcome = drive(retry, lambda a: self._attempt(request, a), sleep=gevent.sleep)
         Fleet.requests += 1
-        Fleet.retried += len(tried) > 1
-        length = 0
-        if response is not None:
+        Fleet.retried += outcome.attempts > 1
+        response, length = outcome.value, 0
+        exception = outcome.failure.error if outcome.failure else None
+        if outcome.ok:
+            exception = None
             length = response.ByteSize()
             try:
                 self.check_response(request, response)
             except BadResponse as e:
                 exception = e
         elif exception is None:
-            exception = DeadlineReached(f"deadline of {timeout:g} s reached after {len(tried)} attempts")
+            exception = DeadlineReached(f"deadline of {timeout:g} s reached after {outcome.attempts} attempts")
         Fleet.lost += response is None
         self.environment.events.request.fire(
             request_type="grpc",
@@ -258,22 +223,39 @@ class TritonGrpcUser(User):
             response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length,
             response=response,
-            context={"attempts": len(tried), "endpoint": ep.url},
+            context={"attempts": outcome.attempts, "endpoint": outcome.endpoint.url if outcome.endpoint else None},
             exception=exception,
         )
         return response
 
+    def _attempt(self, request: service_pb2.ModelInferRequest, a):
+        """One attempt of `infer`: the request with Triton's own timeout (microseconds) set to
+        this attempt's wait, so that the server drops what nobody waits for."""
+        sent = service_pb2.ModelInferRequest()
+        sent.CopyFrom(request)
+        sent.parameters["timeout"].int64_param = a.server_timeout_us
+        try:
+            # Not cancelled at the deadline: Triton 2.51 can crash on a cancellation
+            # racing a response (client.wire.infer_without_cancel), and a load test is
+            # where deadlines run out.
+            return call_without_cancel(self.stubs[a.endpoint.url].ModelInfer, sent, a.wait_s)
+        except (grpc.RpcError, TimeoutError) as e:
+            failed = attempt_failed(e)
+            key = f"{status_text(failed.status)}: {failed.message}"
+            Fleet.attempt_errors[key] = Fleet.attempt_errors.get(key, 0) + 1
+            raise failed from None
+
     def _probe(self, ep, model: str) -> None:
         """One tiny real inference: readiness alone passes a replica whose stub is dead."""
         req = infer_request(model, _ProbeImage, {})
-        try:
-            call_without_cancel(self.stubs[ep.url].ModelInfer, req, 5.0)
-        except grpc.RpcError as e:
-            self.fleet.probe_result(ep, False, e.details() or "")
-        except TimeoutError as e:
-            self.fleet.probe_result(ep, False, str(e))
-        else:
-            self.fleet.probe_result(ep, True)
+
+        def check() -> None:
+            try:
+                call_without_cancel(self.stubs[ep.url].ModelInfer, req, 5.0)
+            except (grpc.RpcError, TimeoutError) as e:
+                raise attempt_failed(e) from None
+
+        run_probe(self.fleet, ep, check)
 
     def on_stop(self):
         for ch in self._channels.values():
