@@ -253,14 +253,12 @@ class TritonClient:
             raise ValueError("need at least one image")
         import tritonclient.grpc.aio as grpcclient
 
+        from client.wire import image_input
+
         self._mod = grpcclient
         self.url, self.model, self.output_name = url, model, output_name
         self.parameters = parameters or None
-        self.inputs = []
-        for data in images:
-            inp = grpcclient.InferInput(input_name, [1, 1], "BYTES")
-            inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-            self.inputs.append([inp])
+        self.inputs = [[image_input(data, grpcclient, name=input_name)] for data in images]
         self.outputs = [grpcclient.InferRequestedOutput(output_name)]
         self.client = None
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from client.wire import image_input
+
 
 def _scene_pngs(n: int, seed: int) -> list[bytes]:
     from captioner.scenes import encoded_scenes
@@ -36,8 +38,7 @@ async def _load(url: str, images: list[bytes], concurrency: int, requests: int, 
         while next_i < requests:
             data = images[next_i % len(images)]
             next_i += 1
-            inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-            inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+            inp = image_input(data, grpcclient)
             t0 = time.perf_counter()
             result = await client.infer("captioner", [inp], parameters={"beam_size": beam})
             latencies.append(time.perf_counter() - t0)
@@ -59,11 +60,7 @@ async def _load(url: str, images: list[bytes], concurrency: int, requests: int, 
 
 
 async def worker_once(client, data: bytes, beam: int) -> None:
-    import tritonclient.grpc.aio as grpcclient
-
-    inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-    await client.infer("captioner", [inp], parameters={"beam_size": beam})
+    await client.infer("captioner", [image_input(data)], parameters={"beam_size": beam})
 
 
 def main(argv: list[str] | None = None) -> int:

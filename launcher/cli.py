@@ -20,9 +20,8 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from captioner.cli import env, flag
+from client.wire import image_input
 from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 
 # Everything but inference and health needs the key: those are what clients and probes use.
@@ -177,9 +176,7 @@ def caption_samples(server: TritonServer, n: int) -> None:
         client = client_mod.InferenceServerClient(server.grpc_url)
     print(f"Captions of {n} sample scenes, over {'HTTP (gRPC is TLS-only)' if tls else 'gRPC'}:")
     for i, (data, scene) in enumerate(sample_images(n), 1):
-        image = client_mod.InferInput("IMAGE", [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-        result = client.infer("captioner", [image])
+        result = client.infer("captioner", [image_input(data, client_mod)])
         caption = result.as_numpy("CAPTION")[0, 0].decode()
         verdict = "correct" if caption_is_correct(caption, scene) else "WRONG"
         print(f"  scene {i}: {caption!r}  ({verdict}; the scene is {all_captions(scene)[0]!r})")
@@ -198,9 +195,7 @@ def http_probe(server: TritonServer, timeout_s: float = PROBE_TIMEOUT_S):
     def probe() -> str | None:
         client = httpclient.InferenceServerClient(server.http_url, connection_timeout=2.0, network_timeout=timeout_s)
         try:
-            image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
-            image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-            client.infer("captioner", [image])
+            client.infer("captioner", [image_input(data, httpclient)])
             return None
         except InferenceServerException as e:
             text = str(e)
