@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from captioner.cli import env, flag
@@ -28,6 +29,10 @@ from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 REPLICA_PORT_STEP = 10  # replica k serves on every base port + 10 k
 PROBE_TIMEOUT_S = 10.0
+# Per-model latency quantiles on the metrics port (nv_inference_request_summary_us, ...):
+# Triton 2.51 has no latency histogram, only these summaries and cumulative durations.
+METRICS_CONFIG = ("--metrics-config=summary_latencies=true",
+                  "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "compute) [$CAPTIONER_HANG_TIMEOUT]")
     p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", 5, int),
                    help="tritonserver restarts allowed in 10 minutes before the launcher gives up [$CAPTIONER_MAX_RESTARTS]")
+    p.add_argument("--supervisor-metrics-port", type=int, default=env("CAPTIONER_SUPERVISOR_METRICS_PORT", None, int),
+                   help="the supervisor's own metrics (repairs, restarts, deep probes; launcher.metrics) on this "
+                        "port; default the metrics port + 1; 0: none [$CAPTIONER_SUPERVISOR_METRICS_PORT]")
     p.add_argument("--grpc-ssl-cert", default=env("CAPTIONER_GRPC_SSL_CERT", None),
                    help="PEM server certificate: gRPC over TLS [$CAPTIONER_GRPC_SSL_CERT]")
     p.add_argument("--grpc-ssl-key", default=env("CAPTIONER_GRPC_SSL_KEY", None), help="PEM server key [$CAPTIONER_GRPC_SSL_KEY]")
@@ -77,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
+    if a.supervisor_metrics_port is None:
+        a.supervisor_metrics_port = a.metrics_port + 1
     if bool(a.grpc_ssl_cert) != bool(a.grpc_ssl_key):
         p.error("--grpc-ssl-cert and --grpc-ssl-key go together")
     if a.grpc_ssl_root_cert and not a.grpc_ssl_cert:
@@ -183,26 +193,35 @@ def caption_samples(server: TritonServer, n: int) -> None:
     client.close()
 
 
-def http_probe(server: TritonServer, timeout_s: float = PROBE_TIMEOUT_S):
+def http_probe(server: TritonServer, timeout_s: float = PROBE_TIMEOUT_S, observe=None):
     """A deep health check for the supervisor: one tiny real caption through the ensemble
     over local HTTP. None when it came back or the server shed it as overloaded (alive),
-    else why it failed."""
+    else why it failed. `observe(result, seconds)`, result ok/shed/failed: the metrics."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
     data = sample_images(1, seed=7)[0][0]
 
     def probe() -> str | None:
+        started = time.monotonic()
+        result, failure = _probe()
+        if observe is not None:
+            observe(result, time.monotonic() - started)
+        return failure
+
+    def _probe() -> tuple[str, str | None]:
         client = httpclient.InferenceServerClient(server.http_url, connection_timeout=2.0, network_timeout=timeout_s)
         try:
             client.infer("captioner", [image_input(data, httpclient)])
-            return None
+            return "ok", None
         except InferenceServerException as e:
             text = str(e)
             # A full or timed-out queue is load shedding doing its job, not a fault.
-            return None if ("maximum queue size" in text or "Request timeout expired" in text) else text
+            if "maximum queue size" in text or "Request timeout expired" in text:
+                return "shed", None
+            return "failed", text
         except Exception as e:  # noqa: BLE001 - refused connection, timeout, ...
-            return f"{type(e).__name__}: {e}"
+            return "failed", f"{type(e).__name__}: {e}"
         finally:
             client.close()
 
@@ -221,12 +240,14 @@ class Stop:
         self.event.set()
 
 
-def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop) -> threading.Thread:
+def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=None) -> threading.Thread:
+    """metrics: a launcher.metrics.ReplicaMetrics that records the probes and events."""
     import tritonclient.http as httpclient
 
     from .supervisor import BackgroundProbe, GiveUp, Supervisor
 
-    probe = BackgroundProbe(http_probe(server), interval_s=2.0).start()
+    observe = metrics.probe if metrics is not None else None
+    probe = BackgroundProbe(http_probe(server, observe=observe), interval_s=2.0).start()
     # Unload and the repository index answer in milliseconds; a server that does not has
     # wedged (seen: tritonserver aborting in its Python backend after a stub was killed
     # while holding a shared-memory lock) and is restarted. Only loading may take long.
@@ -234,6 +255,8 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop) -> thread
     loader = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=120.0)
     sup = Supervisor(server, probe, control, loader=loader, hang_timeout_s=a.hang_timeout,
                      max_restarts=a.max_restarts, headers=control_headers(a))
+    if metrics is not None:
+        sup.on_event = metrics.event
 
     def loop():
         try:
@@ -297,6 +320,25 @@ def stop_all(servers: list[TritonServer], drained: set[TritonServer]) -> None:
             server.close()
 
 
+def supervisor_metrics(servers: list[TritonServer], a: argparse.Namespace) -> list:
+    """The supervisor's metrics (launcher.metrics) served on --supervisor-metrics-port, one
+    recorder per replica; Nones when the port is 0."""
+    if not a.supervisor_metrics_port:
+        return [None] * len(servers)
+    from .metrics import LauncherMetrics
+    from .supervisor import stubs_of
+
+    metrics = LauncherMetrics()
+    recorders = []
+    for k, server in enumerate(servers):
+        assert server.process is not None, "servers start before their supervisors"
+        models = sorted({s.model for s in stubs_of(server.process.pid)})
+        recorders.append(metrics.replica(k, models, server.is_ready, a.repo))
+    metrics.serve(a.supervisor_metrics_port, a.host)
+    print(f"Supervisor metrics: http://{a.host}:{a.supervisor_metrics_port}/metrics", flush=True)
+    return recorders
+
+
 def resolve_checkpoint(model: str) -> Path:
     """The checkpoint behind MODEL, with the build's names (seed-inception is made on first use)."""
     from builder.build_engines import BuildFailed, resolve_model
@@ -322,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Building the model repository: {reason}.", flush=True)
             build(args)
 
-    extra = server_args(args)
+    extra = server_args(args) + METRICS_CONFIG
     if args.supervise:
         # The hang check reads execution counts from the metrics: refresh them often.
         extra += ("--metrics-interval-ms=500",)
@@ -358,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples:
             caption_samples(servers[0], args.samples)
         if args.supervise:
-            supervisors += [supervise(server, args, stop) for server in servers]
+            recorders = supervisor_metrics(servers, args)
+            supervisors += [supervise(server, args, stop, rec) for server, rec in zip(servers, recorders)]
             print("Serving; supervised; Ctrl-C or SIGTERM drains and stops.", flush=True)
             while not stop.event.wait(0.5):
                 pass

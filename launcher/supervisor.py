@@ -246,6 +246,8 @@ class Supervisor:
         self.restarts: list[float] = []
         self.failed_probes = 0
         self.events: list[dict] = []  # what happened, for reports and tests
+        # Called with (kind, info) on every event: the launcher's metrics (launcher.metrics).
+        self.on_event: Callable[[str, dict], None] | None = None
         self._stopping: Callable[[], bool] = lambda: False
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -253,6 +255,8 @@ class Supervisor:
         info = {"t": time.time(), "event": kind, **info}
         self.events.append(info)
         log.warning("%s %s", kind, " ".join(f"{k}={v}" for k, v in info.items() if k not in ("t", "event")))
+        if self.on_event is not None:
+            self.on_event(kind, info)
 
     def snapshot(self) -> None:
         """Record the stubs of a healthy server: the set a later check compares with."""
