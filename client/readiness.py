@@ -4,12 +4,13 @@ said NOT ready, and when it was ready again after that.
 
 Shared by the fault harness (bench/faults) and the pod emulator (deploy/k8s), so neither
 imports the other. Standard library only: it runs wherever the client does."""
+
 from __future__ import annotations
 
 import threading
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 READY_PATH = "/v2/health/ready"
 
@@ -46,7 +47,7 @@ class ReadinessWatch:
                 self.ready_again_at = time.monotonic()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "ReadinessWatch":
+    def __enter__(self) -> ReadinessWatch:
         self._thread.start()
         return self
 
