@@ -12,11 +12,11 @@ Goodput is good requests per second of the measured window; the refusal latency 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
-
 
 from .loadgen import percentiles
 
@@ -70,7 +70,7 @@ async def run_overload(
     endpoints = EndpointPool([url])  # one server; the driver only needs its bookkeeping
     inputs = [[image_input(data, grpcclient)] for data in images]
     outputs = [grpcclient.InferRequestedOutput("CAPTION")]
-    window = [None, None]
+    window = {"start": math.inf, "end": math.inf}  # the measured window, perf_counter seconds
     good_lat: list[float] = []
     refusal_lat: list[float] = []
     counts = {"late": 0, "gave_up": 0, "other": 0}
@@ -78,7 +78,7 @@ async def run_overload(
     stop = asyncio.Event()
 
     def inside(t: float) -> bool:
-        return window[0] is not None and window[0] <= t and (window[1] is None or t <= window[1])
+        return window["start"] <= t <= window["end"]
 
     async def one(client, i: int) -> None:
         start = time.perf_counter()
@@ -100,16 +100,18 @@ async def run_overload(
         t1 = time.perf_counter()
         if not inside(t1):
             return
+        failure = outcome.failure
+        status = failure.status if failure else None
         if outcome.ok and t1 - start <= deadline_s:
             good_lat.append(t1 - start)
-        elif outcome.ok or outcome.out_of_time or outcome.failure.status == DEADLINE_EXCEEDED:
+        elif outcome.ok or outcome.out_of_time or status == DEADLINE_EXCEEDED:
             counts["late"] += 1
-        elif (outcome.failure.status or "").endswith("UNAVAILABLE"):
+        elif (status or "").endswith("UNAVAILABLE"):
             counts["gave_up"] += 1
         else:
             counts["other"] += 1
             if len(errors) < MAX_ERROR_SAMPLES:
-                errors.append(f"{outcome.failure.status}: {outcome.failure.message}"[:300])
+                errors.append(f"{status}: {failure.message if failure else ''}"[:300])
 
     async def worker(client, k: int) -> None:
         i = k
@@ -123,9 +125,9 @@ async def run_overload(
     try:
         tasks = [asyncio.create_task(worker(pool[k % len(pool)], k)) for k in range(clients)]
         await asyncio.sleep(warmup_s)
-        window[0] = time.perf_counter()
+        window["start"] = time.perf_counter()
         await asyncio.sleep(duration_s)
-        window[1] = time.perf_counter()
+        window["end"] = time.perf_counter()
         stop.set()
         await asyncio.wait(tasks, timeout=deadline_s + 5)
         for t in tasks:
@@ -133,7 +135,7 @@ async def run_overload(
     finally:
         for c in pool:
             await c.close()
-    elapsed = window[1] - window[0]
+    elapsed = window["end"] - window["start"]
     gp, rp = percentiles(good_lat), percentiles(refusal_lat)
     return OverloadResult(
         clients=clients,

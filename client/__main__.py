@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from captioner.cli import env as _env, flag as _flag
+from captioner.cli import env as _env
+from captioner.cli import flag as _flag
 from client import health
 from client.core import DEFAULT_MODEL, DEFAULT_URL, AsyncCaptionClient, RetryPolicy, find_images
 from client.endpoints import parse_endpoints

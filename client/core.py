@@ -46,7 +46,7 @@ DEFAULT_MODEL = "captioner"
 
 
 def decode_parameters(beam_size: int | None, max_length: int | None, temperature: float | None) -> dict:
-    params = {}
+    params: dict[str, int | float] = {}
     if beam_size is not None:
         params["beam_size"] = int(beam_size)
     if max_length is not None:
@@ -109,7 +109,7 @@ class AsyncCaptionClient:
         self._probes: set[asyncio.Task] = set()
         self._probe_data: bytes | None = None
 
-    async def __aenter__(self) -> "AsyncCaptionClient":
+    async def __aenter__(self) -> AsyncCaptionClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -170,7 +170,7 @@ class AsyncCaptionClient:
         outcome = await drive_async(retry, attempt)
         if not outcome.ok:
             raise failure_error(name, outcome, budget)
-        return parse_result(outcome.value, name, outcome.attempts, outcome.endpoint.url)
+        return parse_result(outcome.value, name, outcome.attempts, outcome.endpoint.url if outcome.endpoint else None)
 
     def _start_due_probes(self) -> None:
         start_due_probes(self.pool, self._spawn_probe)
@@ -184,13 +184,12 @@ class AsyncCaptionClient:
         """One tiny real inference: readiness alone would pass a replica whose stub is dead."""
         from tritonclient.utils import InferenceServerException
 
-        if self._probe_data is None:
-            self._probe_data = probe_image()
+        data = self._probe_data = self._probe_data or probe_image()
 
         async def check() -> None:
             try:
                 result = await ep.client.infer(
-                    self.model, [image_input(self._probe_data)], outputs=requested_outputs(),
+                    self.model, [image_input(data)], outputs=requested_outputs(),
                     client_timeout=self.probe_timeout, timeout=int(self.probe_timeout * 1e6),
                 )
                 parse_result(result, "probe")
@@ -257,7 +256,7 @@ class CaptionClient:
             self._loop.close()
             raise
 
-    def __enter__(self) -> "CaptionClient":
+    def __enter__(self) -> CaptionClient:
         return self
 
     def __exit__(self, *exc) -> None:

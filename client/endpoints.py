@@ -19,8 +19,9 @@ from __future__ import annotations
 import enum
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -81,7 +82,7 @@ def status_text(status: str | None) -> str:
 @dataclass
 class Endpoint:
     url: str
-    client: object = None  # the transport the driver attached (a tritonclient, a gRPC stub, ...)
+    client: Any = None  # the transport the driver attached (a tritonclient, a gRPC stub, ...)
     outstanding: int = 0
     up: bool = True
     set_aside_until: float = 0.0
@@ -129,9 +130,9 @@ class EndpointPool:
         return len(self.endpoints)
 
     def pick(self, avoid: Iterable[Endpoint] = ()) -> Endpoint:
-        avoid = set(map(id, avoid))
+        avoided = {id(e) for e in avoid}
         up = [e for e in self.endpoints if e.up]
-        candidates = [e for e in up if id(e) not in avoid] or up
+        candidates = [e for e in up if id(e) not in avoided] or up
         if not candidates:
             # Everything is set aside: the request itself goes to the one due first.
             return min(self.endpoints, key=lambda e: (e.set_aside_until, e.outstanding))

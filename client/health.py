@@ -23,15 +23,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from captioner.cli import env as _env, flag as _flag
+from captioner.cli import env as _env
+from captioner.cli import flag as _flag
 from client.core import DEFAULT_MODEL, DEFAULT_URL
 from client.endpoints import Failure, classify, parse_endpoints, status_text
 from client.images import probe_image
+from client.options import add_tls_flags, tls_from_args
 from client.results import CaptionError, parse_result
 from client.tls import TLSConfig, make_triton_client
 from client.wire import image_input, requested_outputs
-from client.options import add_tls_flags, tls_from_args
-
 
 # Triton drops the probe itself once it has queued for this share of the timeout, so on
 # an overloaded replica the probe is answered "Request timeout expired" before its gRPC

@@ -5,7 +5,6 @@ import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
 from PIL import Image
 
@@ -13,7 +12,7 @@ from client.results import CaptionError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 
 def probe_image() -> bytes:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from captioner.cli import env as _env, flag as _flag
+from captioner.cli import env as _env
+from captioner.cli import flag as _flag
 from client.tls import TLSConfig
 
 

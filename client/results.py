@@ -58,18 +58,22 @@ def failure_error(name: str, outcome: Outcome, budget: float | None) -> CaptionE
     """The CaptionError for a request the retry driver gave up on (`budget`: the image's
     deadline in seconds)."""
     endpoint = outcome.endpoint.url if outcome.endpoint else None
-    if outcome.out_of_time:
-        return _deadline_error(name, budget, outcome.attempts, outcome.failure, endpoint)
-    wait = outcome.last.wait_s if outcome.last.capped else budget
-    return _error_from(outcome.failure, name, outcome.attempts, wait, endpoint)
+    last, failure = outcome.last, outcome.failure
+    if outcome.out_of_time or last is None or failure is None:
+        return _deadline_error(name, budget, outcome.attempts, failure, endpoint)
+    return _error_from(failure, name, outcome.attempts, last.wait_s if last.capped else budget, endpoint)
 
 
-def _error_from(f: AttemptFailed, name: str, attempts: int, budget: float | None, endpoint: str) -> CaptionError:
+def _seconds(s: float | None) -> str:
+    return "an unlimited time" if s is None else f"{s:g} s"
+
+
+def _error_from(f: AttemptFailed, name: str, attempts: int, budget: float | None, endpoint: str | None) -> CaptionError:
     detail = f.message or "no details"
     if f.status == DEADLINE_EXCEEDED and attempts > 1:
-        msg = f"timed out ({_plural(attempts, 'attempt')}, the last given {budget:g} s)"
+        msg = f"timed out ({_plural(attempts, 'attempt')}, the last given {_seconds(budget)})"
     elif f.status == DEADLINE_EXCEEDED:
-        msg = f"timed out after {budget:g} s (no answer within the deadline)"
+        msg = f"timed out after {_seconds(budget)} (no answer within the deadline)"
     elif f.status == _UNAVAILABLE:
         msg = f"server unavailable after {_plural(attempts, 'attempt')}: {detail}"
     elif f.status == "StatusCode.INVALID_ARGUMENT":
@@ -81,10 +85,10 @@ def _error_from(f: AttemptFailed, name: str, attempts: int, budget: float | None
     return CaptionError(name, msg, f.status, attempts=attempts, endpoint=endpoint)
 
 
-def _deadline_error(name: str, budget: float, attempts: int, last: AttemptFailed | None,
+def _deadline_error(name: str, budget: float | None, attempts: int, last: AttemptFailed | None,
                     endpoint: str | None) -> CaptionError:
     """The image's deadline ran out between attempts (while backing off from failures)."""
-    msg = f"timed out after {budget:g} s ({_plural(attempts, 'attempt')}"
+    msg = f"timed out after {_seconds(budget)} ({_plural(attempts, 'attempt')}"
     if last is not None:
         msg += f", last: {status_text(last.status)}: {last.message or 'no details'}"
     return CaptionError(name, msg + ")", DEADLINE_EXCEEDED, attempts=attempts, endpoint=endpoint)

@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from client.endpoints import Endpoint, EndpointPool, Failure, classify, status_text
 
@@ -145,9 +146,16 @@ class Retry:
         self.tried: list[Endpoint] = []
         self.last: Attempt | None = None
         self.failure: AttemptFailed | None = None
-        self.outcome: Outcome | None = None  # set when the request has ended
+        self._outcome: Outcome | None = None
         self._next: Endpoint | None = None
         self._paused = False
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the request ended (RuntimeError while it has not)."""
+        if self._outcome is None:
+            raise RuntimeError("the request has not ended")
+        return self._outcome
 
     def left(self) -> float | None:
         """Seconds until the deadline (None: no deadline)."""
@@ -177,8 +185,8 @@ class Retry:
         ep, self._next = self._next, None
         left = self.left()
         if left is not None and left <= 0:
-            self.outcome = Outcome(ok=False, attempts=len(self.tried), last=self.last, failure=self.failure,
-                                   out_of_time=True)
+            self._outcome = Outcome(ok=False, attempts=len(self.tried), last=self.last, failure=self.failure,
+                                    out_of_time=True)
             return None
         capped = self.attempt_timeout is not None and (left is None or self.attempt_timeout < left)
         self.tried.append(ep)
@@ -188,8 +196,8 @@ class Retry:
 
     def succeeded(self, attempt: Attempt, value: Any = None) -> Outcome:
         self.pool.finished(attempt.endpoint, None, since=attempt.token)
-        self.outcome = Outcome(ok=True, value=value, attempts=attempt.number, last=attempt)
-        return self.outcome
+        self._outcome = Outcome(ok=True, value=value, attempts=attempt.number, last=attempt)
+        return self._outcome
 
     def failed(self, attempt: Attempt, failure: AttemptFailed) -> bool:
         """Record a failed attempt; True when the request is to be retried (else `outcome`
@@ -200,7 +208,7 @@ class Retry:
         self.pool.finished(attempt.endpoint, verdict, failure.message, attempt.token)
         self.failure = failure
         if verdict is Failure.FINAL or attempt.number >= self.policy.max_attempts:
-            self.outcome = Outcome(ok=False, attempts=attempt.number, last=attempt, failure=failure)
+            self._outcome = Outcome(ok=False, attempts=attempt.number, last=attempt, failure=failure)
             return False
         return True
 

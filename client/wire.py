@@ -24,28 +24,37 @@ def image_input(data: bytes, module=None, *, name: str = "IMAGE"):
     """The request's image input: `name` (the contract's IMAGE), BYTES, shape [1, 1],
     holding the encoded image file. `module`: the tritonclient flavour whose InferInput to
     build, tritonclient.grpc (the default; grpc.aio shares its class) or tritonclient.http."""
-    if module is None:
-        import tritonclient.grpc as module
-    inp = module.InferInput(name, [1, 1], "BYTES")
+    inp = (module or _grpc()).InferInput(name, [1, 1], "BYTES")
     inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
     return inp
 
 
 def requested_outputs(module=None) -> list:
     """CAPTION and SCORE, for tritonclient `module` (tritonclient.grpc by default)."""
-    if module is None:
-        import tritonclient.grpc as module
-    return [module.InferRequestedOutput("CAPTION"), module.InferRequestedOutput("SCORE")]
+    mod = module or _grpc()
+    return [mod.InferRequestedOutput("CAPTION"), mod.InferRequestedOutput("SCORE")]
+
+
+def _grpc():
+    import tritonclient.grpc
+
+    return tritonclient.grpc
 
 
 def attempt_failed(e: BaseException) -> AttemptFailed:
     """What a failed call said, for the retry driver: a tritonclient
     InferenceServerException, a grpc.RpcError, or the TimeoutError of call_without_cancel."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(e, InferenceServerException):
+        return AttemptFailed(e.status(), e.message(), e)
     if isinstance(e, TimeoutError):
         return AttemptFailed(DEADLINE_EXCEEDED, "Deadline Exceeded", e)
-    if hasattr(e, "code") and hasattr(e, "details"):  # grpc.RpcError
+    import grpc
+
+    if isinstance(e, grpc.RpcError):  # a grpc.Call too: code() and details()
         return AttemptFailed(str(e.code()), e.details(), e)
-    return AttemptFailed(e.status(), e.message(), e)
+    raise TypeError(f"not the failure of a call: {e!r}") from e
 
 
 async def infer_without_cancel(client, wait_s: float | None, model: str, inputs, **kwargs):
@@ -62,7 +71,7 @@ async def infer_without_cancel(client, wait_s: float | None, model: str, inputs,
     call = asyncio.ensure_future(client.infer(model, inputs, client_timeout=wait_s + CANCEL_GRACE_S, **kwargs))
     try:
         return await asyncio.wait_for(asyncio.shield(call), wait_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _abandon(call)  # the event loop holds tasks only weakly
         from tritonclient.utils import InferenceServerException
 
