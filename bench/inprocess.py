@@ -28,8 +28,7 @@ def ort_session(path: str | Path, threads: int | None, spinning: bool = False):
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    # Spinning workers fight anything else on the cores (measured: 2 spinning threads on a
-    # busy 2-core machine ran 2-3x slower than sleeping ones).
+    # Spinning workers fight anything else on the cores: off unless asked for.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
