@@ -20,6 +20,10 @@ from .venv import PEERS, ROOT
 MODULES = {"ray": "bench.peers.ray_server", "litserve": "bench.peers.litserve_server",
            "mlserver": "bench.peers.mlserver_server"}
 PROTOCOL = {"ray": "http", "litserve": "http", "mlserver": "grpc"}
+# The batcher's wait for company: none, the Triton stack's policy (a batch is whatever
+# queued while the last one ran), where the framework allows it; MLServer batches only
+# with a positive max_batch_time.
+DEFAULT_BATCH_WAIT_MS = {"ray": 0.0, "litserve": 0.0, "mlserver": 1.0}
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,17 @@ class PeerConfig:
     workers: int = 2
     threads: int = 1
     max_batch_size: int = 32
-    batch_wait_ms: float = 0.0
+    batch_wait_ms: float | None = None  # None: DEFAULT_BATCH_WAIT_MS of the peer
 
     def __post_init__(self):
         if self.workers < 1 or self.threads < 1 or self.max_batch_size < 1:
             raise ValueError(f"workers, threads and max_batch_size must be >= 1: {self}")
-        if self.batch_wait_ms < 0:
+        if self.batch_wait_ms is not None and self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+
+
+def batch_wait_ms(name: str, cfg: PeerConfig) -> float:
+    return DEFAULT_BATCH_WAIT_MS[name] if cfg.batch_wait_ms is None else cfg.batch_wait_ms
 
 
 def server_command(name: str, python: str | Path, spec: str | Path, port: int, cfg: PeerConfig,
@@ -47,7 +55,7 @@ def server_command(name: str, python: str | Path, spec: str | Path, port: int, c
         raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
     cmd = [str(python), "-m", MODULES[name], "--spec", str(spec), "--port", str(port),
            "--workers", str(cfg.workers), "--threads", str(cfg.threads),
-           "--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", f"{cfg.batch_wait_ms:g}"]
+           "--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", f"{batch_wait_ms(name, cfg):g}"]
     if PROTOCOL[name] == "grpc":
         if grpc_port is None:
             raise ValueError(f"{name} serves gRPC: give grpc_port")
