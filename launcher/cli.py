@@ -131,7 +131,7 @@ def replica_log(log_file: str, k: int) -> str:
 
 def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     """Why the repository must be (re)built, or None when it serves this checkpoint."""
-    from builder.repository import RepositoryError, check_repository, recorded_checkpoint
+    from builder.repository_check import RepositoryError, check_repository, recorded_checkpoint
 
     from captioner.checkpoint import file_sha256
 
