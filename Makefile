@@ -24,7 +24,7 @@ help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
 
 ## setup          .venv (Python 3.11) with the pinned requirements; quick when already done
-setup: $(STAMP)
+setup: $(STAMP) monitor-tools
 # A new venv takes about 6.5 GB (torch's PyPI build brings its CUDA libraries) and a test
 # run ~1 GB more: refuse up front with the figures instead of dying half-installed.
 SETUP_MIN_FREE_GB ?= 8
@@ -107,6 +107,33 @@ bench: | $(STAMP)
 ## faults         overload, stub kill/hang, tritonserver kill, drain, soak against a supervised server; reports/faults.md
 faults: | $(STAMP)
 	$(PY) -m bench.faults $(ARGS)
+
+## monitor-setup  Debian's prometheus (with promtool) and prometheus-alertmanager, installed with apt-get when missing
+.PHONY: monitor-tools monitor-setup monitor monitor-generate
+MONITOR_PACKAGES := prometheus prometheus-alertmanager
+MONITOR_TOOLS_PRESENT := command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null
+MONITOR_APT := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(MONITOR_PACKAGES) >/dev/null
+monitor-setup:
+	@if $(MONITOR_TOOLS_PRESENT); then echo "monitor-setup: promtool, prometheus and prometheus-alertmanager are installed"; \
+	else echo "monitor-setup: installing Debian's $(MONITOR_PACKAGES) with apt-get (no services are started without systemd; where systemd runs, stop theirs: make monitor uses ports 9090 and 9093)"; \
+	  $(MONITOR_APT); fi
+# `make setup`'s optional part: the rule tests need promtool. Installed only when missing
+# and when root; a failure is a warning, and those tests skip saying why.
+monitor-tools:
+	@if $(MONITOR_TOOLS_PRESENT); then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "setup: installing Debian's $(MONITOR_PACKAGES) (promtool for the alert rules' tests; make monitor)"; \
+	  $(MONITOR_APT) || echo "setup: WARNING: apt-get could not install $(MONITOR_PACKAGES): the promtool tests will skip"; \
+	else echo "setup: WARNING: promtool is not installed (needs root and apt-get): the promtool tests will skip; make monitor-setup as root installs it"; fi
+
+## monitor        Prometheus :9090 + Alertmanager :9093 with deploy/monitoring's rules, scraping make serve's REPLICAS; Ctrl-C stops
+monitor: monitor-setup | $(STAMP)
+	$(PY) -m monitor --replicas $(REPLICAS) $(ARGS)
+
+## monitor-generate the Kubernetes PrometheusRule and deploy/monitoring/dashboard.json from their sources
+monitor-generate: | $(STAMP)
+	$(PY) -m monitor.config --k8s
+	$(PY) -m monitor.dashboard
 
 ## clean          remove generated artifacts (data, runs, repository, reports); keeps .venv and models/
 clean:

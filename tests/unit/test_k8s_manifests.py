@@ -34,6 +34,7 @@ BUILT_IN = {
 }
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("serving.kserve.io/v1alpha1", "ServingRuntime"),
     ("serving.kserve.io/v1beta1", "InferenceService"),
 }
@@ -100,6 +101,7 @@ def test_every_overlay_renders_the_expected_objects(rendered):
             ("Deployment", "captioner"),
             ("HorizontalPodAutoscaler", "captioner"),
             ("PodDisruptionBudget", "captioner"),
+            ("PrometheusRule", "captioner"),
             ("Service", "captioner"),
             ("Service", "captioner-headless"),
             ("Service", "captioner-metrics"),
