@@ -164,3 +164,54 @@ def test_a_test_config_shortens_every_for_and_refuses_nonsense():
     assert any(r.get("for") != "1s" for r in config.alerts(config.load_rules()))  # the source is untouched
     with pytest.raises(ValueError):
         config.with_for(config.load_rules(), "soon")
+
+
+def _dashboard() -> dict:
+    import json
+
+    return json.loads(config.DASHBOARD.read_text())
+
+
+def test_the_dashboard_json_is_generated_by_monitor_dashboard():
+    from monitor import dashboard
+
+    assert config.DASHBOARD.read_text() == dashboard.to_json(), "deploy/monitoring/dashboard.json is stale: make monitor-generate"
+
+
+def test_the_dashboard_shows_what_on_call_needs():
+    from monitor.dashboard import queries
+
+    exprs = " ".join(e for _, e in queries(_dashboard()))
+    for needed in (
+        "captioner:requests_arrived:rate1m",  # traffic
+        "captioner:requests_succeeded:rate1m",  # goodput ...
+        "captioner:requests_unserved:rate1m",  # ... vs refusals
+        "captioner:model_refused:rate1m",
+        "captioner_probe_duration_seconds_bucket",  # latency quantiles ...
+        "captioner:slo_latency_objective_seconds",  # ... against the objective
+        "captioner:model_queue_seconds_per_request:rate1m",
+        "captioner:model_compute_seconds_per_request:rate1m",
+        "captioner:model_batch_size:rate1m",
+        "captioner_supervisor_repairs_total",
+        "captioner_supervisor_restarts_total",
+        "captioner_model_info",
+        "version",
+    ):
+        assert needed in exprs, needed
+    recorded = {r["record"] for g in config.load_rules()["groups"] for r in g["rules"] if "record" in r}
+    used = set(re.findall(r"captioner:[a-z_:0-9]+", exprs))
+    assert used <= recorded, f"the dashboard reads recording rules that do not exist: {used - recorded}"
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path):
+    """promtool parses each query as a recording rule (Grafana's $__rate_interval as 1m)."""
+    from monitor.dashboard import queries
+
+    promtool = _promtool()
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": expr.replace("$__rate_interval", "1m")}
+        for i, (_, expr) in enumerate(queries(_dashboard()))
+    ]
+    (tmp_path / "queries.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = _run(promtool, "check", "rules", str(tmp_path / "queries.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
