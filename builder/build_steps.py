@@ -289,6 +289,7 @@ def _measure_capacity(b: BuildState):
 
 
 def _write_manifest(b: BuildState, repo: Path, warmed: list[str]) -> None:
+    from . import shm
     from .export import OPSET
 
     ck = b.ck
@@ -302,6 +303,8 @@ def _write_manifest(b: BuildState, repo: Path, warmed: list[str]) -> None:
         "layout": b.layout,
         "openvino_cache_warmed": warmed,
         "max_batch_size": b.a.max_batch_size,
+        # /dev/shm for full batches of the largest images (builder/shm.py); pods mount this much.
+        "shm": shm.manifest_entry(repo),
         "opset": OPSET,
         "versions": versions(),
         "artifacts": {k: {"file": str(v), "sha256": _sha(Path(v))} for k, v in b.artifacts.items()},
