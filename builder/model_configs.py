@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import MAX_BEAM
 from captioner.serving import DECODER_STEP, ENCODER, ENSEMBLE, GENERATOR, PREPROCESS
+from captioner.serving.versions import OUTPUT as MODEL_VERSION
 
 from .capacity import QueuePolicy
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
@@ -140,11 +141,14 @@ def build_configs(
     if target == "cpu":  # TensorRT and onnxruntime backends allocate at load on the GPU
         _warmup(enc, (1, max_batch_size))
     gen = _generator(base(GENERATOR), shapes, step_mode,
-                     {"intra_op_threads": ort_threads[GENERATOR], **runtime(GENERATOR)})
+                     {"checkpoint_sha256": ck.sha256, "intra_op_threads": ort_threads[GENERATOR], **runtime(GENERATOR)})
     ens = _ensemble(max_batch_size, fused)
     _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision, "layout": layout,
                   "encoder_runtime": "tensorrt" if target == "gpu" else runtimes.get(ENCODER, "onnxruntime")})
-    return {c.name: c for c in ((pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens))}
+    models = (pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens)
+    for c in models:  # Triton loads exactly these versions (builder/versions.py lists several)
+        c.version_policy.specific.versions.append(1)
+    return {c.name: c for c in models}
 
 
 def _preprocess(pre: mc.ModelConfig, shapes: _Shapes, limits: Mapping[str, int], encoder_input: str, fused: bool,
@@ -193,6 +197,7 @@ def _generator(gen: mc.ModelConfig, shapes: _Shapes, step_mode: str, params: Map
     gen.input.extend(_input(n, _FP32, [shapes.units]) for n in ENCODER_OUTPUTS)
     gen.output.append(_output("CAPTION", _STRING, [1]))
     gen.output.append(_output("SCORE", _FP32, [1]))
+    gen.output.append(_output(MODEL_VERSION, _STRING, [1]))  # "<version>:<checkpoint sha256[:8]>"
     _params(gen, {**shapes.decoding, "step_mode": step_mode, "step_model": DECODER_STEP, **params})
     if step_mode == "inprocess":  # a BLS step would call decoder_step before it is ready
         _warmup(gen, (1,))
@@ -205,20 +210,24 @@ def _ensemble(max_batch_size: int, fused: bool) -> mc.ModelConfig:
     ens.input.append(_input("IMAGE", _STRING, [1]))
     ens.output.append(_output("CAPTION", _STRING, [1]))
     ens.output.append(_output("SCORE", _FP32, [1]))
+    ens.output.append(_output(MODEL_VERSION, _STRING, [1]))
     steps = ens.ensemble_scheduling.step
-    step = steps.add(model_name=PREPROCESS, model_version=-1)
+    # Every step pinned to one version of its model (builder/versions.py re-pins a versioned
+    # repository): a request never mixes two versions' models.
+    step = steps.add(model_name=PREPROCESS, model_version=1)
     step.input_map["IMAGE"] = "IMAGE"
     if not fused:
         step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
-        step = steps.add(model_name=ENCODER, model_version=-1)
+        step = steps.add(model_name=ENCODER, model_version=1)
         step.input_map[ENCODER_INPUTS[0]] = "preprocessed_image"
     for n in ENCODER_OUTPUTS:
         step.output_map[n] = f"encoded_{n}"
-    step = steps.add(model_name=GENERATOR, model_version=-1)
+    step = steps.add(model_name=GENERATOR, model_version=1)
     for n in ENCODER_OUTPUTS:
         step.input_map[n] = f"encoded_{n}"
     step.output_map["CAPTION"] = "CAPTION"
     step.output_map["SCORE"] = "SCORE"
+    step.output_map[MODEL_VERSION] = MODEL_VERSION
     return ens
 
 

@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all the time left) [$CAPTIONER_ATTEMPT_TIMEOUT]")
     p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
                    help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]")
-    p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a third column")
+    p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a column")
+    p.add_argument("--show-version", action="store_true",
+                   help="add the model version that answered as a last column (<repository version>:<checkpoint "
+                        "sha256[:8]>, '-' from a server without MODEL_VERSION)")
     p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, _flag),
                    help="print retries and per-endpoint counts to stderr at the end [$CAPTIONER_STATS]")
     add_tls_flags(p)
@@ -77,6 +80,7 @@ async def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr, client_f
                 retried += r.attempts > 1
                 if r.ok:
                     cols = [r.image, r.caption] + ([f"{r.score:.4f}"] if args.scores else [])
+                    cols += [r.model_version or "-"] if args.show_version else []
                     bar.write("\t".join(cols), file=out)
                 else:
                     failed += 1

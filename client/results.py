@@ -30,6 +30,9 @@ class Caption:
     caption: str | None = None
     score: float | None = None  # total log-probability of the caption
     error: CaptionError | None = None
+    # The model that answered: "<repository version>:<checkpoint sha256[:8]>" (None from a
+    # server whose repository predates the MODEL_VERSION output).
+    model_version: str | None = None
     # How it went; not part of the outcome, so not compared.
     attempts: int = field(default=1, compare=False)
     endpoint: str | None = field(default=None, compare=False)  # the one that answered (or failed last)
@@ -45,9 +48,18 @@ def parse_result(result, name: str, attempts: int = 1, endpoint: str | None = No
     if caps is None or scores is None or caps.size != 1 or scores.size != 1:
         raise CaptionError(name, "server response lacks a single CAPTION and SCORE", attempts=attempts,
                            endpoint=endpoint)
-    text = caps.reshape(-1)[0]
-    text = text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else str(text)
-    return Caption(image=name, caption=text, score=float(scores.reshape(-1)[0]), attempts=attempts, endpoint=endpoint)
+    return Caption(image=name, caption=_text(caps), score=float(scores.reshape(-1)[0]),
+                   model_version=_model_version(result), attempts=attempts, endpoint=endpoint)
+
+
+def _text(array) -> str:
+    value = array.reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _model_version(result) -> str | None:
+    versions = result.as_numpy("MODEL_VERSION")
+    return None if versions is None or versions.size == 0 else _text(versions)
 
 
 def _plural(n: int, word: str) -> str:

@@ -2,8 +2,9 @@
 cancelled.
 
 Contract: input `IMAGE` (BYTES, [1] per item: encoded image file bytes), outputs `CAPTION`
-(BYTES) and `SCORE` (FP32, total log-probability); decoding options travel as request
-parameters `beam_size`, `max_length`, `temperature`.
+(BYTES), `SCORE` (FP32, total log-probability) and `MODEL_VERSION` (BYTES, "<repository
+version>:<checkpoint sha256[:8]>", the model that answered); decoding options travel as
+request parameters `beam_size`, `max_length`, `temperature`.
 
 Light on purpose (numpy and tritonclient only, imported when used): the launcher and the
 benchmarks build their requests with `image_input` too.
@@ -29,10 +30,13 @@ def image_input(data: bytes, module=None, *, name: str = "IMAGE"):
     return inp
 
 
+OUTPUTS = ("CAPTION", "SCORE", "MODEL_VERSION")
+
+
 def requested_outputs(module=None) -> list:
-    """CAPTION and SCORE, for tritonclient `module` (tritonclient.grpc by default)."""
+    """CAPTION, SCORE and MODEL_VERSION, for tritonclient `module` (tritonclient.grpc by default)."""
     mod = module or _grpc()
-    return [mod.InferRequestedOutput("CAPTION"), mod.InferRequestedOutput("SCORE")]
+    return [mod.InferRequestedOutput(name) for name in OUTPUTS]
 
 
 def _grpc():

@@ -9,7 +9,8 @@ again). Each image request is reported once with Locust's request event (name, r
 time including retries, response length, exception when every attempt failed); retries
 and per-endpoint counts go to --endpoints-out. Captions are also checked against each
 scene's ground truth; that share is reported at the end, but a wrong caption is a quality
-figure, not a failed request.
+figure, not a failed request. Each answer's MODEL_VERSION (the model version that made it) is
+counted too: the quality report says how many captions each version returned.
 """
 # grpc must run on gevent's loop, not its own threads, or one user blocks all the others;
 # this has to happen before any channel exists.
@@ -83,6 +84,7 @@ class Pool:
     requests: list = []
     correct = 0
     checked = 0
+    versions: dict = {}  # MODEL_VERSION -> captions it returned
 
 
 class Fleet:
@@ -115,6 +117,7 @@ def infer_request(model: str, image, params: dict) -> service_pb2.ModelInferRequ
     req.raw_input_contents.append(serialize_byte_tensor(np.array([[image.data]], dtype=np.object_)).item())
     req.outputs.add(name="CAPTION")
     req.outputs.add(name="SCORE")
+    req.outputs.add(name="MODEL_VERSION")
     for key, value in params.items():
         if value is not None:
             req.parameters[key].int64_param = int(value)
@@ -154,8 +157,10 @@ def _report_quality(environment, **_kwargs):
             Path(out).write_text(json.dumps(fleet, indent=2) + "\n")
     if not Pool.checked:
         return
-    summary = {"checked": Pool.checked, "correct": Pool.correct, "share_correct": Pool.correct / Pool.checked}
-    log.info("captions correct: %d/%d (%.1f%%)", Pool.correct, Pool.checked, 100 * summary["share_correct"])
+    summary = {"checked": Pool.checked, "correct": Pool.correct, "share_correct": Pool.correct / Pool.checked,
+               "model_versions": dict(sorted(Pool.versions.items()))}
+    log.info("captions correct: %d/%d (%.1f%%); by model version: %s", Pool.correct, Pool.checked,
+             100 * summary["share_correct"], ", ".join(f"{k} {v}" for k, v in summary["model_versions"].items()))
     out = environment.parsed_options.quality_out if environment.parsed_options else ""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -283,9 +288,12 @@ class CaptionUser(TritonGrpcUser):
             result = InferResult(response)
             caption = result.as_numpy("CAPTION").reshape(-1)[0]
             score = float(result.as_numpy("SCORE").reshape(-1)[0])
+            version = result.as_numpy("MODEL_VERSION").reshape(-1)[0]
         except Exception as e:  # any shape or type surprise is the server's fault here
-            raise BadResponse(f"response lacks CAPTION/SCORE: {e}") from None
+            raise BadResponse(f"response lacks CAPTION/SCORE/MODEL_VERSION: {e}") from None
         caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        version = version.decode() if isinstance(version, bytes) else str(version)
+        Pool.versions[version] = Pool.versions.get(version, 0) + 1
         if not np.isfinite(score) or score > 0:
             raise BadResponse(f"score {score} is not a log-probability (caption {caption!r})")
         Pool.checked += 1

@@ -276,6 +276,8 @@ def load_test(args, url: str, extra: list[str]) -> int:
           f"p99 {summary.p99_ms:.0f} ms, max {summary.max_ms:.0f} ms")
     if quality:
         print(f"captions correct: {quality['correct']}/{quality['checked']} ({quality['share_correct']:.1%})")
+        if quality.get("model_versions"):
+            print("captions by model version: " + ", ".join(f"{k}: {v}" for k, v in quality["model_versions"].items()))
     if endpoints and (endpoints["retried"] or len(endpoints["endpoints"]) > 1):
         print(f"failover: {endpoints['retried']} requests retried; " + "; ".join(
             f"{e['url']}: {e['ok']} ok, {e['failed']} failed" for e in endpoints["endpoints"]))

@@ -56,8 +56,9 @@ def generate(step: StepFn, vocab: Vocabulary, requests: Sequence[GenRequest]) ->
     return out  # type: ignore[return-value]
 
 
-def bls_step(pb_utils, model_name: str = "decoder_step") -> StepFn:
-    """A step function that calls the `decoder_step` Triton model through BLS.
+def bls_step(pb_utils, model_name: str = "decoder_step", model_version: int = -1) -> StepFn:
+    """A step function that calls the `decoder_step` Triton model through BLS: version
+    `model_version` (-1: the latest loaded; a versioned repository passes the caller's own).
 
     Outputs are asked for in CPU memory so that a GPU decoder_step works unchanged."""
     memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
@@ -65,6 +66,7 @@ def bls_step(pb_utils, model_name: str = "decoder_step") -> StepFn:
     def step(tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         request = pb_utils.InferenceRequest(
             model_name=model_name,
+            model_version=model_version,
             requested_output_names=list(STEP_OUTPUTS),
             inputs=[
                 pb_utils.Tensor("tokens", np.ascontiguousarray(tokens, np.int64).reshape(-1, 1)),

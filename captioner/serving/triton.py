@@ -213,12 +213,14 @@ def _counter(pb_utils, spec: tuple[str, str]):
 
 
 class OutputMetrics:
-    """captioner_captions_total and captioner_tokens_total (caption_generator)."""
+    """captioner_captions_total and captioner_tokens_total (caption_generator). Captions
+    carry a `version` label, the model version that made them (MODEL_VERSION: one series
+    per loaded version, so the label stays bounded)."""
 
-    def __init__(self, pb_utils):
+    def __init__(self, pb_utils, version: str | None = None):
         # The families must outlive their metrics, so both are kept.
         self._families = (_counter(pb_utils, CAPTIONS), _counter(pb_utils, TOKENS))
-        self._captions = self._families[0].Metric(labels={})
+        self._captions = self._families[0].Metric(labels={"version": version} if version else {})
         self._tokens = self._families[1].Metric(labels={})
 
     def produced(self, captions: int, tokens: int) -> None:

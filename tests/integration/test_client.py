@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captioner.checkpoint import file_sha256
 from captioner.scenes import random_scene, render
 from launcher.tritonserver import free_port
 from client import AsyncCaptionClient, CaptionClient, CaptionError, RetryPolicy, caption
@@ -152,10 +153,12 @@ def test_cli_captions_a_folder_and_reports_the_bad_file(triton_server, scenes, t
 
 def test_cli_all_good_exits_0(triton_server, scenes, tmp_path):
     scenes[3].save(tmp_path / "x.png")
-    proc = run_cli(str(tmp_path / "x.png"), "--url", triton_server.grpc_url, "--scores")
+    proc = run_cli(str(tmp_path / "x.png"), "--url", triton_server.grpc_url, "--scores", "--show-version")
     assert proc.returncode == 0, proc.stderr
-    path, _caption, score = proc.stdout.rstrip("\n").split("\t")
+    path, _caption, score, version = proc.stdout.rstrip("\n").split("\t")
     assert path == str(tmp_path / "x.png") and float(score) <= 0
+    # version 1 of the session's repository, built from the session's checkpoint
+    assert version == f"1:{file_sha256(triton_server.checkpoint / 'model.pt')[:8]}"
 
 
 def test_cli_server_down_exits_1_naming_each_image(scenes, tmp_path):

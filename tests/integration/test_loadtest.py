@@ -31,6 +31,11 @@ def test_headless_run_has_no_failures_and_leaves_reports(triton_server, tmp_path
     assert summary["requests"] >= 30
     # Every request's caption was checked against its scene (the count matches Locust's).
     assert summary["quality"]["checked"] == summary["requests"]
+    # ... and every answer named the model version that made it: the served repository's version 1
+    from captioner.checkpoint import file_sha256
+
+    label = f"1:{file_sha256(triton_server.checkpoint / 'model.pt')[:8]}"
+    assert summary["quality"]["model_versions"] == {label: summary["requests"]}
 
     with open(tmp_path / "loadtest_stats.csv", newline="") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}

@@ -35,7 +35,8 @@ class FakeClient:
             if "bad" in name:
                 yield Caption(image=name, error=CaptionError(name, "rejected by the server: not an image"))
             else:
-                yield Caption(image=name, caption=f"a red circle {i}", score=-1.25 * i, attempts=1 + ("retry" in name))
+                yield Caption(image=name, caption=f"a red circle {i}", score=-1.25 * i, attempts=1 + ("retry" in name),
+                              model_version=None if "old" in name else f"{i + 1}:0123abcd")
 
     def stats(self):
         return [{"url": u, "sent": 3, "ok": 2, "failed": 1, "set_aside": 1, "up": False,
@@ -80,6 +81,14 @@ def test_failures_go_to_stderr_others_still_printed_exit_1(tmp_path):
     assert out.splitlines() == [f"{tmp_path}/1.png\ta red circle 0\t-0.0000", f"{tmp_path}/3.png\ta red circle 2\t-2.5000"]
     assert f"{tmp_path}/2_bad.png: rejected by the server: not an image" in err
     assert "1 of 3 images failed" in err
+
+
+def test_show_version_adds_the_model_that_answered(tmp_path):
+    make_tree(tmp_path, ["1.png", "2_old.png"])
+    code, out, _ = run_cli([str(tmp_path), "--scores", "--show-version"])
+    assert code == 0
+    assert out.splitlines() == [f"{tmp_path}/1.png\ta red circle 0\t-0.0000\t1:0123abcd",
+                                f"{tmp_path}/2_old.png\ta red circle 1\t-1.2500\t-"]
 
 
 def test_flags_reach_the_client(tmp_path):

@@ -19,9 +19,10 @@ _real_sleep = asyncio.sleep  # the `sleeps` fixture patches asyncio.sleep; the f
 
 
 class FakeResult:
-    def __init__(self, caption: str, score: float):
+    def __init__(self, caption: str, score: float, model_version: str = "3:0123abcd"):
         self._out = {"CAPTION": np.array([[caption.encode()]], dtype=np.object_),
-                     "SCORE": np.array([[score]], dtype=np.float32)}
+                     "SCORE": np.array([[score]], dtype=np.float32),
+                     "MODEL_VERSION": np.array([[model_version.encode()]], dtype=np.object_)}
 
     def as_numpy(self, name):
         return self._out.get(name)
@@ -152,7 +153,7 @@ def test_unavailable_is_retried_then_succeeds(sleeps):
     fake = FakeTriton(plan={b"img": [unavailable, unavailable]})
     client = AsyncCaptionClient(triton_client=fake, retry=RetryPolicy(max_attempts=4, initial_backoff=0.5))
     res = run(client.caption_one(b"img", name="pic.png"))
-    assert res == Caption(image="pic.png", caption="caption of img", score=-3.0)
+    assert res == Caption(image="pic.png", caption="caption of img", score=-3.0, model_version="3:0123abcd")
     assert res.attempts == 3
     assert len(fake.calls) == 3
     assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0
@@ -195,7 +196,7 @@ def test_parameters_and_timeout_reach_the_request():
     run(client.caption_one(b"a", beam_size=3, max_length=20, temperature=0.5))
     run(client.caption_one(b"b", timeout=1.5))
     first, second = fake.calls
-    assert first["model"] == "m2" and first["outputs"] == ["CAPTION", "SCORE"]
+    assert first["model"] == "m2" and first["outputs"] == ["CAPTION", "SCORE", "MODEL_VERSION"]
     assert first["parameters"] == {"beam_size": 3, "max_length": 20, "temperature": 0.5}
     # The first attempt gets (almost) the whole deadline as the server's timeout; the gRPC
     # deadline is CANCEL_GRACE_S later (the caller stops waiting at the deadline itself).
@@ -256,6 +257,16 @@ def test_batch_keeps_input_order_and_returns_errors(tmp_path):
     for r in results:
         if r.ok:
             assert r.caption == "caption of " + open(r.image).read()
+            assert r.model_version == "3:0123abcd"  # which model answered, from MODEL_VERSION
+
+
+def test_a_server_without_model_version_leaves_it_none():
+    class Older(FakeResult):
+        def as_numpy(self, name):
+            return None if name == "MODEL_VERSION" else super().as_numpy(name)
+
+    caption = core.parse_result(Older("a dog", -1.0), "x.png")
+    assert (caption.caption, caption.score, caption.model_version) == ("a dog", -1.0, None)
 
 
 def test_concurrency_is_bounded_and_used():

@@ -83,6 +83,8 @@ def test_a_batch_of_requests_is_captioned_like_the_reference(repo, pb, mode):
     assert [c.decode() for c in got[1]["CAPTION"][:, 0]] == want_beam[0]
     np.testing.assert_allclose(got[1]["SCORE"][:, 0], want_beam[1], atol=1e-4)
     assert got[1]["CAPTION"].shape == (2, 1) and got[1]["SCORE"].dtype == np.float32
+    # every caption names the model version and checkpoint that made it
+    assert [[v.decode() for v in g["MODEL_VERSION"][:, 0]] for g in got] == [[f"1:{ck.sha256[:8]}"] * n for n in (1, 2, 2)]
 
 
 def test_bad_requests_fail_alone_and_are_counted_by_reason(repo, pb):
@@ -109,7 +111,7 @@ def test_bad_requests_fail_alone_and_are_counted_by_reason(repo, pb):
     assert rejected.value(reason="empty") == 1 and rejected.value(reason="bad_parameter") == 1
     assert rejected.value(reason="not_an_image") == 1 and rejected.value(reason="corrupt") == 0
     captions = pb.MetricFamily.registry["captioner_captions_total"]
-    assert captions.value() == 2
+    assert captions.value(version=f"1:{ck.sha256[:8]}") == 2  # labelled by the model version that made them
     tokens = pb.MetricFamily.registry["captioner_tokens_total"]
     assert tokens.value() == _reference(ck, [good])[2] + _reference(ck, [good], max_length=3)[2]
 

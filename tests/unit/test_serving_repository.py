@@ -49,7 +49,12 @@ def test_cpu_repository_takes_every_value_from_the_checkpoint(built, tmp_path):
     assert [(t.name, t.data_type, list(t.dims)) for t in cfg["captioner"].output] == [
         ("CAPTION", mc.TYPE_STRING, [1]),
         ("SCORE", mc.TYPE_FP32, [1]),
+        ("MODEL_VERSION", mc.TYPE_STRING, [1]),
     ]
+    # every step pinned to one version of its model, and Triton told to load exactly that one
+    assert [s.model_version for s in cfg["captioner"].ensemble_scheduling.step] == [1, 1, 1]
+    assert all(list(c.version_policy.specific.versions) == [1] for c in cfg.values())
+    assert cfg["caption_generator"].parameters["checkpoint_sha256"].string_value == ck.sha256
     assert (repo / "caption_generator" / "1" / "decoder_step.onnx").is_file()
     assert recorded_checkpoint(repo) == ck.sha256
 

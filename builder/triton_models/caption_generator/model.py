@@ -1,10 +1,11 @@
-"""Triton model `caption_generator`: (h0, c0) -> CAPTION, SCORE.
+"""Triton model `caption_generator`: (h0, c0) -> CAPTION, SCORE, MODEL_VERSION.
 
 One execution merges every request of its batch, groups them by decoding parameters
 and runs captioner.decoding (one batched decoder step per token for all live
 sequences) once per group. The step runs in this process through onnxruntime or
 OpenVINO (`step_mode: inprocess`, parameter `runtime`) or calls the `decoder_step` model through BLS
-(`step_mode: bls`); the README explains the choice."""
+(`step_mode: bls`); the README explains the choice. MODEL_VERSION names this model version and
+its checkpoint (captioner.serving.versions)."""
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -15,7 +16,6 @@ from captioner.serving.params import DecodeDefaults, ParamError, decode_params
 from captioner.serving.triton import (
     ExecuteClock,
     OutputMetrics,
-    config_parameters,
     input_array,
     internal_error_responses,
     model_config,
@@ -24,14 +24,17 @@ from captioner.serving.triton import (
     skip_cancelled,
     version_dir,
 )
+from captioner.serving.versions import OUTPUT as MODEL_VERSION
+from captioner.serving.versions import label, parameters
 from captioner.vocab import Vocabulary
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.clock = ExecuteClock.from_args(args)
-        params = config_parameters(model_config(args))
         here = version_dir(args)
+        params = parameters(model_config(args), here)
+        self.version = label(args["model_version"], params["checkpoint_sha256"])
         self.vocab = Vocabulary(read_json(here / "vocab.json"))
         self.defaults = DecodeDefaults.from_config(params)
         mode = params.get("step_mode", "inprocess")
@@ -39,10 +42,11 @@ class TritonPythonModel:
             settings = runtime.EngineSettings.from_config(params, here)
             self.step = onnx_step(runtime.load(here / "decoder_step.onnx", settings))
         elif mode == "bls":
-            self.step = bls_step(pb_utils, params.get("step_model", "decoder_step"))
+            # The decoder_step of this same version: never another version's graph.
+            self.step = bls_step(pb_utils, params.get("step_model", "decoder_step"), int(args["model_version"]))
         else:
             raise ValueError(f"step_mode must be inprocess or bls, got {mode!r}")
-        self.metrics = OutputMetrics(pb_utils)
+        self.metrics = OutputMetrics(pb_utils, self.version)
 
     def _parse(self, request):
         try:
@@ -71,9 +75,8 @@ class TritonPythonModel:
             self.metrics.produced(len(out.texts), out.tokens)
             caption = np.array([t.encode("utf-8") for t in out.texts], dtype=np.object_).reshape(-1, 1)
             score = out.scores.reshape(-1, 1)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("CAPTION", caption), pb_utils.Tensor("SCORE", score)]
-                )
-            )
+            version = np.full((len(out.texts), 1), self.version.encode(), dtype=np.object_)
+            tensors = [pb_utils.Tensor("CAPTION", caption), pb_utils.Tensor("SCORE", score),
+                       pb_utils.Tensor(MODEL_VERSION, version)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

@@ -4,7 +4,8 @@ the same ONNX graph with the onnxruntime backend instead."""
 import triton_python_backend_utils as pb_utils
 
 from captioner.serving import runtime
-from captioner.serving.triton import ExecuteClock, batched_responses, config_parameters, model_config, version_dir
+from captioner.serving.triton import ExecuteClock, batched_responses, model_config, version_dir
+from captioner.serving.versions import parameters
 
 
 class TritonPythonModel:
@@ -13,7 +14,7 @@ class TritonPythonModel:
         config = model_config(args)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        settings = runtime.EngineSettings.from_config(config_parameters(config), version_dir(args))
+        settings = runtime.EngineSettings.from_config(parameters(config, version_dir(args)), version_dir(args))
         self.session = runtime.load(version_dir(args) / "model.onnx", settings)
 
     def _run(self, tokens, h, c):

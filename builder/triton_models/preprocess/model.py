@@ -12,19 +12,19 @@ from captioner.serving.preprocess import REJECT_REASONS, Preprocessor, limits_fr
 from captioner.serving.triton import (
     ExecuteClock,
     RejectMetrics,
-    config_parameters,
     image_responses,
     model_config,
     read_json,
     skip_cancelled,
     version_dir,
 )
+from captioner.serving.versions import parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.clock = ExecuteClock.from_args(args)
-        params = config_parameters(model_config(args))
+        params = parameters(model_config(args), version_dir(args))
         self.pre = Preprocessor(
             cfg=PreprocessConfig.from_dict(read_json(version_dir(args) / "preprocess.json")),
             limits=limits_from_config(params),

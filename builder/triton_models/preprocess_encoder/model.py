@@ -14,21 +14,21 @@ from captioner.serving.preprocess import REJECT_REASONS, ImageEncoder, Preproces
 from captioner.serving.triton import (
     ExecuteClock,
     RejectMetrics,
-    config_parameters,
     image_responses,
     model_config,
     read_json,
     skip_cancelled,
     version_dir,
 )
+from captioner.serving.versions import parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.clock = ExecuteClock.from_args(args)
         config = model_config(args)
-        params = config_parameters(config)
         here = version_dir(args)
+        params = parameters(config, here)
         engine = runtime.load(here / "model.onnx", runtime.EngineSettings.from_config(params, here))
         self.outputs = tuple(t["name"] for t in config["output"])
         self.encoder = ImageEncoder(
