@@ -18,6 +18,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from client.endpoints import EndpointPool
+from client.retry import DEADLINE_EXCEEDED, Retry, RetryPolicy, drive_async
+from client.wire import attempt_failed, image_input, infer_without_cancel
+
 from .loadgen import percentiles
 
 MAX_ERROR_SAMPLES = 5
@@ -44,6 +48,62 @@ class OverloadResult:
         return asdict(self)
 
 
+class _Tally:
+    """What the callers saw inside the measured window (perf_counter seconds)."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self.start = self.end = math.inf
+        self.good_lat: list[float] = []
+        self.refusal_lat: list[float] = []
+        self.counts = {"late": 0, "gave_up": 0, "other": 0}
+        self.errors: list[str] = []
+
+    def inside(self, t: float) -> bool:
+        return self.start <= t <= self.end
+
+    def refused(self, t0: float, t1: float) -> None:
+        if self.inside(t1):
+            self.refusal_lat.append(t1 - t0)
+
+    def request(self, outcome, start: float, t1: float) -> None:
+        """One request that ended at `t1`, sent at `start`, as the retry driver left it."""
+        if not self.inside(t1):
+            return
+        failure = outcome.failure
+        status = failure.status if failure else None
+        if outcome.ok and t1 - start <= self.deadline_s:
+            self.good_lat.append(t1 - start)
+        elif outcome.ok or outcome.out_of_time or status == DEADLINE_EXCEEDED:
+            self.counts["late"] += 1
+        elif (status or "").endswith("UNAVAILABLE"):
+            self.counts["gave_up"] += 1
+        else:
+            self.counts["other"] += 1
+            if len(self.errors) < MAX_ERROR_SAMPLES:
+                self.errors.append(f"{status}: {failure.message if failure else ''}"[:300])
+
+    def result(self, clients: int) -> OverloadResult:
+        elapsed = self.end - self.start
+        gp, rp = percentiles(self.good_lat), percentiles(self.refusal_lat)
+        return OverloadResult(
+            clients=clients,
+            deadline_s=self.deadline_s,
+            elapsed_s=elapsed,
+            good=len(self.good_lat),
+            late=self.counts["late"],
+            refusals=len(self.refusal_lat),
+            gave_up=self.counts["gave_up"],
+            other_errors=self.counts["other"],
+            goodput=len(self.good_lat) / elapsed,
+            good_p50_ms=gp[50],
+            good_p99_ms=gp[99],
+            refusal_p50_ms=rp[50],
+            refusal_p99_ms=rp[99],
+            error_samples=self.errors,
+        )
+
+
 async def run_overload(
     url: str,
     images: Sequence[bytes],
@@ -54,31 +114,20 @@ async def run_overload(
     warmup_s: float = 1.0,
     parameters: dict | None = None,
     model: str = "captioner",
-    retry=None,
+    retry: RetryPolicy | None = None,
 ) -> OverloadResult:
     """`retry`: the client library's RetryPolicy (its default when None): refused callers
     back off exactly as the library's callers do."""
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from client.endpoints import EndpointPool
-    from client.retry import DEADLINE_EXCEEDED, Retry, RetryPolicy, drive_async
-    from client.wire import attempt_failed, image_input, infer_without_cancel
-
     retry = retry or RetryPolicy()
     rng = random.Random(0)
     endpoints = EndpointPool([url])  # one server; the driver only needs its bookkeeping
     inputs = [[image_input(data, grpcclient)] for data in images]
     outputs = [grpcclient.InferRequestedOutput("CAPTION")]
-    window = {"start": math.inf, "end": math.inf}  # the measured window, perf_counter seconds
-    good_lat: list[float] = []
-    refusal_lat: list[float] = []
-    counts = {"late": 0, "gave_up": 0, "other": 0}
-    errors: list[str] = []
+    tally = _Tally(deadline_s)
     stop = asyncio.Event()
-
-    def inside(t: float) -> bool:
-        return window["start"] <= t <= window["end"]
 
     async def one(client, i: int) -> None:
         start = time.perf_counter()
@@ -90,28 +139,13 @@ async def run_overload(
                 return await infer_without_cancel(client, a.wait_s, model, inputs[i % len(inputs)], outputs=outputs,
                                                   parameters=parameters, timeout=a.server_timeout_us)
             except InferenceServerException as e:
-                t1 = time.perf_counter()
-                if (e.status() or "").endswith("UNAVAILABLE") and inside(t1):
-                    refusal_lat.append(t1 - t0)
+                if (e.status() or "").endswith("UNAVAILABLE"):
+                    tally.refused(t0, time.perf_counter())
                 raise attempt_failed(e) from None
 
         outcome = await drive_async(Retry(endpoints, retry, timeout=deadline_s, clock=time.perf_counter, rng=rng),
                                     attempt)
-        t1 = time.perf_counter()
-        if not inside(t1):
-            return
-        failure = outcome.failure
-        status = failure.status if failure else None
-        if outcome.ok and t1 - start <= deadline_s:
-            good_lat.append(t1 - start)
-        elif outcome.ok or outcome.out_of_time or status == DEADLINE_EXCEEDED:
-            counts["late"] += 1
-        elif (status or "").endswith("UNAVAILABLE"):
-            counts["gave_up"] += 1
-        else:
-            counts["other"] += 1
-            if len(errors) < MAX_ERROR_SAMPLES:
-                errors.append(f"{status}: {failure.message if failure else ''}"[:300])
+        tally.request(outcome, start, time.perf_counter())
 
     async def worker(client, k: int) -> None:
         i = k
@@ -125,9 +159,9 @@ async def run_overload(
     try:
         tasks = [asyncio.create_task(worker(pool[k % len(pool)], k)) for k in range(clients)]
         await asyncio.sleep(warmup_s)
-        window["start"] = time.perf_counter()
+        tally.start = time.perf_counter()
         await asyncio.sleep(duration_s)
-        window["end"] = time.perf_counter()
+        tally.end = time.perf_counter()
         stop.set()
         await asyncio.wait(tasks, timeout=deadline_s + 5)
         for t in tasks:
@@ -135,21 +169,4 @@ async def run_overload(
     finally:
         for c in pool:
             await c.close()
-    elapsed = window["end"] - window["start"]
-    gp, rp = percentiles(good_lat), percentiles(refusal_lat)
-    return OverloadResult(
-        clients=clients,
-        deadline_s=deadline_s,
-        elapsed_s=elapsed,
-        good=len(good_lat),
-        late=counts["late"],
-        refusals=len(refusal_lat),
-        gave_up=counts["gave_up"],
-        other_errors=counts["other"],
-        goodput=len(good_lat) / elapsed,
-        good_p50_ms=gp[50],
-        good_p99_ms=gp[99],
-        refusal_p50_ms=rp[50],
-        refusal_p99_ms=rp[99],
-        error_samples=errors,
-    )
+    return tally.result(clients)
