@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 OUTPUT = "MODEL_VERSION"
 PARAMETERS_FILE = "parameters.json"  # in a model's version directory: that version's parameters
 SHORT_SHA = 8
-_LABEL = re.compile(r"^(\d+):([0-9a-f]{%d})$" % SHORT_SHA)
+_LABEL = re.compile(rf"^(\d+):([0-9a-f]{{{SHORT_SHA}}})$")
 
 
 def label(version: int | str, checkpoint_sha256: str) -> str:
     """ "2:3f9c1a0b" for version 2 of a repository built from a checkpoint whose sha256
     starts with 3f9c1a0b."""
     sha = checkpoint_sha256.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{%d,64}" % SHORT_SHA, sha):
+    if not re.fullmatch(rf"[0-9a-f]{{{SHORT_SHA},64}}", sha):
         raise ValueError(f"checkpoint_sha256 must be hex (at least {SHORT_SHA} digits), got {checkpoint_sha256!r}")
     if not str(version).isdigit() or int(version) < 1:
         raise ValueError(f"a model version is a positive integer, got {version!r}")
