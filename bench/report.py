@@ -83,12 +83,16 @@ class Target:
 REFERENCE = "onnxruntime fp32"  # R1's denominator: the in-process bound before OpenVINO and int8
 
 
-def targets(results: dict, default_model: str) -> list[Target]:
-    """Issue 11's targets, from one run:
-    R1 seed-inception best Triton variant >= 3.0x the in-process onnxruntime fp32 bound;
-    R2 default model fp32 Triton at 32 clients >= 0.9x its in-process bound (per fp32 variant);
-    R3 seed-inception best Triton variant at 16 clients >= 10x the naive server."""
-    out = []
+def targets(results: dict, default_model: str) -> list:
+    """The targets, from one run (each has .name, .met and .line()):
+    R1 seed-inception best Triton variant >= 3.0x the in-process onnxruntime fp32 bound
+    (issue 11); T1 and T2 against the peers, Ray Serve, LitServe and MLServer on the same
+    graphs (issue 21, bench/peers/targets.py). They replace issue 11's R2 (Triton >= 0.9x
+    its bound) and R3 (>= 10x the naive server), which could not be met by construction
+    on these machines and compared with nothing a team would choose instead."""
+    from .peers import targets as peer_targets
+
+    out: list = []
     levels = results.get("levels", [])
     seed = [lv for lv in levels if lv["model"] == SEED_MODEL and lv["stack"] == "triton"]
     ref_name = REFERENCE if inprocess_bound(results, SEED_MODEL, REFERENCE) else "fp32"
@@ -98,24 +102,12 @@ def targets(results: dict, default_model: str) -> list[Target]:
         where = f" ({best['variant']}, {best['concurrency']} clients: {best['throughput']:.1f}/s vs {ref[0]:.1f}/s)" if best and ref else ""
         out.append(Target(f"R1 {SEED_MODEL} best Triton variant / in-process {ref_name} bound{where}",
                           best["throughput"] / ref[0] if best and ref else None, 3.0, "x"))
-    fp32 = sorted({lv["variant"] for lv in levels if lv["model"] == default_model and lv["stack"] == "triton"
-                   and lv["variant"].split()[-1] == "fp32"})
-    for v in fp32:
-        d32 = _level(results, default_model, "triton", 32, v)
-        bound = inprocess_bound(results, default_model, v)
-        where = f" ({d32['throughput']:.1f}/s vs {bound[0]:.1f}/s)" if d32 and bound else ""
-        out.append(Target(f"R2 {default_model} {v}: Triton at 32 clients / its in-process bound{where}",
-                          d32["throughput"] / bound[0] if d32 and bound else None, 0.9, "x"))
-    t16 = [lv for lv in seed if lv["concurrency"] == 16]
-    n16 = _level(results, SEED_MODEL, "naive", 16)
-    if t16 or n16:
-        best16 = max(t16, key=lambda lv: lv["throughput"], default=None)
-        ok = best16 and n16 and n16["throughput"]
-        where = f" ({best16['variant']}: {best16['throughput']:.1f}/s vs {n16['throughput']:.1f}/s)" if ok else ""
-        out.append(Target(f"R3 {SEED_MODEL} best Triton variant / naive at 16 clients{where}",
-                          best16["throughput"] / n16["throughput"] if ok else None, 10.0, "x"))
-    return out
 
+    def bound(model: str, variant: str) -> float | None:
+        b = inprocess_bound(results, model, variant)
+        return b[0] if b else None
+
+    return out + peer_targets.t1(results, bound) + peer_targets.t2(results)
 
 def _f(x, fmt="{:.1f}") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -201,6 +193,22 @@ def config_lines(results: dict) -> str:
     return "\n".join(walk(results.get("config", {})))
 
 
+def _peers_section(results: dict) -> list[str]:
+    """Side by side with the peers (bench/peers), when any ran."""
+    from .peers import report as peers_report
+
+    table = peers_report.side_by_side(results)
+    if table.count("\n") < 2:
+        return []
+    return ["## Side by side: Triton stack vs Ray Serve, LitServe, MLServer",
+            "Every peer serves the same built graphs through the same runtime and precision, the same preprocessing "
+            "and the same batched decode loop (bench/peers/pipeline.py), with its own framework's dynamic batching; "
+            "the same load driver calls each over its own protocol. Server CPU ms/caption: the server's whole process "
+            "tree (client excluded); in-process: the bench process. Mean batch: the peer's batcher, Triton's front model. "
+            "Peak RSS sums the tree (shared pages counted per process), PSS divides shared pages among them.",
+            "", peers_report.config_lines(results), "", table, "", peers_report.setup_lines(results), ""]
+
+
 def markdown(results: dict, default_model: str) -> str:
     parts = [
         "# Benchmark: in-process bound vs Triton vs naive server",
@@ -220,6 +228,7 @@ def markdown(results: dict, default_model: str) -> str:
         "## Targets",
         "\n".join(t.line() for t in targets(results, default_model)),
         "",
+        *_peers_section(results),
         "## In-process bound",
         inprocess_table(results),
         "",

@@ -36,6 +36,8 @@ from tqdm import tqdm
 from builder.build_engines import DEFAULT_MAX_BATCH
 
 from . import engines, plots, report
+from .peers import report as peers_report
+from .peers import run as peers_run
 from .stacks import Session, run_inprocess, run_naive
 from .triton_stack import run_triton
 from .variants import (
@@ -96,6 +98,7 @@ class Bench:
             n += len(a.batches) * len(spec.variants) * ("inprocess" in a.stacks)
             n += len(a.concurrency) * len(spec.variants) * ("triton" in a.stacks)
             n += len(a.concurrency) * ("naive" in a.stacks)
+            n += peers_run.steps(a, spec)
         return n
 
     def run(self) -> dict:
@@ -122,12 +125,14 @@ class Bench:
         )
         built, notes = engines.build(spec, s.work, s.out, options)
         self.results["notes"] += notes
+        served = {}  # label -> paths: what the peers can serve
         for runtime, precision in spec.variants:
             label = variant_label(runtime, precision)
             if precision not in built:
                 s.bar.update(len(a.batches) * ("inprocess" in a.stacks) + len(a.concurrency) * ("triton" in a.stacks))
                 continue
             paths = engines.served_paths(spec, runtime, precision, built, a.encoder_input, a.layout)
+            served[label] = paths
             self.results["variants"][f"{spec.name} {label}"] = {
                 "runtime": runtime,
                 "precision": precision,
@@ -139,6 +144,8 @@ class Bench:
                 run_inprocess(s, spec, label, paths)
             if "triton" in a.stacks:
                 run_triton(s, spec, label, paths)
+        if a.peers:  # bench/peers: Ray Serve, LitServe, MLServer on the same graphs
+            peers_run.run_model(s, spec, served)
 
     def config(self, specs: list[ModelSpec]) -> dict:
         a = self.a
@@ -291,7 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for flags in (_selection_flags, _load_flags, _triton_flags, _build_flags, _output_flags):
         flags(p)
+    peers_run.add_arguments(p.add_argument_group("the peers (bench/peers)"), env)
     a = p.parse_args(argv)
+    peers_run.check_arguments(p, a)
     if a.quick:
         a.duration, a.warmup, a.inproc_duration = 2.0, 0.5, 1.5
     for name, values, allowed in (("models", a.models, MODELS), ("stacks", a.stacks, STACKS)):
@@ -314,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     results["plots"] = [
         plots.throughput_plot(results, out / "bench_throughput.png").name,
         plots.latency_plot(results, out / "bench_latency.png").name,
+        *(path.name for path in peers_report.plots(results, out)),
     ]
     results["investigation"] = report.investigation(ROOT / "docs" / "bench.md")
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
@@ -325,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## In-process bound\n" + report.inprocess_table(results))
     print("\n## Load levels\n" + report.levels_table(results))
     print("\n## Ratios\n" + report.ratio_table(results))
+    if peers_report.side_by_side(results).count("\n") > 1:
+        print("\n## Side by side with the peers\n" + peers_report.side_by_side(results))
     print("\n## Targets\n" + "\n".join(t.line() for t in report.targets(results, default_name)))
     print(f"\nwrote {out / 'bench.md'} ({results['wall_s']:.0f} s)")
     return 0

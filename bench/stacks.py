@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .inprocess import InProcessCaptioner, measure
 from .loadgen import HttpClient, run_level
 from .naive_server import NaiveServer
+from .procmem import PeakMemory
 from .variants import ModelSpec
 
 
@@ -106,6 +107,7 @@ def run_levels(s: Session, spec: ModelSpec, stack: str, variant: str, make_clien
             for c in a.concurrency:
                 s.bar.set_postfix_str(f"{spec.name} {stack} {variant} x{c}")
                 before = await stats() if stats else None
+                memory.reset()
                 r = await run_level(
                     client,
                     c,
@@ -115,14 +117,17 @@ def run_levels(s: Session, spec: ModelSpec, stack: str, variant: str, make_clien
                     max_duration=4 * a.duration,
                     server_pids=pids,
                 )
-                out.append((r, model_breakdown(before, await stats()) if stats else None))
+                out.append((r, model_breakdown(before, await stats()) if stats else None, memory.peaks()))
                 s.bar.update(1)
             return out
 
-    for r, models in asyncio.run(go()):
+    # the server's peak RSS / PSS per level, its whole process tree (bench/procmem.py)
+    with PeakMemory(pids) as memory:
+        results = asyncio.run(go())
+    for r, models, peaks in results:
         if r.errors:
             s.note(f"{spec.name} {stack} {variant} x{r.concurrency}: {r.errors} errors, e.g. {r.error_samples[:1]}")
-        level = {"model": spec.name, "stack": stack, "variant": variant, **r.to_dict()}
+        level = {"model": spec.name, "stack": stack, "variant": variant, **r.to_dict(), **peaks}
         if models:
             level["models"] = models
         s.results["levels"].append(level)

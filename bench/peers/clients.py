@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlencode
 
 from ..loadgen import HttpClient, TritonClient
@@ -38,7 +38,7 @@ class BatchStats:
     def __init__(self, client, batch_log_dir: str | Path):
         self.client, self.dir = client, Path(batch_log_dir)
 
-    async def __aenter__(self) -> "BatchStats":
+    async def __aenter__(self) -> BatchStats:
         await self.client.__aenter__()
         return self
 

@@ -114,7 +114,7 @@ class PeerServer:
         return server_command(self.name, self.python, self.spec, self.port, self.cfg, self.batch_log_dir,
                               self.grpc_port if PROTOCOL[self.name] == "grpc" else None)
 
-    def start(self) -> "PeerServer":
+    def start(self) -> PeerServer:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # A session of its own: the peer's helpers (Ray's raylet and workers, MLServer's
         # pool) are torn down with it, and a Ctrl-C at the bench reaches the bench only.
@@ -184,7 +184,7 @@ class PeerServer:
             self._log.close()
         self._log = None
 
-    def __enter__(self) -> "PeerServer":
+    def __enter__(self) -> PeerServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -90,7 +90,8 @@ def settings(a: argparse.Namespace):
     server = Settings(host=a.host, http_port=a.port, grpc_port=a.grpc_port, parallel_workers=a.workers,
                       metrics_endpoint=None, debug=False, load_models_at_startup=False,
                       model_repository_root=tempfile.mkdtemp(prefix="mlserver-peer-"))
-    model = ModelSettings(name=MODEL_NAME, implementation=f"{__spec__.name if __spec__ else __name__}.CaptionRuntime", max_batch_size=a.max_batch_size,
+    runtime = f"{__spec__.name if __spec__ else __name__}.CaptionRuntime"  # importable by the pool's workers
+    model = ModelSettings(name=MODEL_NAME, implementation=runtime, max_batch_size=a.max_batch_size,
                           max_batch_time=a.batch_wait_ms / 1e3,
                           parameters=ModelParameters(extra={"spec": str(Path(a.spec).resolve()), "threads": a.threads,
                                                             "batch_log_dir": a.batch_log_dir}))

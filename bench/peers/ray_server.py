@@ -52,7 +52,7 @@ def build_app(a: argparse.Namespace):
                       max_ongoing_requests=2 * a.max_batch_size)
     class Captioner:
         def __init__(self):
-            from bench.peers.pipeline import Pipeline, PeerSpec
+            from bench.peers.pipeline import PeerSpec, Pipeline
 
             self.pipe = Pipeline(PeerSpec.read(a.spec), threads=a.threads, batch_log_dir=a.batch_log_dir)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -48,11 +49,11 @@ def shared_pins(project_requirements: Path = ROOT / "requirements.txt") -> list[
     """The project's exact pins of SHARED (every one must be there, as name==version)."""
     found = {}
     for pin in _pins(project_requirements):
-        pkg, sep, _ = pin.partition("==")
-        if pkg.split("[")[0].strip().lower() in SHARED:
-            if not sep:
+        name = re.match(r"[A-Za-z0-9_.-]+", pin)
+        if name and name.group(0).lower() in SHARED:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+==[^=<>!~,;\s]+", pin):
                 raise ValueError(f"{project_requirements}: {pin!r} is not an exact pin (name==version)")
-            found[pkg.split("[")[0].strip().lower()] = pin
+            found[name.group(0).lower()] = pin
     missing = [s for s in SHARED if s not in found]
     if missing:
         raise ValueError(f"{project_requirements} pins none of {', '.join(missing)}")
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     names = (argv if argv is not None else sys.argv[1:]) or list(PEERS)
     for n in names:
         v = ensure(n)
-        print(f"{n}: {v.python} ({'made in %.0f s' % v.setup_s if v.setup_s is not None else 'up to date'})")
+        made = "up to date" if v.setup_s is None else f"made in {v.setup_s:.0f} s"
+        print(f"{n}: {v.python} ({made})")
     return 0
 
 

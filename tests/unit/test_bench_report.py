@@ -43,14 +43,12 @@ def test_ratios_use_the_best_inprocess_batch_and_the_naive_level_at_the_same_con
 def test_targets_report_met_and_missed(results):
     verdicts = {t.name.split(" (")[0]: t for t in report.targets(results, "default")}
     r1 = verdicts["R1 seed-inception best Triton variant / in-process fp32 bound"]
-    assert r1.value == pytest.approx(0.95) and r1.met is False
-    r3 = verdicts["R3 seed-inception best Triton variant / naive at 16 clients"]
-    assert r3.value == pytest.approx(3.8) and r3.met is False and "MISSED" in r3.line()
-    r2 = verdicts["R2 default fp32: Triton at 32 clients / its in-process bound"]
-    assert r2.value == pytest.approx(290.0 / 400.0) and r2.met is False
+    assert r1.value == pytest.approx(0.95) and r1.met is False and "MISSED" in r1.line()
+    # R2 and R3 gave way to T1 and T2 against the peers (issue 21); no peer ran here
+    assert set(verdicts) == {"R1 seed-inception best Triton variant / in-process fp32 bound"}
 
 
-def test_r1_takes_the_best_variant_over_the_onnxruntime_fp32_bound_and_r2_each_fp32_variant(results):
+def test_r1_takes_the_best_variant_over_the_onnxruntime_fp32_bound(results):
     results["inprocess"] += [
         dict(model="seed-inception", variant="onnxruntime fp32", batch_size=16, captions_per_s=30.0, mean_tokens=20.0),
         dict(model="default", variant="openvino fp32", batch_size=32, captions_per_s=500.0, mean_tokens=5.0),
@@ -64,10 +62,6 @@ def test_r1_takes_the_best_variant_over_the_onnxruntime_fp32_bound_and_r2_each_f
     verdicts = {t.name.split(" (")[0]: t for t in report.targets(results, "default")}
     r1 = verdicts["R1 seed-inception best Triton variant / in-process onnxruntime fp32 bound"]
     assert r1.value == pytest.approx(100.0 / 30.0) and r1.met and "openvino int8, 64 clients" in r1.name
-    assert verdicts["R3 seed-inception best Triton variant / naive at 16 clients"].value == pytest.approx(19.0)
-    r2 = verdicts["R2 default openvino fp32: Triton at 32 clients / its in-process bound"]
-    assert r2.value == pytest.approx(0.94) and r2.met
-    assert not any("int8" in name for name in verdicts if name.startswith("R2"))
 
 
 def test_markdown_holds_every_table_and_the_config(results):
