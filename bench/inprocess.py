@@ -15,7 +15,7 @@ import numpy as np
 
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import DecodeParams, decode, onnx_step
-from captioner.preprocess import decode_image, normalize, prepare
+from captioner.preprocess import normalize, prepare_bytes
 from captioner.serving import runtime as rt
 
 from .loadgen import _CpuMeter
@@ -67,7 +67,7 @@ class InProcessCaptioner:
         self.tokens = 0  # generated tokens so far (END excluded), to report mean caption length
 
     def caption_bytes(self, images: Sequence[bytes]) -> list[str]:
-        batch = np.stack([prepare(decode_image(b), self.cfg) for b in images])
+        batch = np.stack([prepare_bytes(b, self.cfg) for b in images])
         h0, c0 = self.encoder.run(["h0", "c0"], {"image": normalize(batch, self.cfg) if self.normalise else batch})
         hyps = decode(self.step, h0, c0, self.vocab.start, self.vocab.end, self.params)
         self.tokens += sum(len(h.tokens) for h in hyps)

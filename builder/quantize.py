@@ -26,7 +26,7 @@ import torch
 from captioner import scenes
 from captioner.checkpoint import Checkpoint
 from captioner.decoding import onnx_step
-from captioner.preprocess import load_path, normalize, prepare
+from captioner.preprocess import normalize, prepare_path
 
 from . import parity
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, export_module
@@ -247,7 +247,7 @@ def evaluation_images(ck: Checkpoint, data_dir: str | Path | None, split: str = 
         by_id = {int(s["image_id"]): scenes.Scene.from_json(s) for s in meta.get("scenes", [])}
         files = [Path(data_dir) / im["file_name"] for im in chosen]
         it = progress(files, desc=f"loading {split}", unit="img", mininterval=2.0, leave=False) if progress else files
-        images = np.stack([prepare(load_path(f), ck.preprocess) for f in it])
+        images = np.stack([prepare_path(f, ck.preprocess) for f in it])
         truth = [by_id.get(int(im["id"])) for im in chosen]
         return EvalSet(images, f"{ann.parent}/{split} ({len(images)} images)",
                        truth if all(t is not None for t in truth) else None)

@@ -22,7 +22,7 @@ def _caption(argv: list[str]) -> int:
 
     from .distributed import resolve_device
     from .inference import Captioner
-    from .preprocess import ImageError, load_path, prepare
+    from .preprocess import ImageError, prepare_path
 
     try:
         resolve_device(a.device)
@@ -41,7 +41,7 @@ def _caption(argv: list[str]) -> int:
     good: list[tuple[str, np.ndarray]] = []
     for path in a.images:
         try:
-            good.append((path, prepare(load_path(path), cap.cfg)))
+            good.append((path, prepare_path(path, cap.cfg)))
         except ImageError as e:
             failed += 1
             print(f"{path}: error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .preprocess import PreprocessConfig, load_path, prepare
+from .preprocess import PreprocessConfig, decode_side, load_path, prepare
 from .vocab import Vocabulary
 
 
@@ -89,7 +89,7 @@ class ImageDataset:
         return len(self.paths)
 
     def load(self, i: int) -> np.ndarray:
-        img = load_path(self.paths[i])
+        img = load_path(self.paths[i], min_side=decode_side(self.cfg))
         if self.augment_share:
             rng = random.Random(self.seed * 1_000_003 + i)
             if rng.random() < self.augment_share:

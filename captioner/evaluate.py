@@ -158,7 +158,7 @@ def evaluate(a: argparse.Namespace) -> dict:
 
     from .data import CocoCaptions
     from .inference import Captioner
-    from .preprocess import ImageError, decode_image, load_path, prepare
+    from .preprocess import ImageError, decode_image, prepare_bytes, read_path
     from .scenes import Scene, caption_is_correct
 
     t0 = time.time()
@@ -181,16 +181,19 @@ def evaluate(a: argparse.Namespace) -> dict:
         images = []
         for it in chunk:
             try:
-                images.append((it, load_path(it.path)))
+                # The file as served (the checkpoint's decode path); the robustness variants
+                # are re-encoded from the full-size decode, as a user would re-save the file.
+                raw = read_path(it.path)
+                full = decode_image(raw) if len(variants) > 1 else None
+                images.append((it, prepare_bytes(raw, cap.cfg), full))
             except ImageError as e:
                 unreadable.append({"image_id": it.image_id, "file": str(it.path), "error": str(e)})
                 for v in variants:
                     predictions[v][it.image_id] = ""
         for v in variants:
             arrays, ids = [], []
-            for it, img in images:
-                x = img if v == "original" else decode_image(variant_bytes(img, v))
-                arrays.append(prepare(x, cap.cfg))
+            for it, served, full in images:
+                arrays.append(served if v == "original" else prepare_bytes(variant_bytes(full, v), cap.cfg))
                 ids.append(it.image_id)
             if arrays:
                 for image_id, c in zip(ids, cap.caption_arrays(np.stack(arrays), **decode_kw)):

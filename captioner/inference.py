@@ -10,7 +10,7 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from .decoding import DecodeParams, Hypothesis, decode, torch_step
-from .preprocess import ImageError, Limits, decode_image, load_path, normalize_tensor, prepare
+from .preprocess import ImageError, Limits, normalize_tensor, prepare, prepare_bytes, prepare_path
 
 
 @dataclass
@@ -54,19 +54,20 @@ class Captioner:
 
     def caption_images(self, images: Iterable, batch_size: int = 64, **params) -> list[Caption]:
         """Pillow images, bytes or paths -> captions (ImageError for a bad one)."""
-        arrays = [prepare(self._load(x), self.cfg) for x in images]
+        arrays = [self._prepare(x) for x in images]
         out: list[Caption] = []
         for i in range(0, len(arrays), batch_size):
             out += self.caption_arrays(np.stack(arrays[i : i + batch_size]), **params)
         return out
 
-    @staticmethod
-    def _load(x):
+    def _prepare(self, x) -> np.ndarray:
+        """Encoded bytes and files go through the checkpoint's decode path; a Pillow
+        image is already decoded and is only resized."""
         if isinstance(x, (bytes, bytearray)):
-            return decode_image(x, Limits())
+            return prepare_bytes(x, self.cfg, Limits())
         if isinstance(x, (str, Path)):
-            return load_path(x)
-        return x
+            return prepare_path(x, self.cfg)
+        return prepare(x, self.cfg)
 
 
 __all__ = ["Captioner", "Caption", "ImageError"]

@@ -1,9 +1,19 @@
 """Image decoding and preprocessing: the one definition used by training, export,
 the CLI and the Triton `preprocess` model.
 
-`prepare` decodes/validates and resizes to the model's size (uint8 HWC); `normalize`
-turns a batch of those into the float tensor the encoder takes. Normalisation lives
-here, not in the encoder graph, so there is exactly one place that does it.
+`prepare_bytes` / `prepare_path` decode, validate and resize to the model's size (uint8
+HWC) the way the config's `decode` says; `normalize` turns a batch of those into the
+float tensor the encoder takes. Normalisation lives here, not in the encoder graph, so
+there is exactly one place that does it.
+
+Two decode paths (`PreprocessConfig.decode`):
+  exact  every image decoded at full size, then resized to the model's side.
+  fast   only the work the model needs: a JPEG is decoded at a reduced DCT scale
+         (1/2, 1/4 or 1/8, Pillow's `draft`), any other format is decoded and then
+         box-reduced by an integer factor (`Image.reduce`), both only as far as every
+         side stays >= FAST_DECODE_MARGIN x the model's input side; the same final
+         antialiased resize follows. An image smaller than that is decoded exactly as
+         on the exact path. Limits, checks and errors are the same on both paths.
 """
 from __future__ import annotations
 
@@ -22,6 +32,13 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # well above the 1024 x 1024 the spec asks for, far below a bomb
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+DECODES = ("exact", "fast")
+# The fast path's rule: the decoded image keeps every side at least this many times the
+# model's input side, so the final antialiased resize still averages at least two
+# decoded pixels per output pixel along each axis (its filter, not the cheap reduction
+# before it, shapes the result). The model's input is square, so the rule is the same
+# whichever way an EXIF orientation turns the image.
+FAST_DECODE_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -30,13 +47,27 @@ class PreprocessConfig:
     resize: str = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # "exact" | "fast" (module docstring). A config saved before the field existed loads
+    # as "exact", the path it was made with; the build gates "fast" and records its choice
+    # in the repository's preprocess.json (builder/decode_gate.py).
+    decode: str = "exact"
+
+    def __post_init__(self):
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
-        return cls(int(d["image_size"]), str(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(int(d["image_size"]), str(d["resize"]), tuple(d["mean"]), tuple(d["std"]),
+                   str(d.get("decode", "exact")))
+
+
+def decode_side(cfg: PreprocessConfig) -> int | None:
+    """The smallest side the config's decode keeps (None: full size, the exact path)."""
+    return FAST_DECODE_MARGIN * cfg.image_size if cfg.decode == "fast" else None
 
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -56,8 +87,12 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def decode_image(data: bytes, limits: Limits | None = None) -> Image.Image:
-    """Encoded bytes -> RGB Pillow image, EXIF-transposed, or ImageError naming the problem."""
+def decode_image(data: bytes, limits: Limits | None = None, min_side: int | None = None) -> Image.Image:
+    """Encoded bytes -> RGB Pillow image, EXIF-transposed, or ImageError naming the problem.
+
+    min_side: the fast path: decode no larger than needed to keep both sides >= min_side
+    (JPEG at a reduced DCT scale, other formats box-reduced after decoding); None decodes
+    at full size. The byte and pixel limits apply to the size the header declares."""
     limits = limits or Limits()
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError("bad_type", f"image must be bytes, got {type(data).__name__}")
@@ -83,12 +118,22 @@ def decode_image(data: bytes, limits: Limits | None = None) -> Image.Image:
         raise ImageError("zero_size", f"image has no pixels ({w}x{h})")
     if w * h > limits.max_pixels:
         raise ImageError("too_many_pixels", f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
+    fmt = img.format
     try:
+        if min_side and fmt in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
+            # libjpeg's scaled IDCT: the largest of 1/8, 1/4, 1/2 that keeps both sides
+            # >= min_side (Pillow rounds the scale down, so the result never falls short).
+            img.draft("RGB", (min_side, min_side))
         img.load()
         img = ImageOps.exif_transpose(img)
     except Exception as e:
-        raise ImageError("corrupt", f"image data is truncated or corrupt ({img.format}: {e})") from None
-    return to_rgb(img)
+        raise ImageError("corrupt", f"image data is truncated or corrupt ({fmt}: {e})") from None
+    img = to_rgb(img)
+    if min_side:
+        k = min(img.size) // min_side
+        if k >= 2:
+            img = img.reduce(k)  # an integer box: every decoded pixel counted once
+    return img
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:
@@ -151,14 +196,27 @@ def normalize_tensor(batch_nhwc, cfg: PreprocessConfig, channels_last: bool = Fa
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def prepare_bytes(data: bytes, cfg: PreprocessConfig, limits: Limits | None = None) -> np.ndarray:
+    """Encoded image -> uint8 [S, S, 3], decoded the way `cfg.decode` says."""
+    return prepare(decode_image(data, limits, decode_side(cfg)), cfg)
+
+
 def preprocess_bytes(data: bytes, cfg: PreprocessConfig, limits: Limits | None = None) -> np.ndarray:
     """Encoded image -> float32 [3, S, S]: what the encoder takes."""
-    return normalize(prepare(decode_image(data, limits), cfg), cfg)
+    return normalize(prepare_bytes(data, cfg, limits), cfg)
 
 
-def load_path(path: str | Path, limits: Limits | None = None) -> Image.Image:
+def read_path(path: str | Path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise ImageError("unreadable", f"cannot read {path}: {e.strerror or e}") from None
-    return decode_image(data, limits)
+
+
+def load_path(path: str | Path, limits: Limits | None = None, min_side: int | None = None) -> Image.Image:
+    return decode_image(read_path(path), limits, min_side)
+
+
+def prepare_path(path: str | Path, cfg: PreprocessConfig, limits: Limits | None = None) -> np.ndarray:
+    """An image file -> uint8 [S, S, 3], decoded the way `cfg.decode` says."""
+    return prepare_bytes(read_path(path), cfg, limits)

@@ -17,9 +17,8 @@ from ..preprocess import (
     ImageError,
     Limits,
     PreprocessConfig,
-    decode_image,
     normalize,
-    prepare,
+    prepare_bytes,
 )
 from . import Rejected
 from .batching import concat, split
@@ -63,7 +62,7 @@ class Preprocessor:
         out = []
         for i, data in enumerate(items):
             try:
-                out.append(prepare(decode_image(data, self.limits), self.cfg))
+                out.append(prepare_bytes(data, self.cfg, self.limits))
             except ImageError as e:
                 where = "IMAGE" if items.size == 1 else f"IMAGE[{i}]"
                 return Rejected(e.reason, f"{where}: {e}")

@@ -1,0 +1,209 @@
+"""captioner.preprocess's fast decode path: it decodes no more than the model needs (the
+rule: every side stays >= FAST_DECODE_MARGIN x the model's side), keeps EXIF
+orientation, refuses what the exact path refuses for the same reason, and prepares
+nearly the same tensor."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.photos import encode_photo
+from captioner.preprocess import (
+    FAST_DECODE_MARGIN,
+    ImageError,
+    Limits,
+    PreprocessConfig,
+    decode_image,
+    decode_side,
+    prepare_bytes,
+    preprocess_bytes,
+)
+from captioner.serving.preprocess import Preprocessor
+
+EXACT, FAST = PreprocessConfig(64), PreprocessConfig(64, decode="fast")
+MIN_SIDE = decode_side(FAST)
+
+
+def encode(img, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def smooth(w, h=None):
+    """Gradients and one slow wave: no detail finer than a few percent of the side."""
+    h = h or w
+    y, x = np.mgrid[0:h, 0:w]
+    x, y = x / w, y / h
+    r = 128 + 100 * np.sin(2 * np.pi * x * 1.5) * np.cos(2 * np.pi * y)
+    return Image.fromarray(np.clip(np.stack([r, 255 * x, 200 * (1 - y) + 20], -1), 0, 255).astype(np.uint8))
+
+
+def reasons(data, limits=None):
+    """The refusal reason on the exact and on the fast path."""
+    out = []
+    for side in (None, MIN_SIDE):
+        with pytest.raises(ImageError) as e:
+            decode_image(data, limits, side)
+        assert str(e.value)
+        out.append(e.value.reason)
+    return out
+
+
+def test_the_side_the_fast_path_keeps():
+    assert decode_side(EXACT) is None
+    assert MIN_SIDE == FAST_DECODE_MARGIN * 64 == 128
+    assert decode_side(PreprocessConfig(299, decode="fast")) == 598
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("w, h", [(1024, 1024), (1000, 1000), (768, 768), (1024, 300), (300, 1024), (2000, 260), (4096, 4096)])
+def test_decoded_no_smaller_than_the_rule_and_reduced_when_it_can(fmt, w, h):
+    data = encode(smooth(w, h), fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    img = decode_image(data, min_side=MIN_SIDE)
+    assert img.mode == "RGB"
+    assert min(img.size) >= MIN_SIDE, img.size
+    # Reduced as far as the rule allows: by an integer factor >= 2 whenever both sides
+    # hold twice the minimum; JPEG by at most 8 through its DCT scale, then any other
+    # format's box reduction continues.
+    factor = w / img.size[0]
+    assert factor == pytest.approx(h / img.size[1], rel=0.02)
+    assert min(w, h) / factor < 2 * MIN_SIDE + factor, (img.size, factor)
+
+
+def test_jpeg_is_decoded_at_a_reduced_dct_scale_other_formats_box_reduced():
+    """1000 px: the JPEG at 1/4 scale (250 px; 1/8 would give 125 < 128), the PNG decoded
+    whole and box-reduced by 7 (143 px)."""
+    assert decode_image(encode(smooth(1000), "JPEG"), min_side=MIN_SIDE).size == (250, 250)
+    assert decode_image(encode(smooth(1000), "PNG", compress_level=1), min_side=MIN_SIDE).size == (143, 143)
+    assert decode_image(encode(smooth(1000), "JPEG")).size == (1000, 1000)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_images_under_twice_the_rule_decode_exactly_as_before(fmt):
+    for side in (128, 200, 255):
+        data = encode(smooth(side), fmt)
+        assert np.array_equal(prepare_bytes(data, FAST), prepare_bytes(data, EXACT)), side
+        assert decode_image(data, min_side=MIN_SIDE).size == (side, side)
+
+
+@pytest.mark.parametrize("fmt, kw", [("JPEG", {"quality": 95}), ("PNG", {"compress_level": 1})])
+@pytest.mark.parametrize("side", [1024, 1000, 600])
+def test_exact_and_fast_prepare_nearly_the_same_tensor_on_a_smooth_image(fmt, kw, side):
+    data = encode(smooth(side), fmt, **kw)
+    exact = preprocess_bytes(data, EXACT)
+    fast = preprocess_bytes(data, FAST)
+    assert exact.shape == fast.shape == (3, 64, 64)
+    diff = np.abs(exact - fast) * 0.5 * 255  # back to 8-bit levels (std 0.5)
+    assert diff.max() <= 3.0 and diff.mean() <= 0.5, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_kept_on_the_fast_path(fmt, orientation):
+    """A photo stored turned, with the tag saying how to view it: the fast path shows the
+    picture as drawn (red square top-left on blue), like the exact path."""
+    drawn = Image.new("RGB", (1024, 1024), (0, 0, 255))
+    drawn.paste((255, 0, 0), (0, 0, 512, 512))
+    data = encode_photo(drawn, fmt, orientation=orientation, png_compress_level=1)
+    stored = Image.open(io.BytesIO(data))
+    assert stored.getexif()[0x0112] == orientation
+    for side in (None, MIN_SIDE):
+        arr = np.asarray(decode_image(data, min_side=side)).astype(int)
+        n = arr.shape[0]
+        assert arr[n // 8, n // 8, 0] > 200 and arr[n // 8, n // 8, 2] < 60, (side, arr[n // 8, n // 8])
+        assert arr[-n // 8, -n // 8, 2] > 200 and arr[-n // 8, -n // 8, 0] < 60, (side, arr[-n // 8, -n // 8])
+
+
+def test_a_non_square_photo_turned_by_exif_is_turned_on_the_fast_path():
+    stored = Image.new("RGB", (1600, 800), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 800, 800))  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to view: the stored left half ends on top
+    img = decode_image(encode(stored, "JPEG", quality=90, exif=exif.tobytes()), min_side=MIN_SIDE)
+    assert img.size == (200, 400)  # 1/4 DCT scale of 800 x 1600
+    arr = np.asarray(img).astype(int)
+    assert arr[50, 100, 0] > 200 and arr[350, 100, 2] > 200
+
+
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def test_the_pixel_limit_is_checked_on_the_declared_size_before_decoding():
+    """The fast path decodes a 2000 px JPEG at 250 px, but the limit is on what the file
+    declares: the same refusal as on the exact path."""
+    data = encode(smooth(2000), "JPEG", quality=80)
+    assert reasons(data, Limits(max_pixels=2000 * 2000 - 1)) == ["too_many_pixels"] * 2
+    assert decode_image(data, Limits(max_pixels=2000 * 2000), MIN_SIDE).size == (250, 250)
+    # A decompression bomb (20000 x 20000 greyscale, ~50 KB) never reaches the decoder.
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0)
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + 20000 // 8)
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", b"".join(z.compress(row) for _ in range(20000)) + z.flush())
+        + _chunk(b"IEND", b"")
+    )
+    assert reasons(bomb) == ["too_many_pixels"] * 2
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_and_corrupt_photos_are_refused_alike(fmt):
+    data = encode(smooth(1024), fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    for cut in (len(data) // 2, len(data) - 30):
+        assert reasons(data[:cut]) == ["corrupt", "corrupt"], cut
+    damaged = bytearray(data)
+    i = len(damaged) // 3
+    damaged[i : i + 64] = b"\xff" * 64
+    got = set()
+    for side in (None, MIN_SIDE):
+        try:
+            decode_image(bytes(damaged), min_side=side)
+            got.add("decoded")
+        except ImageError as e:
+            got.add(e.reason)
+    assert len(got) == 1, f"exact and fast disagree on damaged data: {got}"
+
+
+def test_other_refusals_are_unchanged():
+    assert reasons(b"") == ["empty"] * 2
+    assert reasons(b"hello, world") == ["not_an_image"] * 2
+    data = encode(smooth(600), "JPEG")
+    assert reasons(data, Limits(max_bytes=len(data) - 1)) == ["too_large"] * 2
+    assert reasons("a.jpg") == ["bad_type"] * 2
+
+
+def test_transparency_and_palettes_on_the_fast_path():
+    rgba = np.zeros((600, 600, 4), np.uint8)
+    rgba[..., :3] = (10, 200, 30)  # hidden colour under full transparency: white once composited
+    rgba[:300, :300] = (200, 20, 20, 255)
+    arr = np.asarray(decode_image(encode(Image.fromarray(rgba, "RGBA")), min_side=MIN_SIDE))
+    assert arr.shape == (150, 150, 3)
+    assert arr[10, 10].tolist() == [200, 20, 20] and arr[140, 140].tolist() == [255, 255, 255]
+    pal = Image.new("RGB", (600, 600), (40, 80, 210)).quantize(colors=4)
+    assert np.asarray(decode_image(encode(pal), min_side=MIN_SIDE))[50, 50].tolist() == [40, 80, 210]
+
+
+def test_config_carries_the_decode_path():
+    fast = PreprocessConfig(299, "bicubic", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), decode="fast")
+    assert PreprocessConfig.from_dict(fast.to_dict()) == fast
+    old = {"image_size": 64, "resize": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}  # saved before the field
+    assert PreprocessConfig.from_dict(old).decode == "exact"
+    with pytest.raises(ValueError, match="decode"):
+        PreprocessConfig(64, decode="draft")
+
+
+def test_serving_decodes_the_way_its_config_says():
+    """The Triton preprocess model's code path is captioner.preprocess's, per config."""
+    data = encode_photo(smooth(128), "jpeg", side=1024)
+    for cfg in (EXACT, FAST):
+        pre = Preprocessor(cfg, Limits(), normalise=False)
+        (got,) = pre.run([np.array([[data]], dtype=np.object_)])
+        assert np.array_equal(got[0], prepare_bytes(data, cfg))
+    assert not np.array_equal(prepare_bytes(data, EXACT), prepare_bytes(data, FAST)), "the paths do differ on a photo"
