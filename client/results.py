@@ -76,16 +76,14 @@ def failure_error(name: str, outcome: Outcome, budget: float | None) -> CaptionE
     return _error_from(failure, name, outcome.attempts, last.wait_s if last.capped else budget, endpoint)
 
 
-def _seconds(s: float | None) -> str:
-    return "an unlimited time" if s is None else f"{s:g} s"
-
-
 def _error_from(f: AttemptFailed, name: str, attempts: int, budget: float | None, endpoint: str | None) -> CaptionError:
     detail = f.message or "no details"
-    if f.status == DEADLINE_EXCEEDED and attempts > 1:
-        msg = f"timed out ({_plural(attempts, 'attempt')}, the last given {_seconds(budget)})"
+    if f.status == DEADLINE_EXCEEDED and budget is None:  # not our deadline: gRPC's or the server's
+        msg = f"timed out ({_plural(attempts, 'attempt')}): {detail}"
+    elif f.status == DEADLINE_EXCEEDED and attempts > 1:
+        msg = f"timed out ({_plural(attempts, 'attempt')}, the last given {budget:g} s)"
     elif f.status == DEADLINE_EXCEEDED:
-        msg = f"timed out after {_seconds(budget)} (no answer within the deadline)"
+        msg = f"timed out after {budget:g} s (no answer within the deadline)"
     elif f.status == _UNAVAILABLE:
         msg = f"server unavailable after {_plural(attempts, 'attempt')}: {detail}"
     elif f.status == "StatusCode.INVALID_ARGUMENT":
@@ -100,7 +98,7 @@ def _error_from(f: AttemptFailed, name: str, attempts: int, budget: float | None
 def _deadline_error(name: str, budget: float | None, attempts: int, last: AttemptFailed | None,
                     endpoint: str | None) -> CaptionError:
     """The image's deadline ran out between attempts (while backing off from failures)."""
-    msg = f"timed out after {_seconds(budget)} ({_plural(attempts, 'attempt')}"
+    msg = f"timed out{'' if budget is None else f' after {budget:g} s'} ({_plural(attempts, 'attempt')}"
     if last is not None:
         msg += f", last: {status_text(last.status)}: {last.message or 'no details'}"
     return CaptionError(name, msg + ")", DEADLINE_EXCEEDED, attempts=attempts, endpoint=endpoint)

@@ -259,3 +259,17 @@ def test_a_cancelled_probe_gives_no_verdict_and_can_run_again():
         asyncio.run(run_probe_async(pool, a, check))
     assert not a.up and not a.probing and a.set_aside_count == 1
     assert pool.due_for_probe() == [a]
+
+
+# --- what a caller is told -------------------------------------------------------------
+
+def test_a_deadline_the_server_ran_out_of_without_a_client_deadline_is_reported():
+    from test_client_core import FakeTriton
+
+    from client.core import AsyncCaptionClient, CaptionError
+
+    fake = FakeTriton(plan={b"img": [("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded")]})
+    with pytest.raises(CaptionError) as e:
+        asyncio.run(AsyncCaptionClient(triton_client=fake, timeout=None).caption_one(b"img", name="p.png"))
+    assert str(e.value) == "p.png: timed out (1 attempt): Deadline Exceeded"
+    assert e.value.status == "StatusCode.DEADLINE_EXCEEDED" and e.value.attempts == 1
