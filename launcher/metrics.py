@@ -17,15 +17,14 @@ series labelled `replica` (0 .. N-1). Every label takes a fixed, small set of va
   summary_latencies=true, per-replica summaries).
 - `captioner_replica_ready{replica}`: 1 when tritonserver answers ready (asked at scrape).
 - `captioner_supervisor_gave_up{replica}`: 1 once the supervisor has given up.
-- `captioner_model_info{replica, model, checkpoint, target, precision, layout}`: 1, from
-  the repository's build_manifest.json (absent when it has none).
+- `captioner_model_info{replica, checkpoint, target, precision, layout, encoder_runtime}`:
+  1, from the parameters the builder writes in the ensemble's config.pbtxt.
 
 Every series exists from the start at 0, so that increase() sees the first repair.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -65,19 +64,21 @@ def restart_cause(why: str) -> str:
     return _classify(why, _RESTART_WHY)
 
 
+INFO_LABELS = ("checkpoint", "target", "precision", "layout", "encoder_runtime")
+_PARAMETER = re.compile(r'key:\s*"(\w+)"\s*value\s*\{\s*string_value:\s*"([^"]*)"')
+
+
 def model_info(repo: str | Path) -> dict[str, str] | None:
-    """Labels of captioner_model_info from the repository's build manifest, or None."""
+    """Labels of captioner_model_info: what the builder recorded in the ensemble's
+    config.pbtxt parameters (checkpoint sha256, first 12 hex digits), or None without one."""
     try:
-        m = json.loads((Path(repo) / "build_manifest.json").read_text())
-    except (OSError, ValueError):
+        text = (Path(repo) / "captioner" / "config.pbtxt").read_text()
+    except OSError:
         return None
-    return {
-        "model": str(m.get("model", "")),
-        "checkpoint": str((m.get("checkpoint") or {}).get("sha256", ""))[:12],
-        "target": str(m.get("target", "")),
-        "precision": str(m.get("precision", "")),
-        "layout": str(m.get("layout", "")),
-    }
+    params = dict(_PARAMETER.findall(text))
+    info = {k: params.get(k if k != "checkpoint" else "checkpoint_sha256", "") for k in INFO_LABELS}
+    info["checkpoint"] = info["checkpoint"][:12]
+    return info
 
 
 class _Readiness:
@@ -126,8 +127,8 @@ class LauncherMetrics:
         self.gave_up = Gauge("captioner_supervisor_gave_up", "1 once the supervisor has given up", ["replica"], registry=r)
         self.info = Gauge(
             "captioner_model_info",
-            "The served build (repository build_manifest.json)",
-            ["replica", "model", "checkpoint", "target", "precision", "layout"],
+            "The served build (the ensemble's config.pbtxt parameters)",
+            ["replica", *INFO_LABELS],
             registry=r,
         )
         self._ready = _Readiness()

@@ -113,35 +113,39 @@ def test_probes_are_counted_by_result_and_only_answers_time_the_histogram():
     assert sorted(PROBE_BUCKETS) == list(PROBE_BUCKETS)
 
 
-def test_model_info_comes_from_the_build_manifest(tmp_path):
+def test_model_info_comes_from_the_parameters_the_builder_writes(tmp_path):
     assert model_info(tmp_path) is None
-    (tmp_path / "build_manifest.json").write_text(
-        '{"model": "default", "checkpoint": {"sha256": "1e5bda0654459f4d2d92"}, "target": "cpu",'
-        ' "precision": "fp32", "layout": "fused"}'
-    )
-    assert model_info(tmp_path) == {
-        "model": "default",
-        "checkpoint": "1e5bda065445",
+    (tmp_path / "captioner").mkdir()
+    params = {
+        "checkpoint_sha256": "1e5bda0654459f4d2d92",
         "target": "cpu",
         "precision": "fp32",
         "layout": "fused",
+        "encoder_runtime": "openvino",
     }
+    (tmp_path / "captioner" / "config.pbtxt").write_text(
+        'name: "captioner"\nplatform: "ensemble"\n'
+        + "".join(f'parameters {{\n  key: "{k}"\n  value {{\n    string_value: "{v}"\n  }}\n}}\n' for k, v in params.items())
+    )
+    want = {"checkpoint": "1e5bda065445", "target": "cpu", "precision": "fp32", "layout": "fused", "encoder_runtime": "openvino"}
+    assert model_info(tmp_path) == want
     metrics = LauncherMetrics()
     metrics.replica(0, [], ready=lambda: False, repo=tmp_path)
-    assert (
-        _value(
-            metrics,
-            "captioner_model_info",
-            replica="0",
-            model="default",
-            checkpoint="1e5bda065445",
-            target="cpu",
-            precision="fp32",
-            layout="fused",
-        )
-        == 1
-    )
+    assert _value(metrics, "captioner_model_info", replica="0", **want) == 1
     assert _value(metrics, "captioner_replica_ready", replica="0") == 0
+
+
+def test_model_info_reads_a_repository_the_builder_assembled():
+    from launcher.tritonserver import PROJECT_ROOT
+
+    repo = PROJECT_ROOT / "model_repository"
+    if not (repo / "captioner" / "config.pbtxt").is_file():
+        pytest.skip("no model repository built here (make build-engines)")
+    from builder.repository_check import recorded_checkpoint
+
+    info = model_info(repo)
+    assert info is not None and info["checkpoint"] == recorded_checkpoint(repo)[:12]
+    assert info["target"] in ("cpu", "gpu") and all(info.values())
 
 
 def test_the_exporter_serves_the_series_over_http():
