@@ -39,7 +39,7 @@ class ModelArgs:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
+    def from_dict(cls, d: dict) -> ModelArgs:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -236,6 +236,8 @@ class DecoderStepExport(nn.Module):
         return self.decoder.step(tokens, h, c)
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int) -> torch.Tensor:
-    """Mean cross-entropy over non-padding target positions only."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_idx)
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over non-padding target positions only: their mean, or with
+    reduction="sum" their sum (training normalises by the global batch's token count)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_idx,
+                           reduction=reduction)

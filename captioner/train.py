@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
 from .checkpoint import Checkpoint
 from .cli import env
 from .data import ArrayDataset, CocoCaptions, ImageDataset, cache_images, loader
-from .model import BACKBONES, CaptionModel, ModelArgs, default_preprocess
+from .model import BACKBONES, CaptionModel, ModelArgs, default_preprocess, masked_cross_entropy
 from .preprocess import PreprocessConfig
 from .progress import bar
 from .train_inputs import Runtime, Split, backbone_features, batch_tokens, make_split
@@ -279,8 +278,7 @@ def _epoch(run: _Run, net: nn.Module, tr: Split, train_loader, n_batches: int, p
         with rt.autocast():
             logits = net(x, toks[:, :-1])
         tgt = toks[:, 1:]
-        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=vocab.pad,
-                                   reduction="sum")
+        loss_sum = masked_cross_entropy(logits.float(), tgt, vocab.pad, reduction="sum")
         here = torch.stack([loss_sum.detach().double(), (tgt != vocab.pad).sum().double()])
         glob = dd.sum_(here.clone())
         # Mean over the global batch's tokens; DDP averages gradients over processes, hence x world.

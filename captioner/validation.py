@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .decoding import greedy, torch_step
+from .model import masked_cross_entropy
 from .scenes import Scene, caption_is_correct
 from .train_inputs import Runtime, Split, batch_tokens, encode
 from .vocab import Vocabulary
@@ -35,8 +35,7 @@ def evaluate(model, split: Split, cfg, vocab: Vocabulary, frozen: bool, max_leng
                 logits = model.decoder(toks[:, :-1], h0[local], c0[local])
             tgt = toks[:, 1:]
             mask = tgt != vocab.pad
-            tot_loss += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                              ignore_index=vocab.pad, reduction="sum"))
+            tot_loss += float(masked_cross_entropy(logits.float(), tgt, vocab.pad, reduction="sum"))
             correct_tok += float(((logits.argmax(-1) == tgt) & mask).sum())
             tot_tok += int(mask.sum())
     out = {"val_loss": tot_loss / tot_tok, "val_word_acc": correct_tok / tot_tok}

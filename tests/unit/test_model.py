@@ -69,6 +69,9 @@ def test_loss_ignores_padding():
     by_hand = np.mean([-F.log_softmax(logits[i, t], -1)[targets[i, t]].item()
                        for i in range(2) for t in range(5) if targets[i, t] != pad])
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    # training sums and divides by the global batch's token count itself
+    summed = masked_cross_entropy(logits, targets, pad, reduction="sum")
+    assert summed.item() == pytest.approx(by_hand * int((targets != pad).sum()), rel=1e-6)
     changed = logits.clone()
     changed[0, 4] = torch.randn(V) * 10  # what the model says at padded positions is irrelevant
     changed[1, 2:] = torch.randn(3, V) * 10
