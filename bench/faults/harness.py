@@ -1,6 +1,8 @@
 """The server under test: `python -m launcher --no-build` on free ports, as an operator
-runs it (supervised, model control explicit), ready when Triton's readiness endpoint
-says so, and the handles a fault needs (tritonserver, its Python stubs, their memory)."""
+runs it (supervised, model control explicit), serving once Triton's readiness endpoint
+says ready and the launcher's own supervisor-metrics endpoint answers (it opens that
+right before its supervisors start), and the handles a fault needs (tritonserver, its
+Python stubs, their memory)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class Launcher:
     stops it (SIGTERM, then SIGKILL of its process group) afterwards."""
 
     def __init__(self, repo: Path, log_dir: Path, name: str, extra: tuple[str, ...] = ()):
-        self.ports = free_ports({"grpc": 0, "http": 0, "metrics": 0})
+        self.ports = free_ports({"grpc": 0, "http": 0, "metrics": 0, "supervisor_metrics": 0})
         self.log = log_dir / f"faults-{name}-launcher.log"
         self.server_log = log_dir / f"faults-{name}-tritonserver.log"
         self.cmd = [
@@ -44,6 +46,8 @@ class Launcher:
             str(self.ports["http"]),
             "--metrics-port",
             str(self.ports["metrics"]),
+            "--supervisor-metrics-port",
+            str(self.ports["supervisor_metrics"]),
             "--log-file",
             str(self.server_log),
             *extra,
@@ -79,13 +83,12 @@ class Launcher:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until Triton says ready over HTTP (the launcher starts it with every model
-        loaded; its supervisor starts right after); an exit first is an error."""
+        """Until the launcher serves (`serving()`); an exit first is an error."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"launcher exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            if self.ready():
+            if self.serving():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"launcher not ready after {timeout_s:.0f} s: {self.log}")
@@ -101,7 +104,13 @@ class Launcher:
         self._out.close()
 
     def ready(self) -> bool:
+        """Triton's readiness, as a load balancer sees it."""
         return http_ready(self.http_url)
+
+    def serving(self) -> bool:
+        """Ready, and the launcher past its start-up: its supervisor-metrics endpoint,
+        opened just before the supervisors start, answers."""
+        return self.ready() and http_ready(f"127.0.0.1:{self.ports['supervisor_metrics']}", "/metrics")
 
     def tritonserver(self) -> psutil.Process:
         for child in psutil.Process(self.proc.pid).children():
