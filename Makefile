@@ -87,9 +87,11 @@ test-unit: | $(STAMP)
 test-integration: | $(STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|bf16|int8|fp16 RUNTIME=auto|onnxruntime|openvino LAYOUT=auto|split|fused
+## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|bf16|int8|fp16 RUNTIME=auto|onnxruntime|openvino LAYOUT=auto|split|fused; VERSION=next adds MODEL as the next version of $(REPO) (KEEP=3 kept)
+VERSION ?=
+KEEP ?= 3
 build-engines: | $(STAMP)
-	$(PY) -m builder.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --runtime $(RUNTIME) --layout $(LAYOUT) --repo $(REPO)
+	$(PY) -m builder.build_engines --model $(MODEL) --target $(TARGET) --precision $(PRECISION) --runtime $(RUNTIME) --layout $(LAYOUT) --repo $(REPO) $(if $(filter next,$(VERSION)),--add-version --keep $(KEEP))
 
 ## serve          build if needed, start tritonserver (supervised), caption three sample scenes, keep serving; REPLICAS=N
 REPLICAS ?= 1

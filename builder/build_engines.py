@@ -90,7 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(env CAPTIONER_TRT_VERSION)")
     p.add_argument("--timing-cache", default=env("CAPTIONER_TRT_TIMING_CACHE"),
                    help="TensorRT timing cache file (default <out>/tensorrt_timing.cache)")
+    p.add_argument("--add-version", action="store_true",
+                   help="add the model to the existing repository as the next version of every model instead of "
+                        "replacing it (make build-engines VERSION=next; builder/versions.py); what the server loads "
+                        "is unchanged until a rollout (make rollout)")
+    p.add_argument("--keep", type=int, default=int(env("CAPTIONER_KEEP_VERSIONS", 3)),
+                   help="with --add-version: versions kept on disk, the newest ones plus any loaded "
+                        "(env CAPTIONER_KEEP_VERSIONS, default 3)")
     a = p.parse_args(argv)
+    if a.keep < 1:
+        p.error("--keep must be >= 1")
     if a.max_batch_size < 1:
         p.error("--max-batch-size must be >= 1")
     if a.queue_budget_ms < 1:
@@ -128,6 +137,13 @@ def build(a: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     ck_path, name = resolve_model(a.model)
+    if a.add_version:  # refused before a long build, not after it
+        from .versions import VersionError, check_addable
+
+        try:
+            a.layout = check_addable(Path(a.repo), a.layout)
+        except VersionError as e:
+            raise BuildFailed(EXIT_USAGE, str(e)) from None
     b = BuildState(a, ck_path, name, out_dir=Path(a.out) if a.out else ROOT / "artifacts" / name,
                    repo_dir=Path(a.repo), started=started,
                    manifest={"model": name, "requested": {"target": a.target, "precision": a.precision,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -240,7 +241,7 @@ def cpu_reduced_precision(b: BuildState) -> None:
 
 
 def write_repository(b: BuildState) -> None:
-    from . import capacity
+    from . import capacity, versions
     from .repository import assemble
     from .runtime_choice import warm_cache
 
@@ -253,16 +254,31 @@ def write_repository(b: BuildState) -> None:
         detail(f"load shedding: {line}")
     b.manifest["load_shedding"] = {"budget_ms": a.queue_budget_ms, "measured": measured and measured.to_dict(),
                                    "queues": {k: v.to_dict() for k, v in queues.items()}}
+    add_version = getattr(a, "add_version", False)
+    # VERSION=next: assembled on its own, then added to the repository as its next version.
+    into = versions.staging_dir(b.repo_dir) if add_version else b.repo_dir
     try:
-        repo = Path(assemble(b.ck, b.repo_dir, b.target, b.artifacts, max_batch_size=a.max_batch_size,
+        repo = Path(assemble(b.ck, into, b.target, b.artifacts, max_batch_size=a.max_batch_size,
                              precision=b.precision, runtimes=b.runtimes, inference_precision=b.inference_precision,
                              encoder_input=b.encoder_input, layout=b.layout, queues=queues))
-    except ValueError as e:  # RepositoryError included: the repository could not be made consistent
+        warmed = warm_cache(repo)
+        if add_version:
+            gate = versions.gate_record(b.ck_path)
+            b.manifest["model_version"] = versions.add_version(repo, b.repo_dir, keep=a.keep)
+            repo = b.repo_dir
+    except ValueError as e:  # RepositoryError and VersionError included: the repository could not be made consistent
         raise BuildFailed(EXIT_CHECK_FAILED, f"repository assembly failed: {e}") from None
-    warmed = warm_cache(repo)
+    finally:
+        if add_version:
+            shutil.rmtree(into, ignore_errors=True)
     if warmed:
         detail(f"OpenVINO compiled-model cache filled for {', '.join(warmed)}: a server start loads, not compiles")
+    previous = versions.version_records(repo) if add_version else {}  # before this build's manifest replaces it
     _write_manifest(b, repo, warmed)
+    if add_version:
+        record = versions.record_build(repo, b.manifest, b.manifest["model_version"], gate, previous)
+        detail(f"added as version {b.manifest['model_version']} ({record['model_version']}); versions on disk "
+               f"{versions.all_versions(repo)}, serving {versions.serving_version(repo)}: make rollout switches")
     for child in sorted(p for p in repo.iterdir() if p.is_dir()):
         detail(f"{child.name}/")
     detail(f"{MANIFEST} written to {repo} and {b.out_dir}")

@@ -53,7 +53,8 @@ def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
         if cfg.max_batch_size < 16:
             raise RepositoryError(f"{path}: max_batch_size {cfg.max_batch_size} < 16")
         for t in list(cfg.input) + list(cfg.output):
-            if not t.dims or any(d <= 0 for d in t.dims):
+            # -1: a size that differs between the versions of a versioned repository (builder/versions.py)
+            if not t.dims or any(d <= 0 and d != -1 for d in t.dims):
                 raise RepositoryError(f"{path}: tensor {t.name} has dims {list(t.dims)}")
             if t.data_type == mc.TYPE_INVALID:
                 raise RepositoryError(f"{path}: tensor {t.name} has no data type")
@@ -67,22 +68,27 @@ def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
                 for i in w.inputs.values():
                     if i.input_data_file and not (repo_dir / name / "warmup" / i.input_data_file).is_file():
                         raise RepositoryError(f"{name}: warmup {w.name} needs warmup/{i.input_data_file}")
-            version = repo_dir / name / "1"
-            for needed in _required_files(cfg):
-                if not (version / needed).is_file():
-                    raise RepositoryError(f"{name}: missing {version / needed}")
+            for v in _loaded_versions(cfg):
+                version = repo_dir / name / str(v)
+                for needed in _required_files(cfg):
+                    if not (version / needed).is_file():
+                        raise RepositoryError(f"{name}: missing {version / needed}")
         configs[name] = cfg
 
     # Follow the ensemble's tensors: every step input is produced before it is used, with
     # the data type and dims the consuming model declares.
     ens = configs[ENSEMBLE]
-    if not (repo_dir / ENSEMBLE / "1").is_dir():
-        raise RepositoryError(f"{ENSEMBLE}: missing version directory 1")
+    for v in _loaded_versions(ens):
+        if not (repo_dir / ENSEMBLE / str(v)).is_dir():
+            raise RepositoryError(f"{ENSEMBLE}: missing version directory {v}")
     known = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
     for step in ens.ensemble_scheduling.step:
         model = configs.get(step.model_name)
         if model is None:
             raise RepositoryError(f"ensemble step uses unknown model {step.model_name}")
+        if step.model_version != -1 and step.model_version not in _loaded_versions(model):
+            raise RepositoryError(f"ensemble step pinned to {model.name} version {step.model_version}, which "
+                                  f"is not loaded (versions {_loaded_versions(model)})")
         ins = {t.name: (t.data_type, list(t.dims)) for t in model.input}
         outs = {t.name: (t.data_type, list(t.dims)) for t in model.output}
         if set(step.input_map) != set(ins):
@@ -100,6 +106,11 @@ def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
         if known.get(t.name) != (t.data_type, list(t.dims)):
             raise RepositoryError(f"ensemble output {t.name} is not produced as declared")
     return configs
+
+
+def _loaded_versions(cfg: mc.ModelConfig) -> list[int]:
+    """The versions Triton loads: the specific policy's, else (latest, the default) version 1."""
+    return sorted(cfg.version_policy.specific.versions) if cfg.version_policy.HasField("specific") else [1]
 
 
 def recorded_checkpoint(repo_dir: str | Path) -> str | None:
