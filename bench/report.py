@@ -165,7 +165,7 @@ def ratio_table(results: dict) -> str:
 
 def breakdown_table(results: dict) -> str:
     """Per Triton level and model: mean batch, queue ms per request, compute ms per execution."""
-    rows = [lv for lv in results.get("levels", []) if lv.get("models")]
+    rows = [lv for lv in results.get("levels", []) if lv.get("models") and lv["stack"] == "triton"]  # peers: bench/peers/report.py
     if not rows:
         return "(no Triton levels)"
     names = [n for n in ("preprocess", "encoder", "caption_generator", "decoder_step", "captioner")

@@ -62,6 +62,15 @@ def t1_goal(peer: float, bound: float | None) -> tuple[float, str]:
     return peer, "the peer (1.3 x peer exceeds the bound, 0.9 x bound is below the peer)"
 
 
+def _others(triton: dict, peer: dict) -> str:
+    """The machine's other work during the two levels compared: a verdict from levels
+    measured under different outside load says little, and the line should say so."""
+    a, b = triton.get("other_cpu"), peer.get("other_cpu")
+    if not (_ok(a) and _ok(b)) or max(a, b) < 0.05:
+        return ""
+    return f"; others' CPU {a:.0%} during Triton, {b:.0%} during {peer['stack']}"
+
+
 @dataclass
 class PeerTarget:
     name: str
@@ -93,7 +102,7 @@ def t1(results: dict, bound_of) -> list[PeerTarget]:
             out.append(PeerTarget(name, fast and tail, (
                 f"Triton {tri['throughput']:.1f}/s vs goal {goal:.1f}/s ({why}; best peer {peer['stack']} "
                 f"{peer['throughput']:.1f}/s, bound {'-' if bound is None else f'{bound:.1f}/s'}); "
-                f"p99 {tri['p99_ms']:.0f} vs {peer['p99_ms']:.0f} ms")))
+                f"p99 {tri['p99_ms']:.0f} vs {peer['p99_ms']:.0f} ms{_others(tri, peer)}")))
     return out
 
 
@@ -109,5 +118,5 @@ def t2(results: dict) -> list[PeerTarget]:
         goal = T2_FACTOR * peer["p50_ms"]
         out.append(PeerTarget(name, _ok(tri["p50_ms"]) and tri["p50_ms"] <= goal, (
             f"Triton p50 {tri['p50_ms']:.1f} ms vs goal <= {goal:.1f} ms ({T2_FACTOR:g} x {peer['stack']} "
-            f"{peer['p50_ms']:.1f} ms)")))
+            f"{peer['p50_ms']:.1f} ms){_others(tri, peer)}")))
     return out
