@@ -14,20 +14,20 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from captioner.serving import PRECISIONS
+
 from . import build_steps as steps
 from . import cpu_step
 from .build_steps import EXIT_CHECK_FAILED, EXIT_GPU_UNMET, EXIT_REFUSED, EXIT_USAGE, MANIFEST, BuildFailed, BuildState, log
-from .capacity import DEFAULT_QUEUE_BUDGET_MS
+from .capacity import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_BUDGET_MS
 
 # The CLI's interface for the launcher, the benchmark and the tests.
 __all__ = ["DEFAULT_MAX_BATCH", "EXIT_CHECK_FAILED", "EXIT_GPU_UNMET", "EXIT_REFUSED", "EXIT_USAGE", "MANIFEST",
            "BuildFailed", "build", "main", "parse_args", "resolve_model"]
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MAX_BATCH = 32  # the one default: Triton configs and the TensorRT profile both take it from here
 DEFAULT_ENCODER_INPUT = "uint8"  # docs/bench.md, investigation 7
 DEFAULT_LAYOUT = "auto"  # fused for small encoders: builder/runtime_choice.py, docs/bench.md investigation 8
 TARGETS = ("auto", "cpu", "gpu")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 ENCODER_INPUTS_CHOICES = ("float32", "uint8")
 STEPS = 7

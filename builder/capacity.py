@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 DEFAULT_QUEUE_BUDGET_MS = 1000
+# The one max batch size default: every Triton config's max_batch_size, the TensorRT
+# profile's max and the batch the build times and checks at (build_engines --max-batch-size).
+DEFAULT_MAX_BATCH = 32
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import copy
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ from captioner.decoding import onnx_step
 from captioner.preprocess import normalize, prepare_path
 
 from . import parity
+from .capacity import DEFAULT_MAX_BATCH
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, export_module
 
 MIN_AGREEMENT = 0.98
@@ -326,7 +327,7 @@ class CpuVariantReport:
 
 
 def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_dir: Path, evalset: EvalSet,
-                      batch_sizes: tuple[int, ...] = (1, 32), min_agreement: float = MIN_AGREEMENT,
+                      batch_sizes: tuple[int, ...] = (1, DEFAULT_MAX_BATCH), min_agreement: float = MIN_AGREEMENT,
                       calibration_scenes: int = CALIBRATION_SCENES, log: Callable[[str], None] = print) -> CpuVariantReport:
     """Build int8, probe bf16, time what runs against fp32, keep the faster, and measure
     its caption agreement with fp32."""

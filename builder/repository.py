@@ -22,9 +22,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from captioner.checkpoint import Checkpoint
 from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from captioner.serving import DECODER_STEP, ENCODER, ENSEMBLE, GENERATOR, PREPROCESS
+from captioner.serving import DECODER_STEP, ENCODER, ENSEMBLE, GENERATOR, PRECISIONS, PREPROCESS
 
-from .capacity import QueuePolicy, policies
+from .capacity import DEFAULT_MAX_BATCH, QueuePolicy, policies
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 from .model_configs import WARMUP_IMAGE, build_configs, write_config
 from .repository_check import MODELS, RepositoryError, check_repository, is_fused, recorded_checkpoint
@@ -36,7 +36,6 @@ __all__ = ["DECODER_STEP", "DEFAULT_INSTANCES", "DEFAULT_ORT_THREADS", "DEFAULT_
 
 PYTHON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 TARGETS = ("cpu", "gpu")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # What preprocess hands the encoder: float32 [3, S, S] normalised, or the prepared
 # uint8 [S, S, 3] with normalisation inside the encoder graph (builder/uint8_input.py).
 ENCODER_INPUT_TYPES = ("float32", "uint8")
@@ -100,7 +99,7 @@ def assemble(
     repo_dir: str | Path,
     target: str,
     artifacts: Mapping[str, Path],
-    max_batch_size: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH,
     precision: str = "fp32",
     instance_counts: Mapping[str, int] | None = None,
     ort_threads: Mapping[str, int] | None = None,

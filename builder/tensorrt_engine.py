@@ -14,9 +14,9 @@ typed network over the fp32 graph or over the Q/DQ graph.
 `tensorrt` is imported lazily: CPU machines never need it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -28,7 +28,7 @@ WORKSPACE_BYTES = 2 << 30
 # differently in reduced precision, hence one figure per precision; whether reduced
 # precision still captions like fp32 is the separate agreement check.
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-1}
-PRECISIONS = tuple(ENGINE_TOLERANCE)
+ENGINE_PRECISIONS = tuple(ENGINE_TOLERANCE)  # the ones of captioner.serving.PRECISIONS TensorRT builds
 
 
 class EngineUnavailable(RuntimeError):
@@ -124,7 +124,7 @@ def recipe_for(api: TrtApi, precision: str) -> BuildRecipe:
         return BuildRecipe("fp16", "fp16", True)
     if precision == "int8":
         return BuildRecipe("int8", "int8_qdq", True)
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    raise ValueError(f"precision must be one of {ENGINE_PRECISIONS}, got {precision!r}")
 
 
 def _network_flags(trt, strongly_typed: bool) -> int:

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 from captioner.cli import env, flag
+from captioner.serving import PRECISIONS
 from client.wire import image_input
+from . import tracing
 from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 
 # Everything but inference and health needs the key: those are what clients and probes use.
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="checkpoint dir or file, or seed-inception [$CAPTIONER_MODEL]")
     p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"), help="Triton model repository [$CAPTIONER_REPO]")
     p.add_argument("--target", default=env("CAPTIONER_TARGET", "auto"), choices=("auto", "cpu", "gpu"))
-    p.add_argument("--precision", default=env("CAPTIONER_PRECISION", "fp32"), choices=("fp32", "fp16", "int8"))
+    p.add_argument("--precision", default=env("CAPTIONER_PRECISION", "fp32"), choices=PRECISIONS,
+                   help="encoder precision the build uses [$CAPTIONER_PRECISION]")
     p.add_argument("--rebuild", action="store_true", help="rebuild the repository even when it is up to date")
     p.add_argument("--no-build", action="store_true", default=env("CAPTIONER_NO_BUILD", False, flag),
                    help="serve the repository as it is; no checkpoint needed (images, pods) [$CAPTIONER_NO_BUILD]")
@@ -71,6 +74,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "compute) [$CAPTIONER_HANG_TIMEOUT]")
     p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", 5, int),
                    help="tritonserver restarts allowed in 10 minutes before the launcher gives up [$CAPTIONER_MAX_RESTARTS]")
+    p.add_argument("--trace-rate", type=int, default=env("CAPTIONER_TRACE_RATE", 0, int),
+                   help="trace one request in N with Triton's tracing (launcher.tracing); 0: off [$CAPTIONER_TRACE_RATE]")
+    p.add_argument("--trace-file", default=env("CAPTIONER_TRACE_FILE", "logs/triton-trace.json"),
+                   help="where Triton writes traces (FILE.0, FILE.1, ...; python -m bench.trace_summary FILE) "
+                        "[$CAPTIONER_TRACE_FILE]")
+    p.add_argument("--trace-log-frequency", type=int, default=env("CAPTIONER_TRACE_LOG_FREQUENCY", 10, int),
+                   help="traces per trace file [$CAPTIONER_TRACE_LOG_FREQUENCY]")
+    p.add_argument("--trace-otlp", default=env("CAPTIONER_TRACE_OTLP", None), metavar="URL",
+                   help="export the traces as OpenTelemetry spans over OTLP/HTTP to URL instead of the file "
+                        "(e.g. http://127.0.0.1:4318/v1/traces) [$CAPTIONER_TRACE_OTLP]")
     p.add_argument("--supervisor-metrics-port", type=int, default=env("CAPTIONER_SUPERVISOR_METRICS_PORT", None, int),
                    help="the supervisor's own metrics (repairs, restarts, deep probes; launcher.metrics) on this "
                         "port; default the metrics port + 1; 0: none [$CAPTIONER_SUPERVISOR_METRICS_PORT]")
@@ -85,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
+    if a.trace_rate < 0 or a.trace_log_frequency < 0:
+        p.error("--trace-rate and --trace-log-frequency must be >= 0")
     if a.supervisor_metrics_port is None:
         a.supervisor_metrics_port = a.metrics_port + 1
     if bool(a.grpc_ssl_cert) != bool(a.grpc_ssl_key):
@@ -377,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port + REPLICA_PORT_STEP * k,
             log_file=replica_log(args.log_file, k),
             exit_timeout_s=args.drain_timeout,
-            extra_args=extra,
+            extra_args=extra + tracing.server_args(args.trace_rate, replica_log(args.trace_file, k), args.trace_otlp,
+                                                   args.trace_log_frequency),
             control_mode="explicit" if args.supervise else "none",
         )
         for k in range(args.replicas)

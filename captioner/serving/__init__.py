@@ -12,6 +12,10 @@ from dataclasses import dataclass
 # serving images without the build package) drains the ensemble by name.
 ENSEMBLE = "captioner"
 PREPROCESS, ENCODER, DECODER_STEP, GENERATOR = "preprocess", "encoder", "decoder_step", "caption_generator"
+# The encoder precisions a repository is built with (its configs' `precision` parameter):
+# fp16 is TensorRT's (GPU only), bf16 OpenVINO's inference-precision hint (CPU only). The
+# build checks them and the launcher passes one on to the build.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)
