@@ -15,6 +15,11 @@ The supervisor watches what Triton does not:
 - **broken server**: tritonserver exited, or the probe fails `probe_failures` times in a
   row with anything but an overload refusal.
 
+Models with several versions (a rollout, launcher/rollout.py, loads a new version beside the
+serving one and unloads the old): stubs are told apart by version, and every round follows
+Triton's repository index, so a version unloaded on purpose is no dead stub and a version
+newly loaded is watched from then on.
+
 A broken model is unloaded at once (the ensemble goes with it, so with strict readiness
 `/v2/health/ready` answers NOT ready and load balancers stop routing), its remaining stubs
 are killed, and it is loaded again (`--model-control-mode=explicit`). A dead server, or a
@@ -52,6 +57,12 @@ class Stub:
     pid: int
     model: str
     instance: str
+    version: int = 1
+
+    @property
+    def key(self) -> str:
+        """The instance of one version: every version of a model has the same instance names."""
+        return f"{self.instance}@{self.version}"
 
 
 def stubs_of(server_pid: int) -> list[Stub]:
@@ -70,7 +81,10 @@ def stubs_of(server_pid: int) -> list[Stub]:
             continue
         # stub <repo>/<model>/<version>/model.py <shm region> ... <instance name> <mode>
         if cmd and os.path.basename(cmd[0]) == STUB_BINARY and len(cmd) > 8:
-            out.append(Stub(p.pid, os.path.basename(os.path.dirname(os.path.dirname(cmd[1]))), cmd[8]))
+            version_dir = os.path.dirname(cmd[1])
+            version = os.path.basename(version_dir)
+            out.append(Stub(p.pid, os.path.basename(os.path.dirname(version_dir)), cmd[8],
+                            int(version) if version.isdigit() else 1))
     return out
 
 
@@ -242,7 +256,7 @@ class Supervisor:
         self.restart_window_s, self.backoff_s, self.max_backoff_s = restart_window_s, backoff_s, max_backoff_s
         self.headers = headers or {}
         self.clock = clock
-        self.expected: dict[str, set[str]] = {}  # model -> stub instance names
+        self.expected: dict[str, set[str]] = {}  # model -> its stubs' keys (instance@version)
         self.restarts: list[float] = []
         self.failed_probes = 0
         self.events: list[dict] = []  # what happened, for reports and tests
@@ -262,20 +276,50 @@ class Supervisor:
         """Record the stubs of a healthy server: the set a later check compares with."""
         self.expected = {}
         for s in stubs_of(self.server.process.pid):
-            self.expected.setdefault(s.model, set()).add(s.instance)
+            self.expected.setdefault(s.model, set()).add(s.key)
         self.hangs.reset()
         self.failed_probes = 0
         self.probe.reset()
 
     # -- checks --------------------------------------------------------------------------
     def model_of(self, instance: str) -> str | None:
-        return next((m for m, names in self.expected.items() if instance in names), None)
+        """The model of an instance name, with or without its version (Triton's messages name
+        the instance only)."""
+        name = instance.partition("@")[0]
+        return next((m for m, keys in self.expected.items() if any(k.partition("@")[0] == name for k in keys)), None)
+
+    def follow_versions(self) -> None:
+        """Match the watched stubs to the versions Triton has loaded now: drop those of a
+        version no longer READY (unloaded on purpose: a rollout's old version), add those of
+        a READY version not watched yet (a rollout's new one). Skipped when the index cannot
+        be read, or does not say versions."""
+        try:
+            index = self.control.get_model_repository_index(headers=self.headers)
+        except Exception:  # noqa: BLE001 - the other checks still run; the next round asks again
+            return
+        ready: dict[str, set[int]] = {}
+        for m in index:
+            if m.get("state") == "READY" and str(m.get("version", "")).isdigit():
+                ready.setdefault(m["name"], set()).add(int(m["version"]))
+        if not ready:
+            return
+        stubs = stubs_of(self.server.process.pid)
+        for model in list(self.expected):
+            keep = {k for k in self.expected[model] if int(k.partition("@")[2] or 1) in ready.get(model, set())}
+            if keep != self.expected[model]:
+                self.expected[model] = keep
+        for s in stubs:
+            if s.version in ready.get(s.model, set()) and not any(
+                    k.endswith(f"@{s.version}") for k in self.expected.get(s.model, set())):
+                new = {t.key for t in stubs if t.model == s.model and t.version == s.version}
+                self.expected.setdefault(s.model, set()).update(new)
+                self._event("version_watched", model=s.model, version=s.version, stubs=len(new))
 
     def dead_models(self) -> dict[str, str]:
         """model -> why, for models whose stubs are not all alive."""
         alive: dict[str, set[str]] = {}
         for s in stubs_of(self.server.process.pid):
-            alive.setdefault(s.model, set()).add(s.instance)
+            alive.setdefault(s.model, set()).add(s.key)
         return {
             m: f"stub {', '.join(sorted(want - alive.get(m, set())))} gone"
             for m, want in self.expected.items()
@@ -318,6 +362,7 @@ class Supervisor:
             self._event("server_exited", code=code)
             self.restart(f"tritonserver exited with code {code}")
             return "restarted"
+        self.follow_versions()
         broken = self.dead_models()
         for m, why in self.hung_models().items():
             broken.setdefault(m, why)
@@ -365,10 +410,13 @@ class Supervisor:
         self._event("model_reloaded", models=",".join(broken), seconds=round(self.clock() - started, 2))
 
     def _load_all(self) -> None:
-        """Everything in the repository back to READY (the ensemble was unloaded with its step)."""
-        for m in self.control.get_model_repository_index(headers=self.headers):
-            if m.get("state") != "READY":
-                self.loader.load_model(m["name"], headers=self.headers)
+        """Everything in the repository back to READY (the ensemble was unloaded with its step).
+        A model with one version READY is loaded (versions unloaded on purpose stay listed)."""
+        index = self.control.get_model_repository_index(headers=self.headers)
+        ready = {m["name"] for m in index if m.get("state") == "READY"}
+        for name in dict.fromkeys(m["name"] for m in index):
+            if name not in ready:
+                self.loader.load_model(name, headers=self.headers)
 
     def restart(self, why: str) -> None:
         if self._stopping():

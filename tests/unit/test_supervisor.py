@@ -354,3 +354,48 @@ def test_drain_unloads_the_ensemble_and_waits_for_requests_in_flight():
             self.state[name] = "UNLOADING"
 
     assert not sv.drain(Busy(), "captioner", timeout_s=0.2)
+
+
+def test_a_rollout_is_followed_and_a_stub_of_the_new_version_killed_after_it_is_repaired(world):
+    """launcher/rollout.py loads version 2 beside 1, switches, unloads 1: the stubs of the
+    version unloaded on purpose are not dead, those of the version loaded since are watched."""
+    sup, server, control, probe, stubs, killed = world
+    versions = {m: {1: "READY"} for m in control.state}
+    control.get_model_repository_index = lambda headers=None: [
+        {"name": m, "version": str(v), "state": s} for m, vs in versions.items() for v, s in vs.items()]
+    # version 2 loaded beside 1
+    for m, group in stubs.items():
+        versions[m][2] = "READY"
+        group.append(sv.Stub(group[0].pid + 10, m, group[0].instance, 2))
+    assert sup.check() is None
+    assert [e["model"] for e in sup.events if e["event"] == "version_watched"] == list(stubs)
+    # switched, version 1 unloaded: its stubs go away on purpose
+    for m, group in stubs.items():
+        versions[m][1] = "UNAVAILABLE"
+        group[:] = [s for s in group if s.version == 2]
+    assert sup.check() is None and control.calls == []
+    # a stub of the serving version 2 dies: repaired
+    stubs["encoder"] = []
+    assert sup.check() == "repaired"
+    assert control.calls[0] == ("unload", "encoder", {"key": "v"})
+
+
+def test_stubs_of_tells_versions_apart(monkeypatch):
+    class P:
+        def __init__(self, pid, version):
+            self.pid, self.version = pid, version
+
+        def status(self):
+            return "sleeping"
+
+        def cmdline(self):
+            return ["/x/triton_python_backend_stub", f"/repo/encoder/{self.version}/model.py", "shm", "1", "1", "9",
+                    "/x", "336", "encoder_0_0", "DEFAULT"]
+
+    class Root:
+        def children(self):
+            return [P(5, 1), P(6, 2)]
+
+    monkeypatch.setattr(sv.psutil, "Process", lambda pid: Root())
+    one, two = sv.stubs_of(1)
+    assert (one.version, two.version) == (1, 2) and one.instance == two.instance and one.key != two.key
