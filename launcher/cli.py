@@ -25,6 +25,7 @@ from captioner.cli import env, flag
 from captioner.serving import PRECISIONS
 from client.wire import image_input
 from . import tracing
+from .supervisor import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_RESTARTS, RESTART_WINDOW_S
 from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 
 # Everything but inference and health needs the key: those are what clients and probes use.
@@ -68,12 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(tritonserver --exit-timeout-secs) [$CAPTIONER_DRAIN_TIMEOUT]")
     p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=env("CAPTIONER_SUPERVISE", True, flag),
                    help="reload a model whose stub died or hung, restart a dead tritonserver [$CAPTIONER_SUPERVISE]")
-    p.add_argument("--hang-timeout", type=float, default=env("CAPTIONER_HANG_TIMEOUT", 8.0, float),
+    p.add_argument("--hang-timeout", type=float, default=env("CAPTIONER_HANG_TIMEOUT", DEFAULT_HANG_TIMEOUT_S, float),
                    help="a model with requests pending and no execution finished, or a stub inside one execute "
                         "or with a silent heartbeat, for this long with idle stubs is hung (4x as long while they "
                         "compute) [$CAPTIONER_HANG_TIMEOUT]")
-    p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", 5, int),
-                   help="tritonserver restarts allowed in 10 minutes before the launcher gives up [$CAPTIONER_MAX_RESTARTS]")
+    p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", DEFAULT_MAX_RESTARTS, int),
+                   help=f"tritonserver restarts allowed in {RESTART_WINDOW_S / 60:g} minutes before the launcher gives up "
+                        "[$CAPTIONER_MAX_RESTARTS]")
     p.add_argument("--trace-rate", type=int, default=env("CAPTIONER_TRACE_RATE", 0, int),
                    help="trace one request in N with Triton's tracing (launcher.tracing); 0: off [$CAPTIONER_TRACE_RATE]")
     p.add_argument("--trace-file", default=env("CAPTIONER_TRACE_FILE", "logs/triton-trace.json"),

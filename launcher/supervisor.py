@@ -48,6 +48,10 @@ from captioner.serving.triton import executing_since, heartbeats
 log = logging.getLogger("launcher.supervisor")
 
 STUB_BINARY = "triton_python_backend_stub"
+# The supervisor's defaults, which the launcher's flags show (--hang-timeout, --max-restarts).
+DEFAULT_HANG_TIMEOUT_S = 8.0
+DEFAULT_MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 # What Triton answers once it has found a stub unresponsive (e.g. stopped): names the instance.
 UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
 
@@ -239,10 +243,10 @@ class Supervisor:
         *,
         loader=None,  # the client for load_model: loading may take long, the other calls must not
         interval_s: float = 0.5,
-        hang_timeout_s: float = 6.0,
+        hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S,
         probe_failures: int = 3,
-        max_restarts: int = 5,
-        restart_window_s: float = 600.0,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         headers: dict[str, str] | None = None,
