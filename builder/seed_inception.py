@@ -26,6 +26,9 @@ from captioner.vocab import SPECIALS, Vocabulary
 
 NAME = "seed-inception"
 VOCAB_SIZE = 8769  # the seed's vocabulary size, specials included
+# Decode steps, END included. Random weights rarely emit END, so every caption costs the
+# full MAX_LENGTH steps; benchmarks that send max_length for this model take it from here.
+MAX_LENGTH = 20
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "artifacts" / NAME
 SPEED_ONLY_NOTE = "random weights: captions are meaningless; for speed measurements only"
 BN_CALIBRATION_IMAGES = 8
@@ -57,7 +60,7 @@ def _calibrate_batchnorm(model: CaptionModel, images: torch.Tensor, batch_size: 
 def make_checkpoint(seed: int = 0) -> Checkpoint:
     torch.manual_seed(seed)
     vocab = synthetic_vocab()
-    args = ModelArgs(vocab_size=len(vocab), backbone="inception_v3")
+    args = ModelArgs(vocab_size=len(vocab), backbone="inception_v3", max_length=MAX_LENGTH)
     cfg = default_preprocess(args.backbone)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the random-weights warning: that is the point here
