@@ -187,12 +187,11 @@ def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
     return encoded_scenes(n, seed)
 
 
-def caption_samples(server: TritonServer, n: int) -> None:
-    """Caption n sample scenes: over gRPC, or over local HTTP when gRPC needs TLS (the
-    launcher holds the server's certificate, not a CA that clients would trust)."""
+def caption_samples(server: TritonServer, n: int, tls: bool = False) -> None:
+    """Caption n sample scenes: over gRPC, or over local HTTP when gRPC needs TLS (`tls`;
+    the launcher holds the server's certificate, not a CA that clients would trust)."""
     from captioner.scenes import all_captions, caption_is_correct
 
-    tls = any(x.startswith("--grpc-use-ssl=true") for x in server.extra_args)
     if tls:
         import tritonclient.http as client_mod
 
@@ -246,14 +245,21 @@ def http_probe(server: TritonServer, timeout_s: float = PROBE_TIMEOUT_S, observe
 
 
 class Stop:
-    """Set by SIGTERM/SIGINT (or a supervisor giving up); the main thread waits on it."""
+    """Set by SIGTERM/SIGINT, or by a supervisor giving up (`gave_up`: the launcher then
+    exits 1 so that the process manager above it acts); the main thread waits on it."""
 
     def __init__(self):
         self.event = threading.Event()
         self.reason = ""
+        self.gave_up = False
 
     def __call__(self, signum=None, frame=None):
         self.reason = self.reason or (signal.Signals(signum).name if signum else "stop")
+        self.event.set()
+
+    def give_up(self) -> None:
+        self.gave_up = True
+        self.reason = "supervisor gave up"
         self.event.set()
 
 
@@ -280,8 +286,7 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=N
             sup.run(stopping=stop.event.is_set)
         except GiveUp as e:
             print(f"error: supervisor gave up on {server.grpc_url}: {e}", file=sys.stderr, flush=True)
-            stop.reason = "supervisor gave up"
-            stop.event.set()
+            stop.give_up()
         finally:
             probe.stop()
 
@@ -416,14 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(servers) > 1:
             print("CAPTIONER_URL=" + ",".join(s.grpc_url for s in servers), flush=True)
         if args.samples:
-            caption_samples(servers[0], args.samples)
+            caption_samples(servers[0], args.samples, tls=bool(args.grpc_ssl_cert))
         if args.supervise:
             recorders = supervisor_metrics(servers, args)
             supervisors += [supervise(server, args, stop, rec) for server, rec in zip(servers, recorders)]
             print("Serving; supervised; Ctrl-C or SIGTERM drains and stops.", flush=True)
             while not stop.event.wait(0.5):
                 pass
-            return 1 if stop.reason == "supervisor gave up" else 0
+            return 1 if stop.gave_up else 0
         print("Serving; Ctrl-C or SIGTERM drains and stops.", flush=True)
         while not stop.event.wait(0.5):
             dead = next((s for s in servers if not s.running()), None)

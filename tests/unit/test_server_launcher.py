@@ -207,3 +207,48 @@ def test_only_drained_servers_get_the_short_unload_grace(capsys):
     assert drained.waits == stuck.waits == [serve.UNLOAD_GRACE_S]
     assert undrained.waits == [None]  # requests may be in flight: Triton's own exit timeout
     assert "still unloading" in capsys.readouterr().out
+
+
+# --- launcher: what decides its exit status and how it reaches its own server -------------
+
+
+def test_a_supervisor_giving_up_is_told_apart_from_a_signal():
+    import signal
+
+    from launcher.cli import Stop
+
+    signalled = Stop()
+    signalled(signal.SIGTERM)
+    assert signalled.event.is_set() and signalled.reason == "SIGTERM" and not signalled.gave_up  # exit 0
+    gave_up = Stop()
+    gave_up.give_up()
+    assert gave_up.event.is_set() and gave_up.gave_up  # exit 1: the process manager takes over
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_sample_captions_go_over_grpc_unless_grpc_is_tls_only(monkeypatch, capsys, tls):
+    from types import SimpleNamespace
+
+    import numpy as np
+    import tritonclient.grpc as grpc_client
+    import tritonclient.http as http_client
+
+    from launcher import cli
+
+    used = []
+
+    class Client:
+        def __init__(self, url, **kwargs):
+            used.append(url)
+
+        def infer(self, model, inputs):
+            return SimpleNamespace(as_numpy=lambda name: np.array([[b"a red circle"]], dtype=np.object_))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(http_client, "InferenceServerClient", Client)
+    monkeypatch.setattr(grpc_client, "InferenceServerClient", Client)
+    cli.caption_samples(SimpleNamespace(http_url="127.0.0.1:8000", grpc_url="127.0.0.1:8001"), 1, tls=tls)
+    assert used == (["127.0.0.1:8000"] if tls else ["127.0.0.1:8001"])
+    assert ("over HTTP (gRPC is TLS-only)" in capsys.readouterr().out) == tls
