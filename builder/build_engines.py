@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=env("CAPTIONER_ENCODER_INPUT", DEFAULT_ENCODER_INPUT),
                    help="what preprocess hands the CPU encoder: uint8 HWC (normalised inside the encoder graph) or "
                         f"float32 CHW (env CAPTIONER_ENCODER_INPUT, default {DEFAULT_ENCODER_INPUT})")
+    p.add_argument("--decode", choices=("fast", "exact"), default=env("CAPTIONER_DECODE", "fast"),
+                   help="image decode path the repository serves (captioner/preprocess.py): fast decodes no larger "
+                        "than the model needs and is served only when its gate passes (builder/decode_gate.py), else "
+                        "exact; exact decodes every image at full size (env CAPTIONER_DECODE, default fast)")
     p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"),
                    help="Triton model repository to write (env CAPTIONER_REPO)")
     p.add_argument("--max-batch-size", type=int, default=int(env("CAPTIONER_MAX_BATCH", DEFAULT_MAX_BATCH)),

@@ -246,6 +246,10 @@ def write_repository(b: BuildState) -> None:
     from .runtime_choice import warm_cache
 
     a = b.a
+    from .decode_gate import choose
+
+    # The decode path served (preprocess.json, the rates measured next, the manifest).
+    b.ck.preprocess, b.manifest["decode"] = choose(b.ck, getattr(a, "decode", "fast"), log=detail)
     measured = _measure_capacity(b) if b.target == "cpu" else None
     fused = b.layout == "fused"
     queues = capacity.policies(measured, a.max_batch_size, a.queue_budget_ms,

@@ -12,6 +12,7 @@ side, e.g. every gate image for a 299 px model) agrees without being captioned."
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,19 @@ class GateReport:
         }
 
 
+@functools.lru_cache(maxsize=2)
+def prepared(cfg: PreprocessConfig, n: int = GATE_SCENES, seed: int = GATE_SEED) -> tuple:
+    """(exact uint8 [N, S, S, 3], fast uint8 [N, S, S, 3], the photos without their bytes):
+    the gate set prepared on both paths for `cfg`'s model input, kept for the next build
+    in the same process (the unit tests build several times)."""
+    photos = gate_set(n, seed)
+    exact = np.stack([prepare_bytes(ph.data, replace(cfg, decode="exact")) for ph in photos])
+    fast = np.stack([prepare_bytes(ph.data, replace(cfg, decode="fast")) for ph in photos])
+    for a in (exact, fast):
+        a.setflags(write=False)
+    return exact, fast, tuple(replace(ph, data=b"") for ph in photos)
+
+
 def torch_tokens(ck: Checkpoint) -> TokensFn:
     """Greedy tokens through the checkpoint's own torch model."""
     from captioner.decoding import torch_step
@@ -127,11 +141,7 @@ def check(
     """Prepare every gate image on both paths, caption the ones whose pixels differ, and
     compare: agreement of the greedy token sequences, and correctness of each path."""
     tokens = tokens or torch_tokens(ck)
-    exact_cfg = replace(ck.preprocess, decode="exact")
-    fast_cfg = replace(ck.preprocess, decode="fast")
-    images = gate_set(n, seed)
-    exact = np.stack([prepare_bytes(ph.data, exact_cfg) for ph in images])
-    fast = np.stack([prepare_bytes(ph.data, fast_cfg) for ph in images])
+    exact, fast, images = prepared(replace(ck.preprocess, decode="exact"), n, seed)
     same = np.array([np.array_equal(a, b) for a, b in zip(exact, fast)])
     ref = tokens(exact)
     got: list[tuple[int, ...]] = list(ref)

@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from captioner.checkpoint import Checkpoint
 from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from captioner.serving import DECODER_STEP, ENCODER, ENSEMBLE, GENERATOR, PRECISIONS, PREPROCESS
+from captioner.serving.generator import STEP_MODES
 
 from .capacity import DEFAULT_MAX_BATCH, QueuePolicy, policies
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
@@ -126,7 +127,7 @@ def assemble(
     rates it derives them from); None bounds every admitting queue at four batches."""
     _check_choices(target, precision, max_batch_size, layout, encoder_input, runtimes, inference_precision)
     step_mode = step_mode or DEFAULT_STEP_MODE[target]
-    if step_mode not in ("inprocess", "bls"):
+    if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode must be inprocess or bls, got {step_mode!r}")
     needed = ["encoder_onnx", "decoder_onnx"] + (["encoder_plan"] if target == "gpu" else [])
     missing = [k for k in needed if k not in artifacts or not Path(artifacts[k]).is_file()]

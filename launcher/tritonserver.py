@@ -266,19 +266,6 @@ class TritonServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait(self) -> int:
-        """Block until the server exits on its own; its exit code.
-
-        Waits in short slices: a signal the kernel hands to another thread (gRPC's) does
-        not interrupt a blocking waitpid in the main thread, so Ctrl-C would otherwise
-        wait until the server died by itself."""
-        assert self.process is not None
-        while True:
-            try:
-                return self.process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
-
     def stop(self, wait_s: float | None = None) -> bool:
         """Drain and stop: on SIGTERM Triton turns readiness false, refuses new requests
         with UNAVAILABLE and finishes those in flight for up to exit_timeout_s. Killed
