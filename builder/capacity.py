@@ -9,19 +9,19 @@ caller backs off or goes to another replica instead of waiting for an answer it 
 throw away. Callers may lower the timeout with their own deadline
 (`allow_timeout_override`).
 
-The encoder's batches are capped too: one batch of 32 InceptionV3 images takes about a
-second on 2 cores, which alone eats half of a 2 s deadline. The cap is the largest
-batch that runs in an eighth of the budget at the measured rate (a request admitted
-late in its caller's deadline then finishes in time more often); on CPU the encoder's
-throughput per image hardly depends on the batch size (seed-inception through OpenVINO:
-39-42 img/s at batch 1, 5, 8 and 32), so the cap costs nothing.
+The encoder's batches are capped too: on a few CPU cores one full batch of a large
+encoder (InceptionV3) can eat much of a caller's deadline by itself. The cap is the
+largest batch that runs in an eighth of the budget at the measured rate (a request
+admitted late in its caller's deadline then finishes in time more often); on CPU the
+encoder's throughput per image hardly depends on the batch size, so the cap costs
+next to nothing.
 
 The timeout is the budget, four times what a full queue needs at the measured ceiling:
-it must not fire under load the server can carry (the default model at 512 clients
-queues ~0.5 s per request and still answers every one inside a 2 s deadline; a 500 ms
-timeout refused a third of them and halved goodput, README "Reliability"). Requests
-that would miss their caller's deadline are refused by that deadline instead, which
-the client library sends with every attempt.
+it must not fire under load the server can carry, where requests queue for a good part
+of a second and still finish inside their deadline (a tighter timeout refused those and
+cut goodput: docs/operations.md, load shedding). Requests that would miss their
+caller's deadline are refused by that deadline instead, which the client library sends
+with every attempt.
 
 decoder_step has no bound: only caption_generator calls it, mid-caption, and refusing
 a step would waste the work already done for that caption.

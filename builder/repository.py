@@ -51,22 +51,21 @@ FUSED_SOURCE = "preprocess_encoder"
 # The front model (preprocess: it admits every request and, in the fused layout, runs the
 # encoder) gets two. Triton's dynamic batcher prefetches at most two batches per
 # instance; with one instance and a full bounded queue (load shedding refusing), it
-# sleeps its 500 ms default wait while the instance idles: measured with seed-inception,
-# the front model was busy 45 % of the time at 16 clients and throughput halved (16.5
-# vs 34.7 captions/s at 8 clients). Two instances keep it busy (35.2/s at 16 clients,
-# 1-client p50 34 vs 31 ms; README "Reliability").
+# sleeps its default wait while the instance idles, and throughput drops under overload.
+# Two instances keep it busy (docs/bench.md, "What the defaults are, and why").
 DEFAULT_INSTANCES = {
     "cpu": {PREPROCESS: 2, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 1},
     "gpu": {PREPROCESS: 2, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 2},
 }
 # The encoder gets both cores: with one thread a heavy encoder (seed-inception) caps the
-# whole stack at one core, 0.55x the in-process bound; two reach 1.1x (docs/bench.md).
+# whole stack at one core (docs/bench.md, "What the defaults are, and why").
 DEFAULT_ORT_THREADS = {ENCODER: 2, DECODER_STEP: 1, GENERATOR: 1}
-# Measured on the CPU machine (README, "BLS or in-process decoder step"). On GPU the
-# step goes to the GPU decoder_step through BLS.
+# On CPU the step runs in caption_generator's process, no BLS call per token
+# (docs/serving.md, "Decoder step: in-process or BLS"). On GPU the step goes to the GPU
+# decoder_step through BLS.
 DEFAULT_STEP_MODE = {"cpu": "inprocess", "gpu": "bls"}
 # No waiting for company: requests that queue while an instance is busy still batch,
-# and a 1 ms delay per stage halved throughput at 1-4 clients (docs/bench.md).
+# and a delay per stage costs throughput at low concurrency (docs/bench.md).
 DEFAULT_QUEUE_DELAY_US = 0
 
 

@@ -20,20 +20,17 @@ from captioner.serving import runtime as rt
 
 from .export import ENCODER_INPUTS, STEP_INPUTS
 
-STEP_ROWS = 32  # live sequences in one decoder step under load (mean batches 8-15 x beams)
+STEP_ROWS = 32  # live sequences in one decoder step under load (several images x their beams)
 SECONDS_PER_TIMING = 0.4
 # OpenVINO must beat onnxruntime by this factor to be chosen: brief timings on a shared
 # machine wobble by a few percent, and onnxruntime is the runtime with fewer moving parts.
 MARGIN = 1.05
 # The fused layout (decode + encoder in one Python model) for encoders at least this fast
-# at the build's max batch, through the chosen runtime. Measured fused-better on 2 cores:
-# the default model (~4,000 img/s: 1.6 vs 1.8 ms CPU per caption at 32 clients) and
-# seed-inception int8 through OpenVINO (~100-155 img/s: 5-8% less CPU per caption, higher
-# throughput in 4 of 4 alternating runs; docs/bench.md, investigation 8). Slow encoders
-# fuse too: decoding (~1,400 img/s with uint8 output) overlapping a 40 img/s encoder saves
-# ~3%, while under overload the fused model's queue is the only one in front of any work,
-# so a refused request costs no Python execution (make faults, seed-inception fp32 at 128
-# clients: goodput 0.67x capacity fused vs 0.57x split, README "Reliability").
+# at the build's max batch, through the chosen runtime. Fast encoders fuse: one Python
+# hop fewer costs less CPU per caption. Slow encoders fuse too: decoding overlapping a
+# slow encoder saves little, while under overload the fused model's queue is the only one
+# in front of any work, so a refused request costs no Python execution and goodput holds
+# up better (docs/bench.md, "What the defaults are, and why"; investigation 8).
 FUSE_ABOVE_IMAGES_PER_S = 0.0
 
 

@@ -296,10 +296,10 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=N
 
 
 # Once a drain has finished every accepted request, tritonserver's own shutdown only
-# unloads models, in 1-4 s here; but an instance whose stub the supervisor replaced within
-# the last ~30 s is still unloading (the Python backend waits out its stub timeout for a
-# dead stub), and Triton would wait for it until its exit timeout (seen: 30 s after a
-# repair, against 3.7 s without). Nothing is in flight then, so it is stopped after this.
+# unloads models, in seconds; but an instance whose stub the supervisor replaced within
+# the Python backend's stub timeout is still unloading (it waits out that timeout for a
+# dead stub), and Triton would wait for it until its exit timeout. Nothing is in flight
+# then, so it is stopped after this.
 UNLOAD_GRACE_S = 10.0
 
 

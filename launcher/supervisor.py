@@ -461,8 +461,8 @@ class Supervisor:
 def drain(control, model: str, timeout_s: float, headers: dict[str, str] | None = None) -> bool:
     """Stop admitting new requests and let the accepted ones finish, before tritonserver is
     asked to stop. Triton's own shutdown refuses the *next step* of an ensemble request
-    already in flight ("Server is stopping"): seen losing 4 of 10 in-flight captions of the
-    slow seed-inception model. Unloading the ensemble instead turns readiness false,
+    already in flight ("Server is stopping"), so in-flight captions of a slow model are
+    lost. Unloading the ensemble instead turns readiness false,
     answers new requests NOT_FOUND (clients retry elsewhere) and keeps the composing
     models serving the steps of those in flight until the last one is done. True when
     they all finished within timeout_s."""
