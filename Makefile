@@ -18,7 +18,7 @@ TRAIN_SCENES ?= 60000
 EPOCHS ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: help setup lint data train default-model eval caption test test-unit test-integration build-engines serve loadtest bench faults clean
+.PHONY: help setup lint data train default-model eval caption test test-unit test-integration build-engines serve rollout rollback loadtest bench faults clean
 
 help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
@@ -97,6 +97,14 @@ build-engines: | $(STAMP)
 REPLICAS ?= 1
 serve: | $(STAMP)
 	$(PY) -m launcher --model $(MODEL) --repo $(REPO) --replicas $(REPLICAS) $(ARGS)
+
+## rollout        build MODEL as the next version of $(REPO) and switch the server make serve runs on it, no downtime (launcher/rollout.py)
+rollout: | $(STAMP)
+	$(PY) -m launcher.rollout rollout --model $(MODEL) --repo $(REPO) --keep $(KEEP) $(ARGS)
+
+## rollback       switch that server back to the version it served before (still on disk)
+rollback: | $(STAMP)
+	$(PY) -m launcher.rollout rollback --repo $(REPO) $(ARGS)
 
 ## loadtest       Locust headless against a running server (starts one if none answers); reports in reports/
 loadtest: | $(STAMP)

@@ -96,7 +96,7 @@ def serving_version(repo: Path) -> int:
 
 def loaded_versions(repo: Path) -> dict[str, list[int]]:
     """Per composing model, the versions its config tells Triton to load."""
-    return {m: policy_versions(read_config(repo, m)) for m in models(repo)}  # type: ignore[arg-type]
+    return {m: policy_versions(read_config(repo, m)) for m in models(repo)}
 
 
 def all_versions(repo: Path) -> list[int]:
@@ -322,7 +322,7 @@ def set_serving(repo: Path, version: int) -> None:
     if not (repo / ENSEMBLE / str(version)).is_dir():
         raise VersionError(f"{ENSEMBLE}: no version {version} on disk (versions: {on_disk(repo, ENSEMBLE)})")
     for name in models(repo):
-        if version not in policy_versions(read_config(repo, name)):  # type: ignore[arg-type]
+        if version not in policy_versions(read_config(repo, name)):
             raise VersionError(f"{name} does not load version {version}: load it before serving it")
     cfg = read_config(repo, ENSEMBLE)
     assert cfg is not None

@@ -147,7 +147,10 @@ def replica_log(log_file: str, k: int) -> str:
 
 
 def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
-    """Why the repository must be (re)built, or None when it serves this checkpoint."""
+    """Why the repository must be (re)built, or None when it serves this checkpoint or holds
+    it as one of its versions (a versioned repository serves the version make rollout or
+    make rollback chose last)."""
+    from builder import versions
     from builder.repository_check import RepositoryError, check_repository, recorded_checkpoint
 
     from captioner.checkpoint import file_sha256
@@ -155,7 +158,10 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     recorded = recorded_checkpoint(repo)
     if recorded is None:
         return f"no model repository at {repo}"
-    if recorded != file_sha256(checkpoint_path):
+    sha = file_sha256(checkpoint_path)
+    kept = {r.get("checkpoint_sha256") for v, r in versions.version_records(repo).items()
+            if v in versions.all_versions(repo)}
+    if recorded != sha and sha not in kept:
         return f"{repo} was built from another checkpoint than {checkpoint_path}"
     try:
         configs = check_repository(repo)
@@ -164,8 +170,12 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     built_for = configs["captioner"].parameters["target"].string_value
     if target != "auto" and built_for != target:
         return f"{repo} was built for {built_for}, not {target}"
+    try:
+        serving = versions.serving_version(repo)
+    except versions.VersionError as e:
+        return str(e)
     for model_py in (PROJECT_ROOT / "builder" / "triton_models").glob("*/model.py"):
-        served = repo / model_py.parent.name / "1" / "model.py"
+        served = repo / model_py.parent.name / str(serving) / "model.py"
         if served.is_file() and served.read_bytes() != model_py.read_bytes():
             return f"{served} differs from {model_py}"
     return None

@@ -172,6 +172,33 @@ def test_stale_reason(tmp_path):
     assert "another checkpoint" in stale_reason(repo, other, "auto")
 
 
+def test_a_versioned_repository_holding_the_checkpoint_is_served_as_it_is(tmp_path):
+    """After make rollout, make serve with the first checkpoint serves the repository as the
+    rollout left it (version 2); it rebuilds only for a checkpoint none of its versions has."""
+    import json
+
+    from builder import versions
+    from builder.export import export_decoder_step, export_encoder
+    from builder.repository import assemble
+    from captioner import checkpoint
+    from launcher.cli import stale_reason
+    from serving_support import tiny_checkpoint
+
+    paths = [tiny_checkpoint(tmp_path / f"ck{i}", seed=i) for i in range(3)]
+    cks = [checkpoint.load(p) for p in paths]
+    arts = [{"encoder_onnx": export_encoder(ck, tmp_path / f"e{i}.onnx"),
+             "decoder_onnx": export_decoder_step(ck, tmp_path / f"d{i}.onnx")} for i, ck in enumerate(cks[:2])]
+    repo = assemble(cks[0], tmp_path / "repo", "cpu", arts[0])
+    versions.add_version(assemble(cks[1], versions.staging_dir(repo), "cpu", arts[1]), repo)
+    records = {str(v): {"checkpoint_sha256": ck.sha256} for v, ck in ((1, cks[0]), (2, cks[1]))}
+    (repo / versions.MANIFEST).write_text(json.dumps({"model_versions": records}))
+    for m in versions.models(repo):
+        versions.set_loaded(repo, m, [2])
+    versions.set_serving(repo, 2)
+    assert stale_reason(repo, paths[0], "auto") is None and stale_reason(repo, paths[1], "auto") is None
+    assert "another checkpoint" in stale_reason(repo, paths[2], "auto")
+
+
 STUCK_UNLOADING = HEALTHY.replace('threading.Thread(target=httpd.shutdown).start()', 'pass  # unloads forever')
 
 
