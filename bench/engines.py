@@ -156,6 +156,8 @@ def add_precision(precisions: dict[str, dict], precision: str, manifest: dict, o
         "decoder": out / "decoder_step.onnx",
         "step_runtime": runtime["decoder_step"]["runtime"],
         "auto_encoder_runtime": runtime["encoder"]["runtime"],
+        # the decode path the build's gate chose (builder/decode_gate.py); None: built before the gate
+        "decode": (manifest.get("decode") or {}).get("served"),
         # images/s of this precision's graph per runtime: LAYOUT=auto's rule, per variant
         "rates": json.dumps({k: v[top] for k, v in runtime["encoder_rows_per_s"].items()}),
     }

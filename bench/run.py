@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from builder.build_engines import DEFAULT_MAX_BATCH
 
-from . import engines, plots, report
+from . import engines, photos, plots, report
 from .peers import report as peers_report
 from .peers import run as peers_run
 from .stacks import Session, run_inprocess, run_naive
@@ -142,6 +142,8 @@ class Bench:
             }
             if "inprocess" in a.stacks:
                 run_inprocess(s, spec, label, paths)
+                if photos.wanted(a, label, paths):
+                    photos.run_inprocess(s, spec, label, paths)
             if "triton" in a.stacks:
                 run_triton(s, spec, label, paths)
         if a.peers:  # bench/peers: Ray Serve, LitServe, MLServer on the same graphs
@@ -299,6 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flags in (_selection_flags, _load_flags, _triton_flags, _build_flags, _output_flags):
         flags(p)
     peers_run.add_arguments(p.add_argument_group("the peers (bench/peers)"), env)
+    photos.add_arguments(p, env)
     a = p.parse_args(argv)
     peers_run.check_arguments(p, a)
     if a.quick:
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     results["investigation"] = report.investigation(ROOT / "docs" / "bench.md")
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     default_name = "default"
-    md = report.markdown(results, default_name)
+    md = report.markdown(results, default_name) + photos.markdown(results, default_name)
     (out / "bench.md").write_text(md)
     print()
     print("## Configuration\n" + report.config_lines(results))
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if peers_report.side_by_side(results).count("\n") > 1:
         print("\n## Side by side with the peers\n" + peers_report.side_by_side(results))
     print("\n## Targets\n" + "\n".join(t.line() for t in report.targets(results, default_name)))
+    if results.get("photos"):
+        print("\n## Photo workloads\n" + photos.table(results))
+        print("\n".join(t.line() for t in photos.targets(results, default_name)))
     print(f"\nwrote {out / 'bench.md'} ({results['wall_s']:.0f} s)")
     return 0
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+from dataclasses import replace
 from pathlib import Path
 
+from . import photos
 from .loadgen import TritonClient
 from .stacks import Session, captioner, run_levels
 from .variants import ModelSpec
@@ -48,8 +51,12 @@ def triton_repo(spec: ModelSpec, variant: str, paths: dict, work: Path, a: argpa
     from builder.runtime_choice import warm_cache
     from captioner import checkpoint as ckpt_mod
 
+    from .photos import decode_for
+
+    ck = ckpt_mod.load(spec.checkpoint)
+    ck.preprocess = replace(ck.preprocess, decode=decode_for(a, paths, ck.preprocess.decode))
     repo = assemble(
-        ckpt_mod.load(spec.checkpoint),
+        ck,
         work / spec.name / f"repo-{variant.replace(' ', '-')}",
         "cpu",
         {"encoder_onnx": paths["encoder"], "decoder_onnx": paths["decoder"]},
@@ -68,6 +75,11 @@ def triton_repo(spec: ModelSpec, variant: str, paths: dict, work: Path, a: argpa
     return repo
 
 
+def read_decode(repo: Path) -> str:
+    """The decode path the repository's preprocess model serves."""
+    return json.loads((repo / "preprocess" / "1" / "preprocess.json").read_text()).get("decode", "exact")
+
+
 def run_triton(s: Session, spec: ModelSpec, variant: str, paths: dict) -> None:
     from launcher.tritonserver import TritonServer
 
@@ -80,6 +92,8 @@ def run_triton(s: Session, spec: ModelSpec, variant: str, paths: dict) -> None:
         s.note(parity(spec, variant, paths, server.grpc_url, s.images))
         make = lambda: TritonClient(server.grpc_url, s.images, parameters=spec.params)  # noqa: E731
         run_levels(s, spec, "triton", variant, make, [server.process.pid])
+        if photos.wanted(s.a, variant, paths):  # the photo workloads on the same server
+            photos.run_triton(s, spec, variant, server.grpc_url, [server.process.pid], read_decode(repo))
 
 
 def parity(spec: ModelSpec, variant: str, paths: dict, url: str, images: list[bytes], n: int = 8) -> str:
