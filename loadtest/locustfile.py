@@ -43,7 +43,7 @@ from client.endpoints import EndpointPool, parse_endpoints, status_text  # noqa:
 from client.images import probe_image  # noqa: E402
 from client.retry import Retry, RetryPolicy, drive, run_probe  # noqa: E402
 from client.wire import attempt_failed, call_without_cancel  # noqa: E402
-from loadtest.pool import build_pool, parse_sizes  # noqa: E402
+from loadtest.pool import DEFAULT_JPEG_SHARE, DEFAULT_SIZES, build_pool, parse_sizes  # noqa: E402
 
 log = logging.getLogger("loadtest")
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -67,9 +67,9 @@ def _add_arguments(parser):
                    help="seconds each user waits between requests (0: closed loop)")
     g.add_argument("--pool-size", type=int, default=48, env_var="LOADTEST_POOL_SIZE", help="scenes in the pool")
     g.add_argument("--pool-seed", type=int, default=1234, env_var="LOADTEST_POOL_SEED")
-    g.add_argument("--pool-sizes", default="64,128,128,256,512,1024", env_var="LOADTEST_POOL_SIZES",
-                   help="image sides drawn from, comma separated")
-    g.add_argument("--jpeg-share", type=float, default=0.5, env_var="LOADTEST_JPEG_SHARE",
+    g.add_argument("--pool-sizes", default=",".join(map(str, DEFAULT_SIZES)), env_var="LOADTEST_POOL_SIZES",
+                   help="image sides drawn from, comma separated (default: photo-sized, loadtest/pool.py)")
+    g.add_argument("--jpeg-share", type=float, default=DEFAULT_JPEG_SHARE, env_var="LOADTEST_JPEG_SHARE",
                    help="share of the pool encoded as JPEG (the rest PNG)")
     g.add_argument("--quality-out", default="", env_var="LOADTEST_QUALITY_OUT",
                    help="write the caption-correctness summary here (JSON)")

@@ -1,5 +1,11 @@
 """The request pool: shapes-v1 scenes rendered once, encoded as PNG or JPEG at mixed
-sizes (the spec's 64-1024 px range), each kept with its scene so captions can be checked."""
+sizes (the spec's 64-1024 px range), each kept with its scene so captions can be checked.
+
+The default mix is what other services send, photos rather than thumbnails: sides drawn
+from DEFAULT_SIZES (6 in 10 images at 1024 px, one each at 768, 512, 256 and 128 px) and
+90 % JPEG (quality 75-95), 10 % PNG. The decode such images cost is most of a caption's
+work on CPU (docs/bench.md, photo workloads), so a pool of small images overstates
+what a deployment serves. LOADTEST_POOL_SIZES / LOADTEST_JPEG_SHARE change it."""
 from __future__ import annotations
 
 import io
@@ -11,7 +17,8 @@ from PIL import Image
 
 from captioner.scenes import CANVAS, Scene, random_scene, render
 
-DEFAULT_SIZES = (64, 128, 128, 256, 512, 1024)
+DEFAULT_SIZES = (1024, 1024, 1024, 1024, 1024, 1024, 768, 512, 256, 128)
+DEFAULT_JPEG_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def build_pool(count: int, seed: int = 0, sizes=DEFAULT_SIZES, jpeg_share: float = 0.5) -> list[PoolImage]:
+def build_pool(count: int, seed: int = 0, sizes=DEFAULT_SIZES, jpeg_share: float = DEFAULT_JPEG_SHARE) -> list[PoolImage]:
     if count < 1:
         raise ValueError(f"pool size must be >= 1, got {count}")
     if not 0.0 <= jpeg_share <= 1.0:
