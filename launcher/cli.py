@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from captioner.cli import env, flag
 from captioner.serving import PRECISIONS
-from client.wire import image_input
+
 from . import tracing
+from .captions import caption_samples, http_probe
 from .supervisor import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_RESTARTS, RESTART_WINDOW_S
 from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT, ServerError, TritonServer
 
 # Everything but inference and health needs the key: those are what clients and probes use.
 RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 REPLICA_PORT_STEP = 10  # replica k serves on every base port + 10 k
-PROBE_TIMEOUT_S = 10.0
 # Per-model latency quantiles on the metrics port (nv_inference_request_summary_us, ...):
 # Triton 2.51 has no latency histogram, only these summaries and cumulative durations.
 METRICS_CONFIG = ("--metrics-config=summary_latencies=true",
@@ -152,7 +150,6 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     make rollback chose last)."""
     from builder import versions
     from builder.repository_check import RepositoryError, check_repository, recorded_checkpoint
-
     from captioner.checkpoint import file_sha256
 
     recorded = recorded_checkpoint(repo)
@@ -188,70 +185,6 @@ def build(args: argparse.Namespace) -> None:
     cmd = build_command(args.model, args.repo, target=args.target, precision=args.precision)
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT)
-
-
-def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
-    """Scenes drawn to the spec, as PNG bytes, with their ground truth."""
-    from captioner.scenes import encoded_scenes
-
-    return encoded_scenes(n, seed)
-
-
-def caption_samples(server: TritonServer, n: int, tls: bool = False) -> None:
-    """Caption n sample scenes: over gRPC, or over local HTTP when gRPC needs TLS (`tls`;
-    the launcher holds the server's certificate, not a CA that clients would trust)."""
-    from captioner.scenes import all_captions, caption_is_correct
-
-    if tls:
-        import tritonclient.http as client_mod
-
-        client = client_mod.InferenceServerClient(server.http_url)
-    else:
-        import tritonclient.grpc as client_mod
-
-        client = client_mod.InferenceServerClient(server.grpc_url)
-    print(f"Captions of {n} sample scenes, over {'HTTP (gRPC is TLS-only)' if tls else 'gRPC'}:")
-    for i, (data, scene) in enumerate(sample_images(n), 1):
-        result = client.infer("captioner", [image_input(data, client_mod)])
-        caption = result.as_numpy("CAPTION")[0, 0].decode()
-        verdict = "correct" if caption_is_correct(caption, scene) else "WRONG"
-        print(f"  scene {i}: {caption!r}  ({verdict}; the scene is {all_captions(scene)[0]!r})")
-    client.close()
-
-
-def http_probe(server: TritonServer, timeout_s: float = PROBE_TIMEOUT_S, observe=None):
-    """A deep health check for the supervisor: one tiny real caption through the ensemble
-    over local HTTP. None when it came back or the server shed it as overloaded (alive),
-    else why it failed. `observe(result, seconds)`, result ok/shed/failed: the metrics."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
-
-    data = sample_images(1, seed=7)[0][0]
-
-    def probe() -> str | None:
-        started = time.monotonic()
-        result, failure = _probe()
-        if observe is not None:
-            observe(result, time.monotonic() - started)
-        return failure
-
-    def _probe() -> tuple[str, str | None]:
-        client = httpclient.InferenceServerClient(server.http_url, connection_timeout=2.0, network_timeout=timeout_s)
-        try:
-            client.infer("captioner", [image_input(data, httpclient)])
-            return "ok", None
-        except InferenceServerException as e:
-            text = str(e)
-            # A full or timed-out queue is load shedding doing its job, not a fault.
-            if "maximum queue size" in text or "Request timeout expired" in text:
-                return "shed", None
-            return "failed", text
-        except Exception as e:  # noqa: BLE001 - refused connection, timeout, ...
-            return "failed", f"{type(e).__name__}: {e}"
-        finally:
-            client.close()
-
-    return probe
 
 
 class Stop:

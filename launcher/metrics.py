@@ -152,7 +152,7 @@ class LauncherMetrics:
 
 class ReplicaMetrics:
     """One replica's series. `event` is the supervisor's hook (Supervisor.on_event);
-    `probe` is the deep probe's (launcher.cli.http_probe's observe)."""
+    `probe` is the deep probe's (launcher.captions.http_probe's observe)."""
 
     def __init__(
         self, parent: LauncherMetrics, replica: str, models: list[str], ready: Callable[[], bool] | None, repo: str | Path | None
