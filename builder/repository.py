@@ -74,10 +74,11 @@ def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[st
     """Tensor names, the non-batch dims (and the given element types) of an exported graph must match the config."""
     graph = onnx.load(str(path), load_external_data=False).graph
     for i in graph.input:
-        want = (input_types or {}).get(i.name)
-        if want is not None and i.type.tensor_type.elem_type != want:
+        want_type = (input_types or {}).get(i.name)
+        if want_type is not None and i.type.tensor_type.elem_type != want_type:
             got = onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)
-            raise RepositoryError(f"{path.name}: input {i.name} is {got}, expected {onnx.TensorProto.DataType.Name(want)}")
+            raise RepositoryError(f"{path.name}: input {i.name} is {got}, "
+                                  f"expected {onnx.TensorProto.DataType.Name(want_type)}")
 
     def dims(vi):
         return [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim][1:]

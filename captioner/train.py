@@ -213,6 +213,7 @@ def _splits(run: _Run, val_data: CocoCaptions) -> tuple[Split, torch.utils.data.
     """The training caption rows and what the loader draws images (or cached features)
     from; rank 0's validation split."""
     a, dd, model, cfg, rt, out = run.a, run.dd, run.model, run.cfg, run.rt, run.out
+    train_src: torch.utils.data.Dataset
     if run.frozen:
         for p in model.encoder.backbone.parameters():
             p.requires_grad_(False)
@@ -307,6 +308,7 @@ def _epoch(run: _Run, net: nn.Module, tr: Split, train_loader, n_batches: int, p
 def _epoch_metrics(run: _Run, va: Split | None, epoch: int, sums: torch.Tensor, n_steps: int, train_s: float,
                    images_seen: int, t_start: float) -> dict:
     """Rank 0: the epoch's training loss and speed with the validation figures, printed."""
+    assert va is not None, "rank 0 holds the validation split"
     a, dd, device = run.a, run.dd, run.device
     metrics = {"epoch": epoch, "train_loss": float(sums[0] / sums[1]),
                **evaluate(run.model, va, run.cfg, run.vocab, run.frozen, run.args.max_length, a.val_decode, run.rt)}

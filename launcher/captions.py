@@ -3,15 +3,19 @@ server is up, and the supervisor's deep probe (one tiny caption through the ense
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from client.wire import image_input
 
 from .tritonserver import TritonServer
 
+if TYPE_CHECKING:
+    from captioner.scenes import Scene
+
 PROBE_TIMEOUT_S = 10.0
 
 
-def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, object]]:
+def sample_images(n: int, seed: int = 2024) -> list[tuple[bytes, Scene]]:
     """Scenes drawn to the spec, as PNG bytes, with their ground truth."""
     from captioner.scenes import encoded_scenes
 

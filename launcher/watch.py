@@ -117,7 +117,7 @@ class BackgroundProbe:
 
     def poll(self) -> list[str | None]:
         """Results finished since the last poll (None = a caption came back)."""
-        out = []
+        out: list[str | None] = []
         while True:
             try:
                 generation, result = self._results.get_nowait()
