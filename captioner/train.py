@@ -209,11 +209,11 @@ def _describe(run: _Run) -> None:
           f"global batch {a.batch_size} = {dd.world} x {a.batch_size // dd.world}")
 
 
-def _splits(run: _Run, val_data: CocoCaptions) -> tuple[Split, torch.utils.data.Dataset, Split | None]:
+def _splits(run: _Run, val_data: CocoCaptions) -> tuple[Split, ArrayDataset | ImageDataset, Split | None]:
     """The training caption rows and what the loader draws images (or cached features)
     from; rank 0's validation split."""
     a, dd, model, cfg, rt, out = run.a, run.dd, run.model, run.cfg, run.rt, run.out
-    train_src: torch.utils.data.Dataset
+    train_src: ArrayDataset | ImageDataset
     if run.frozen:
         for p in model.encoder.backbone.parameters():
             p.requires_grad_(False)
