@@ -118,6 +118,21 @@ bench: | $(STAMP)
 faults: | $(STAMP)
 	$(PY) -m bench.faults $(ARGS)
 
+## image          podman: localhost/captioner-server-cpu + localhost/captioner-repository (from $(REPO), built if missing); BASE=registry image, else a Debian base made with debootstrap
+.PHONY: image test-containers serve-containers
+BASE ?=
+image: | $(STAMP)
+	@test -f $(REPO)/captioner/config.pbtxt || $(MAKE) build-engines TARGET=cpu
+	$(PY) -m deploy.images --repo $(REPO) $(if $(BASE),--base $(BASE)) $(ARGS)
+
+## test-containers the built images run as the pod runs them (tests/containers; not in make test: minutes, and needs make image)
+test-containers: | $(STAMP)
+	$(PY) -m pytest tests/containers $(PYTEST_ARGS)
+
+## serve-containers REPLICAS=N image containers behind nginx (gRPC, per-call balancing) on 127.0.0.1:8001; Ctrl-C stops all
+serve-containers: | $(STAMP)
+	$(PY) -m deploy.serve_containers --replicas $(REPLICAS) --repo $(REPO) $(ARGS)
+
 ## monitor-setup  Debian's prometheus (with promtool) and prometheus-alertmanager, installed with apt-get when missing
 .PHONY: monitor-tools monitor-setup monitor monitor-generate
 MONITOR_PACKAGES := prometheus prometheus-alertmanager
