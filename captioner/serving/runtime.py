@@ -7,13 +7,17 @@ chosen at build time and named in config.pbtxt parameters.
   inference-precision hint on the fp32 graph (only where the CPU has bf16 instructions);
   int8 is the QDQ graph the build already makes, which OpenVINO runs with its int8
   kernels. Compiled models are cached on disk (CACHE_DIR), so a server start that finds
-  the cache the build filled does not compile again.
+  the cache the build filled does not compile again; a read-only repository's cache is
+  copied to a writable folder first (writable_cache_dir).
 
 `choose` picks the faster runtime from timings taken on the build machine; nothing here
 imports Triton, so all of it is unit-tested without a server.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,8 @@ RUNTIMES = (ONNXRUNTIME, OPENVINO)
 # different graph (QDQ), served at "fp32" inference precision by either runtime.
 INFERENCE_PRECISIONS = ("fp32", "bf16")
 CACHE_DIRNAME = "openvino_cache"
+# The compiled-model cache's folder when the repository's cannot be written (read-only mount).
+CACHE_ENV = "CAPTIONER_OPENVINO_CACHE"
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -97,6 +103,34 @@ def openvino_version() -> str | None:
     return openvino.__version__.split("-")[0]
 
 
+def writable_cache_dir(wanted: str | Path) -> str | None:
+    """Where the compiled-model cache for `wanted` (the model's folder in the repository)
+    goes: `wanted` itself when it can be written; else a folder under $CAPTIONER_OPENVINO_CACHE
+    (default: the temp dir's captioner-openvino-cache), seeded with the blobs the build left
+    in `wanted`, so that a repository mounted read-only (pods, images) still loads the
+    build's blobs and a cache miss (another CPU) is stored, not compiled at every start.
+    Blob names are content hashes, so models share the folder. None: nowhere writable."""
+    wanted = Path(wanted)
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if wanted.is_dir() and os.access(wanted, os.W_OK):
+        return str(wanted)
+    base = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "captioner-openvino-cache")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for blob in (wanted.iterdir() if wanted.is_dir() else ()):
+            target = base / blob.name
+            if blob.is_file() and not target.exists():
+                partial = base / f".{blob.name}.{os.getpid()}"
+                shutil.copyfile(blob, partial)
+                os.replace(partial, target)  # two instances seeding at once each land a whole file
+    except OSError:
+        return None
+    return str(base) if os.access(base, os.W_OK) else None
+
+
 class OpenVinoEngine:
     """An ONNX file compiled by OpenVINO for the CPU, with onnxruntime's `run` signature."""
 
@@ -108,13 +142,10 @@ class OpenVinoEngine:
         if settings.inference_precision == "bf16" and not cpu_has_bf16():
             raise RuntimeUnavailable("this CPU has no bf16 instructions (avx512_bf16 / amx_bf16)")
         core = ov.Core()
-        if settings.cache_dir:
-            try:
-                Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
-            except OSError:
-                pass  # a read-only repository the build did not fill: compile at every start
-            else:
-                core.set_property({"CACHE_DIR": str(settings.cache_dir)})
+        cache = writable_cache_dir(settings.cache_dir) if settings.cache_dir else None
+        if cache:
+            core.set_property({"CACHE_DIR": cache})
+        self.cache_dir = cache
         config = {
             "INFERENCE_NUM_THREADS": settings.threads,
             # One stream: a Triton instance runs one batch at a time; parallelism comes

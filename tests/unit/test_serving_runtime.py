@@ -5,6 +5,7 @@ of the OpenVINO bf16 / int8 builds."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,34 @@ def test_compiled_models_are_cached_on_disk_and_a_second_start_loads_them(defaul
     x = normalize(parity.scene_batch(2, ck.preprocess, seed=6)[0], ck.preprocess)
     assert x.shape == (2, 3, s, s)
     np.testing.assert_array_equal(first.run(None, {"image": x})[0], second.run(None, {"image": x})[0])
+
+
+@needs_openvino
+@needs_default
+def test_a_read_only_repository_cache_is_copied_to_a_writable_folder_and_still_loads(default_graphs, tmp_path,
+                                                                                     monkeypatch):
+    """A repository mounted read-only (pods, images): the build's blobs are loaded from a
+    writable copy ($CAPTIONER_OPENVINO_CACHE), and what a miss compiles is stored there."""
+    _, enc, _ = default_graphs
+    repo_cache = tmp_path / "repo" / "1" / rt.CACHE_DIRNAME
+    rt.load(enc, rt.EngineSettings(runtime="openvino", threads=1, cache_dir=str(repo_cache)))  # the build's warm-up
+    blobs = sorted(p.name for p in repo_cache.iterdir())
+    writable = tmp_path / "writable"
+    monkeypatch.setenv(rt.CACHE_ENV, str(writable))
+    real_access = os.access
+    # Root may write anywhere whatever the mode bits: the read-only mount is stood in for here.
+    monkeypatch.setattr(rt.os, "access", lambda p, mode: False if Path(p) == repo_cache else real_access(p, mode))
+    engine = rt.load(enc, rt.EngineSettings(runtime="openvino", threads=1, cache_dir=str(repo_cache)))
+    assert engine.cache_dir == str(writable) and engine.loaded_from_cache
+    assert sorted(p.name for p in writable.iterdir()) == blobs
+    assert sorted(p.name for p in repo_cache.iterdir()) == blobs  # nothing written to the repository
+
+    empty = tmp_path / "other" / "1" / rt.CACHE_DIRNAME  # a cache miss: compiled and stored in the copy
+    empty.mkdir(parents=True)
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "fresh"))
+    monkeypatch.setattr(rt.os, "access", lambda p, mode: False if Path(p) == empty else real_access(p, mode))
+    miss = rt.load(enc, rt.EngineSettings(runtime="openvino", threads=1, cache_dir=str(empty)))
+    assert not miss.loaded_from_cache and any((tmp_path / "fresh").iterdir()) and not any(empty.iterdir())
 
 
 # --- the build: RUNTIME, the gate, the warmed cache ----------------------------------------
