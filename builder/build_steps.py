@@ -265,11 +265,12 @@ def write_repository(b: BuildState) -> None:
         repo = Path(assemble(b.ck, into, b.target, b.artifacts, max_batch_size=a.max_batch_size,
                              precision=b.precision, runtimes=b.runtimes, inference_precision=b.inference_precision,
                              encoder_input=b.encoder_input, layout=b.layout, queues=queues))
-        warmed = warm_cache(repo)
+        warmed = [] if add_version else warm_cache(repo)
         if add_version:
-            gate = versions.gate_record(b.ck_path)
+            gate = versions.gate_record(b.ck_path, repo)
             b.manifest["model_version"] = versions.add_version(repo, b.repo_dir, keep=a.keep)
             repo = b.repo_dir
+            warmed = warm_cache(repo, b.manifest["model_version"])  # where the version now lies
     except ValueError as e:  # RepositoryError and VersionError included: the repository could not be made consistent
         raise BuildFailed(EXIT_CHECK_FAILED, f"repository assembly failed: {e}") from None
     finally:

@@ -7,6 +7,7 @@ each runtime that runs here, briefly, and keeps the faster per graph; the figure
 into the build manifest. The decision logic is captioner.serving.runtime.choose."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -146,10 +147,14 @@ def fused_layout(report: RuntimeReport, fuse_above: float = FUSE_ABOVE_IMAGES_PE
                      f"{'fused (decode + encoder in one model)' if verdict else 'split (encoder in its own model)'}")
 
 
-def warm_cache(repo_dir: str | Path) -> list[str]:
+def warm_cache(repo_dir: str | Path, version: int = 1) -> list[str]:
     """Compile every OpenVINO model of an assembled repository once, with the settings
     and at the paths the server will use, so that its compiled-model cache is filled
-    and a server start loads instead of compiling. Returns the models compiled."""
+    and a server start loads instead of compiling. Returns the models compiled.
+    version: the version directory (a versioned repository, builder/versions.py, warms the
+    version it added where it now lies: the cache is keyed by the graph's path)."""
+    from captioner.serving.versions import PARAMETERS_FILE
+
     from .repository import DECODER_STEP, ENCODER, GENERATOR, PREPROCESS
 
     repo_dir = Path(repo_dir)
@@ -161,9 +166,11 @@ def warm_cache(repo_dir: str | Path) -> list[str]:
             continue
         cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
         params = {k: v.string_value for k, v in cfg.parameters.items()}
-        version = repo_dir / name / "1"
-        if cfg.backend != "python" or params.get("runtime") != rt.OPENVINO or not (version / graph).is_file():
+        here = repo_dir / name / str(version)
+        if (here / PARAMETERS_FILE).is_file():  # the version's own parameters (captioner.serving.versions)
+            params.update({k: str(v) for k, v in json.loads((here / PARAMETERS_FILE).read_text()).items()})
+        if cfg.backend != "python" or params.get("runtime") != rt.OPENVINO or not (here / graph).is_file():
             continue
-        rt.load(version / graph, rt.EngineSettings.from_config(params, version))
+        rt.load(here / graph, rt.EngineSettings.from_config(params, here))
         warmed.append(name)
     return warmed

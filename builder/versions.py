@@ -145,18 +145,47 @@ def record_build(repo: Path, manifest: Mapping[str, Any], version: int, gate: Ma
     return records[version]
 
 
-def reference_captions(checkpoint: str | Path, scenes: int = GATE_SCENES, seed: int = GATE_SEED) -> list[str]:
+def in_process(checkpoint: str | Path, preprocess: Mapping[str, Any] | None = None):
+    """captioner.inference.Captioner for the checkpoint, decoding images as the version's
+    preprocess.json says (the build may have chosen the fast decode path for it)."""
+    from captioner.inference import Captioner
+    from captioner.preprocess import PreprocessConfig
+
+    captioner = Captioner(checkpoint, threads=2)
+    if preprocess is not None:
+        captioner.cfg = PreprocessConfig.from_dict(dict(preprocess))
+    return captioner
+
+
+def served_preprocess(repo: Path, version: int) -> dict | None:
+    """The preprocess.json a version's preprocess model decodes with."""
+    path = Path(repo) / PREPROCESS / str(version) / "preprocess.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reference_captions(checkpoint: str | Path, scenes: int = GATE_SCENES, seed: int = GATE_SEED,
+                       preprocess: Mapping[str, Any] | None = None) -> list[str]:
     """The checkpoint's own in-process captions (captioner.inference) of the gate scenes:
     what the served version must answer, caption for caption."""
-    from captioner.inference import Captioner
     from captioner.scenes import encoded_scenes
 
     images = [png for png, _ in encoded_scenes(scenes, seed)]
-    return [c.text for c in Captioner(checkpoint, threads=2).caption_images(images)]
+    return [c.text for c in in_process(checkpoint, preprocess).caption_images(images)]
 
 
-def gate_record(checkpoint: str | Path, scenes: int = GATE_SCENES, seed: int = GATE_SEED) -> dict:
-    return {"scenes": scenes, "seed": seed, "captions": reference_captions(checkpoint, scenes, seed)}
+def gate_record(checkpoint: str | Path, staged: Path, scenes: int = GATE_SCENES, seed: int = GATE_SEED) -> dict:
+    """The gate of a version assembled in `staged` (as version 1) from `checkpoint`."""
+    captions = reference_captions(checkpoint, scenes, seed, served_preprocess(staged, 1))
+    return {"scenes": scenes, "seed": seed, "captions": captions}
+
+
+def save_gate(repo: Path, version: int, gate: Mapping[str, Any]) -> None:
+    """Keep gate captions computed for a version whose build did not record them."""
+    manifest = read_manifest(repo)
+    records = manifest.setdefault("model_versions", {str(v): r for v, r in version_records(repo).items()})
+    if str(version) in records:
+        records[str(version)]["gate"] = dict(gate)
+        (Path(repo) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 # --- adding a version -------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class Outcome:
     to_version: int
     label: str  # MODEL_VERSION of the version now served
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase -> (start, end), time.monotonic()
     switch_started: float = 0.0  # time.monotonic() when the ensemble load was asked
     switched: float = 0.0  # ... when it returned: new requests get the new version
 
@@ -100,7 +101,8 @@ def _log(msg: str) -> None:
 def _phase(out: Outcome, name: str, log: Callable[[str], None]) -> Iterator[None]:
     t0 = time.monotonic()
     yield
-    out.seconds[name] = round(time.monotonic() - t0, 2)
+    out.phases[name] = (t0, time.monotonic())
+    out.seconds[name] = round(out.phases[name][1] - t0, 2)
     log(f"      ({name}: {out.seconds[name]:.1f} s)")
 
 
@@ -216,7 +218,7 @@ def check_serving(server: Server, repo: Path, records: dict[int, dict]) -> int:
     return serving
 
 
-def _gate_reference(record: dict, version: int) -> tuple[list[str], int, int]:
+def _gate_reference(repo: Path, record: dict, version: int) -> tuple[list[str], int, int]:
     gate = record.get("gate") or {}
     if gate.get("captions"):
         return list(gate["captions"]), int(gate["scenes"]), int(gate["seed"])
@@ -227,14 +229,16 @@ def _gate_reference(record: dict, version: int) -> tuple[list[str], int, int]:
     if not source or not Path(source).is_file() or file_sha256(source) != record.get("checkpoint_sha256"):
         raise RolloutRefused(f"version {version} has no recorded gate captions and its checkpoint {source} is gone "
                              "or changed: its captions cannot be checked")
-    return versions.reference_captions(source), versions.GATE_SCENES, versions.GATE_SEED
+    captions = versions.reference_captions(source, preprocess=versions.served_preprocess(repo, version))
+    versions.save_gate(repo, version, {"scenes": versions.GATE_SCENES, "seed": versions.GATE_SEED, "captions": captions})
+    return captions, versions.GATE_SCENES, versions.GATE_SEED
 
 
 def gate(server: Server, repo: Path, version: int, record: dict, log: Callable[[str], None]) -> None:
     """Version `version`, loaded, captions the gate scenes exactly as its checkpoint does in process."""
     from captioner.scenes import encoded_scenes
 
-    want, n, seed = _gate_reference(record, version)
+    want, n, seed = _gate_reference(repo, record, version)
     label = record["model_version"]
     bad = []
     for i, ((png, _), expected) in enumerate(zip(encoded_scenes(n, seed), want)):
@@ -355,14 +359,15 @@ def rollout(repo: str | Path, model: str, server: Server, *, keep: int = version
         log(f"[build] {model} -> {repo} as the next version (serving: {serving}, {label})")
         t0 = time.monotonic()
         new = build_next(repo, model, keep, list(build_args or []), log)
-        build_s = round(time.monotonic() - t0, 2)
+        built = time.monotonic()
         records = versions.version_records(repo)
         try:
             out = switch(server, repo, new, "rollout", records, log=log)
         except RolloutRefused:
             _remove(repo, new, log)
             raise
-        out.seconds = {"build": build_s, **out.seconds}
+        out.seconds = {"build": round(built - t0, 2), **out.seconds}
+        out.phases = {"build": (t0, built), **out.phases}
         _record_switch(repo, out)
     log(f"rollout: {ENSEMBLE} serves version {out.to_version} ({out.label}); version {out.from_version} unloaded, "
         f"kept on disk for make rollback")

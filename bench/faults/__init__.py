@@ -18,7 +18,12 @@ Every scenario starts the launcher the way `make serve` does (`python -m launche
 - server-kill: SIGKILL of tritonserver itself: time to captions again, orphaned stubs left;
 - drain: SIGTERM to the launcher under load: accepted requests that failed (must be 0),
   what new requests got;
-- soak: steady load: failures and the server's memory (RSS of tritonserver and its stubs).
+- soak: steady load: failures and the server's memory (RSS of tritonserver and its stubs);
+- rollout: plain clients (no retries) while `make rollout` switches the server to a
+  checkpoint with other layer sizes and `make rollback` switches it back (rollout.py):
+  failures, answers not from the version they name, p99 during the switch vs steady,
+  time to the first new-version caption, readiness; then a stub of the version served
+  after it killed and repaired by the supervisor.
 
 The parts: harness.py (the launcher under test, ready over HTTP), load.py (the load
 drivers), scenarios.py (the registry of scenarios), runner.py (a run: plan, builds,
@@ -26,6 +31,7 @@ results), report.py (faults.md and faults.json), cli.py (the flags).
 """
 
 from ..variants import MODELS
+from . import rollout as _rollout  # noqa: F401 - registers the "rollout" scenario
 from .cli import main, parse_args
 from .runner import FaultRun, Plan
 from .scenarios import SCENARIOS

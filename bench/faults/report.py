@@ -88,6 +88,32 @@ def _soak(r: dict, results: dict) -> list[str]:
     ]
 
 
+def _rollout(r: dict, results: dict) -> list[str]:
+    p99, v, rep = r["p99_ms"], r["versions"], r["repair_after"]
+    ready = r["readiness"]
+    return [
+        f"## rollout: {r['model']} -> a checkpoint with other layer sizes ({v['sizes']}) and back, "
+        f"{r['clients']} plain clients (no retries)",
+        f"- requests {r['requests']}, failed **{r['failed']}** {r['failed_samples'] or ''}; captions not the "
+        f"in-process caption of the version they name **{r['wrong_version_caption']}**, matching neither "
+        f"version **{r['matching_neither']}**; by version {r['by_version']}",
+        f"- p99 steady {p99['steady']} ms; while the new version was built here {p99['rollout_build']} ms; "
+        f"rollout switch (load, gate, switch, unload) **{p99['rollout_switch']} ms**; rollback switch "
+        f"**{p99['rollback_switch']} ms**",
+        f"- first new-version caption **{r['first_new_caption_after_command_s']} s** after the command "
+        f"({r['first_new_caption_after_switch_s']} s after the switch); first caption of the old version again "
+        f"{r['first_old_caption_after_rollback_command_s']} s after `make rollback`",
+        f"- rollout phases (s) {r['rollout_phases_s']}; rollback phases (s) {r['rollback_phases_s']}",
+        f"- readiness: `/v2/models/captioner/ready` not ready in {ready['/v2/models/captioner/ready']['not_ready']} "
+        f"of {ready['/v2/models/captioner/ready']['polls']} polls; server `/v2/health/ready` (strict) not ready "
+        f"{ready['/v2/health/ready']['not_ready_s']} s in all (while versions loaded or unloaded)",
+        f"- then a SIGKILLed caption_generator stub of the version served after it: repaired after "
+        f"{rep['repaired_s']} s on version {rep['version']} (caption its own: {rep['caption_ok']})",
+        _supervisor(r),
+        "",
+    ]
+
+
 RENDERERS: dict[str, Callable[[dict, dict], list[str]]] = {
     "overload": _overload,
     "stub-kill": _stub_fault,
@@ -96,6 +122,7 @@ RENDERERS: dict[str, Callable[[dict, dict], list[str]]] = {
     "server-kill": _server_kill,
     "drain": _drain,
     "soak": _soak,
+    "rollout": _rollout,
 }
 
 

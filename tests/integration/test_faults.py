@@ -84,3 +84,14 @@ def test_sigterm_drains_every_accepted_request(report):
 def test_soak_fails_nothing(report):
     r = report[("soak", None)]
     assert r["requests"] > 0 and r["failed"] == 0
+
+
+def test_a_rollout_and_rollback_under_plain_clients_lose_nothing_and_never_mix_versions(report):
+    r = report[("rollout", None)]
+    assert r["failed"] == 0, r["failed_samples"]
+    assert r["wrong_version_caption"] == 0 and r["matching_neither"] == 0, r["wrong_samples"]
+    assert all(n > 0 for n in r["by_version"].values()), r["by_version"]  # both versions answered
+    assert r["first_new_caption_after_command_s"] is not None
+    assert r["readiness"]["/v2/models/captioner/ready"]["not_ready"] == 0
+    # a stub of the version served after the rollback, killed: repaired on that version
+    assert r["repair_after"]["label_ok"] and r["repair_after"]["caption_ok"], (r["repair_after"], r["supervisor"])

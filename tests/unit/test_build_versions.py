@@ -147,7 +147,7 @@ def test_build_engines_add_version_records_each_version_and_its_gate_captions(tw
     (a, _), (b, _) = two
     monkeypatch.setattr("builder.tensorrt_engine.cuda_available", lambda: False)
     repo = tmp_path / "repo"
-    common = ["--repo", str(repo), "--parity-scenes", "10", "--target", "cpu", "--runtime", "onnxruntime"]
+    common = ["--repo", str(repo), "--parity-scenes", "10", "--target", "cpu", "--runtime", "onnxruntime", "--decode", "exact"]
     rc = be.main(["--model", str(b.path), "--out", str(tmp_path / "o0"), "--add-version", *common])
     assert rc == be.EXIT_USAGE and "has none (make build-engines first)" in capsys.readouterr().out
     assert be.main(["--model", str(a.path), "--out", str(tmp_path / "o1"), *common]) == 0
@@ -160,6 +160,8 @@ def test_build_engines_add_version_records_each_version_and_its_gate_captions(tw
     assert records["1"]["checkpoint_sha256"] == a.sha256 and records["1"]["source"] == str(a.path)
     assert records["2"]["checkpoint_sha256"] == b.sha256 and records["2"]["model_version"] == f"2:{b.sha256[:8]}"
     gate = records["2"]["gate"]
-    assert gate["captions"] == versions.reference_captions(b.path, gate["scenes"], gate["seed"])
+    # the checkpoint's in-process captions, images decoded as the version's preprocess.json says
+    served = versions.served_preprocess(repo, 2)
+    assert gate["captions"] == versions.reference_captions(b.path, gate["scenes"], gate["seed"], served)
     assert versions.serving_version(repo) == 1
     check_repository(repo)
