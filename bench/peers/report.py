@@ -70,6 +70,8 @@ def setup_lines(results: dict) -> str:
     for name, info in results.get("peer_setup", {}).items():
         made = "already made (reused)" if info.get("setup_s") is None else f"made in {info['setup_s']:.0f} s"
         out.append(f"- {NAMES.get(name, name)} ({info.get('version')}): venv .peers/{name} {made}")
+    for model, wall in results.get("peer_wall_s", {}).items():
+        out.append(f"- the peers on {model}: {wall / 60:.1f} min (starts, checks, levels, teardown)")
     return "\n".join(out)
 
 

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 from ..stacks import Session, captioner, run_levels
@@ -154,8 +155,11 @@ def chosen_variants(results: dict, model: str, labels: list[str], choice: str) -
 
 def run_model(s: Session, spec: ModelSpec, served_paths: dict[str, dict]) -> None:
     """The peers on the chosen variants of one model (`served_paths`: label -> paths)."""
+    t0 = time.monotonic()
     for variant in chosen_variants(s.results, spec.name, list(served_paths), s.a.peer_variants):
         run_peers(s, spec, variant, served_paths[variant])
+    walls = s.results.setdefault("peer_wall_s", {})
+    walls[spec.name] = round(time.monotonic() - t0, 1)  # venv setup included when it ran
 
 
 def steps(a: argparse.Namespace, spec: ModelSpec) -> int:
