@@ -127,16 +127,14 @@ def observed(triton_server, tmp_path_factory):
     except MonitorError as e:
         pytest.skip(f"make monitor was NOT tested: {e}")
     work = tmp_path_factory.mktemp("monitor")
-    ports = free_ports({"supervisor": 0, "prometheus": 0, "alertmanager": 0})
+    ports = free_ports({"prometheus": 0, "alertmanager": 0})
     out: dict = {}
-    with Launcher(
-        triton_server.repository, work, "monitor", extra=("--supervisor-metrics-port", str(ports["supervisor"]))
-    ) as srv:
-        supervisor_url = f"http://127.0.0.1:{ports['supervisor']}/metrics"
+    with Launcher(triton_server.repository, work, "monitor") as srv:  # its supervisor's exporter on a free port
+        supervisor_url = f"http://127.0.0.1:{srv.ports['supervisor_metrics']}/metrics"
         mon = Monitor(
             work / "monitor",
             metrics_port=srv.ports["metrics"],
-            supervisor_port=ports["supervisor"],
+            supervisor_port=srv.ports["supervisor_metrics"],
             prometheus_port=ports["prometheus"],
             alertmanager_port=ports["alertmanager"],
             scrape_interval=f"{SCRAPE_S:g}s",
