@@ -25,7 +25,8 @@ from launcher.tritonserver import DEFAULT_PORTS, PROJECT_ROOT
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.30"
-OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "kserve": K8S / "kserve"}
+OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "kserve": K8S / "kserve",
+            "kserve-canary": K8S / "kserve" / "canary"}
 BUILT_IN = {
     ("v1", "Service"),
     ("apps/v1", "Deployment"),
@@ -108,6 +109,7 @@ def test_every_overlay_renders_the_expected_objects(rendered):
             ("ServiceMonitor", "captioner"),
         ], name
     assert sorted(d["kind"] for d in rendered["kserve"]) == ["InferenceService", "ServingRuntime"]
+    assert sorted(d["kind"] for d in rendered["kserve-canary"]) == ["InferenceService", "ServingRuntime"]
     for name, docs in rendered.items():
         for d in docs:
             assert (d["apiVersion"], d["kind"]) in BUILT_IN | CRDS, f"{name}: unexpected {d['apiVersion']} {d['kind']}"
@@ -369,6 +371,30 @@ def test_the_kserve_runtime_serves_the_repository_with_the_launcher(rendered, mo
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     assert re.match(r"^(oci|s3|gs|pvc|https?)://", model["storageUri"])
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
+def test_the_kserve_canary_sends_a_share_of_the_traffic_to_a_new_repository_image(rendered, monkeypatch):
+    """kserve/canary: the same runtime and InferenceService with a new model on a share of
+    the traffic. KServe splits traffic between revisions in Serverless mode only, where
+    Knative probes the one served port."""
+    base = {d["kind"]: d for d in rendered["kserve"]}
+    canary = {d["kind"]: d for d in rendered["kserve-canary"]}
+    isvc, old = canary["InferenceService"], base["InferenceService"]
+    assert isvc["metadata"]["name"] == old["metadata"]["name"]  # a new revision of the same service
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    predictor = isvc["spec"]["predictor"]
+    assert 0 < predictor["canaryTrafficPercent"] < 100
+    new_uri, old_uri = predictor["model"]["storageUri"], old["spec"]["predictor"]["model"]["storageUri"]
+    assert new_uri != old_uri and new_uri.rsplit(":", 1)[0] == old_uri.rsplit(":", 1)[0]  # another tag of the image
+    assert {k: v for k, v in predictor["model"].items() if k != "storageUri"} == \
+        {k: v for k, v in old["spec"]["predictor"]["model"].items() if k != "storageUri"}
+    (container,) = canary["ServingRuntime"]["spec"]["containers"]
+    (port,) = container["ports"]
+    assert "startupProbe" not in container
+    assert container["readinessProbe"]["tcpSocket"]["port"] == port["containerPort"]  # the served port
+    a = _launcher_args(container, monkeypatch)
+    assert a.repo == KSERVE_MODEL_DIR and a.grpc_port == port["containerPort"]
+    assert container["livenessProbe"] == base["ServingRuntime"]["spec"]["containers"][0]["livenessProbe"]
 
 
 # -- images -------------------------------------------------------------------------------
