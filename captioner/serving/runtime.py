@@ -120,15 +120,30 @@ def writable_cache_dir(wanted: str | Path) -> str | None:
     base = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "captioner-openvino-cache")
     try:
         base.mkdir(parents=True, exist_ok=True)
-        for blob in (wanted.iterdir() if wanted.is_dir() else ()):
-            target = base / blob.name
-            if blob.is_file() and not target.exists():
-                partial = base / f".{blob.name}.{os.getpid()}"
-                shutil.copyfile(blob, partial)
-                os.replace(partial, target)  # two instances seeding at once each land a whole file
     except OSError:
         return None
+    for blob in (wanted.iterdir() if wanted.is_dir() else ()):
+        target = base / blob.name
+        if blob.is_file() and not target.exists():
+            partial = base / f".{blob.name}.{os.getpid()}"
+            try:
+                shutil.copyfile(blob, partial)
+                os.replace(partial, target)  # two instances seeding at once each land a whole file
+            except OSError:  # unreadable or no room: that blob is compiled again
+                partial.unlink(missing_ok=True)
     return str(base) if os.access(base, os.W_OK) else None
+
+
+def readable_by_all(cache_dir: str | Path) -> None:
+    """OpenVINO writes its blobs readable by their owner only; a repository whose cache
+    the build filled is copied into an image and read by another user (the image's uid
+    1000, the pod's init container), so every blob is made world-readable."""
+    for blob in Path(cache_dir).iterdir():
+        try:
+            if blob.is_file():
+                blob.chmod(blob.stat().st_mode | 0o444)
+        except OSError:
+            pass  # not ours (a shared cache folder): its owner's mode stays
 
 
 class OpenVinoEngine:
@@ -156,7 +171,11 @@ class OpenVinoEngine:
             "ENABLE_CPU_PINNING": False,
             "INFERENCE_PRECISION_HINT": "bf16" if settings.inference_precision == "bf16" else "f32",
         }
-        self.compiled = core.compile_model(str(path), "CPU", config)
+        # A model object, not its path: OpenVINO then keys the cache by the graph's content,
+        # so blobs the build compiled are found wherever the repository is mounted.
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        if cache:
+            readable_by_all(cache)
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]

@@ -160,18 +160,23 @@ def test_compiled_models_are_cached_on_disk_and_a_second_start_loads_them(defaul
 @needs_default
 def test_a_read_only_repository_cache_is_copied_to_a_writable_folder_and_still_loads(default_graphs, tmp_path,
                                                                                      monkeypatch):
-    """A repository mounted read-only (pods, images): the build's blobs are loaded from a
-    writable copy ($CAPTIONER_OPENVINO_CACHE), and what a miss compiles is stored there."""
+    """A repository mounted read-only elsewhere (pods, images): the build's blobs are loaded
+    from a writable copy ($CAPTIONER_OPENVINO_CACHE), and what a miss compiles is stored there."""
     _, enc, _ = default_graphs
     repo_cache = tmp_path / "repo" / "1" / rt.CACHE_DIRNAME
     rt.load(enc, rt.EngineSettings(runtime="openvino", threads=1, cache_dir=str(repo_cache)))  # the build's warm-up
     blobs = sorted(p.name for p in repo_cache.iterdir())
+    # Readable by all: an image copies the repository and uid 1000 reads it (OpenVINO writes 0440).
+    assert blobs and all(p.stat().st_mode & 0o444 == 0o444 for p in repo_cache.iterdir())
     writable = tmp_path / "writable"
     monkeypatch.setenv(rt.CACHE_ENV, str(writable))
     real_access = os.access
     # Root may write anywhere whatever the mode bits: the read-only mount is stood in for here.
     monkeypatch.setattr(rt.os, "access", lambda p, mode: False if Path(p) == repo_cache else real_access(p, mode))
-    engine = rt.load(enc, rt.EngineSettings(runtime="openvino", threads=1, cache_dir=str(repo_cache)))
+    mounted = tmp_path / "mnt" / "model.onnx"  # the graph where the pod mounts the repository
+    mounted.parent.mkdir()
+    mounted.write_bytes(Path(enc).read_bytes())
+    engine = rt.load(mounted, rt.EngineSettings(runtime="openvino", threads=1, cache_dir=str(repo_cache)))
     assert engine.cache_dir == str(writable) and engine.loaded_from_cache
     assert sorted(p.name for p in writable.iterdir()) == blobs
     assert sorted(p.name for p in repo_cache.iterdir()) == blobs  # nothing written to the repository
