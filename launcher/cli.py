@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Building the model repository: {reason}.", flush=True)
             build(args)
 
+    from .shm import shortfall
+
+    short = shortfall(repo, servers=args.replicas)
+    if short:
+        print(f"WARNING: {short}", file=sys.stderr, flush=True)
     extra = server_args(args) + METRICS_CONFIG
     if args.supervise:
         # The hang check reads execution counts from the metrics: refresh them often.
