@@ -76,9 +76,14 @@ def _clean_env(monkeypatch) -> None:
         monkeypatch.delenv(var)
 
 
+# PID 1 in the serving containers: it reaps the stubs orphaned when tritonserver dies (the
+# launcher as PID 1 left them zombies: tests/containers) and passes SIGTERM on.
+INIT = ["tini", "--"]
+
+
 def _launcher_args(container: dict, monkeypatch) -> object:
     """The container's args as the launcher reads them, under the container's environment."""
-    assert container["command"] == ["python", "-m", "launcher"]
+    assert container["command"] == INIT + ["python", "-m", "launcher"]
     _clean_env(monkeypatch)
     for var in container.get("env", []):
         monkeypatch.setenv(var["name"], var["value"])
@@ -421,8 +426,105 @@ def test_the_serving_images_run_the_launcher_unprivileged_on_the_pods_paths(name
     for package in ("captioner", "client"):
         assert re.search(rf"^COPY {package}/ {package}/$", text, re.M), package
     assert "deploy/requirements-serving.txt" in text
+    entrypoint = yaml.safe_load(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)[1])
+    assert entrypoint[:2] == INIT and re.search(r"apt-get install .*\btini\b", text)
+    assert re.search(r"^\s+PYTHONUNBUFFERED=1", text, re.M)
     pod_user = _one(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
     assert pod_user == 1000
+
+
+# -- /dev/shm, the grace period and the pod's constraints ------------------------------------
+
+
+def _shm_for_default_builds() -> int:
+    """builder.shm's size for the default builds: every target and CPU layout, the most."""
+    from builder.build_engines import DEFAULT_MAX_BATCH
+    from builder.repository import DECODER_STEP, DEFAULT_INSTANCES, ENCODER, GENERATOR, PREPROCESS
+    from builder.shm import ShmLimits, required_bytes
+    from captioner.preprocess import DEFAULT_MAX_BYTES
+
+    python_models = {("cpu", "fused"): (PREPROCESS, DECODER_STEP, GENERATOR),
+                     ("cpu", "split"): (PREPROCESS, ENCODER, DECODER_STEP, GENERATOR),
+                     ("gpu", "split"): (PREPROCESS, GENERATOR)}  # TensorRT encoder, onnxruntime step
+    return max(required_bytes(ShmLimits(DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, DEFAULT_INSTANCES[target][PREPROCESS],
+                                        sum(DEFAULT_INSTANCES[target][m] for m in models)))
+               for (target, _), models in python_models.items())
+
+
+def _volume(volumes: list[dict], mounts: list[dict], path: str) -> dict:
+    name = next(m["name"] for m in mounts if m["mountPath"] == path)
+    return next(v for v in volumes if v["name"] == name)
+
+
+def _pods(rendered) -> list[tuple[str, dict, list[dict]]]:
+    """(where, container, volumes) of every serving pod the manifests define."""
+    out = []
+    for overlay in SERVING:
+        spec = _one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
+        out.append((overlay, _server(_one(rendered[overlay], "Deployment")), spec["volumes"]))
+    for overlay in ("kserve", "kserve-canary"):
+        runtime = _one(rendered[overlay], "ServingRuntime")["spec"]
+        out.append((overlay, runtime["containers"][0], runtime["volumes"]))
+    return out
+
+
+def test_dev_shm_is_what_the_build_sizes_for_full_batches_of_the_largest_images(rendered):
+    from builder.shm import quantity
+
+    want = quantity(_shm_for_default_builds())
+    for where, container, volumes in _pods(rendered):
+        shm = _volume(volumes, container["volumeMounts"], "/dev/shm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": want}, where
+
+
+def test_the_documented_run_lines_give_the_same_dev_shm():
+    """Every `docker run` / `podman run` of a serving image in the deploy docs and the
+    Dockerfiles says --shm-size, with the build's figure (a runtime's default is 64 MiB)."""
+    from builder.shm import MIB
+
+    want = f"{_shm_for_default_builds() // MIB}m"
+    lines = [line for f in ("README.md", "Dockerfile", "Dockerfile.cpu") for line in _dockerfile(f).splitlines()
+             if re.search(r"\b(docker|podman) run\b", line) and "captioner-server" in line]
+    assert len(lines) >= 3
+    for line in lines:
+        assert re.search(rf"--shm-size[= ]{want}\b", line), line
+
+
+def test_every_serving_pod_drains_within_its_grace_period_unbuffered_on_a_read_only_root(rendered, monkeypatch):
+    from launcher.cli import UNLOAD_GRACE_S
+
+    for where, container, volumes in _pods(rendered):
+        a = _launcher_args(container, monkeypatch)
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env.get("PYTHONUNBUFFERED") == "1", where
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+        assert "emptyDir" in _volume(volumes, container["volumeMounts"], "/tmp"), where
+    for overlay in ("kserve", "kserve-canary"):
+        isvc = _one(rendered[overlay], "InferenceService")
+        a = _launcher_args(_one(rendered[overlay], "ServingRuntime")["spec"]["containers"][0], monkeypatch)
+        # No preStop here: the drain, then tritonserver's unload grace, then the launcher's margin.
+        assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > a.drain_timeout + UNLOAD_GRACE_S, overlay
+
+
+def test_podman_runs_the_container_with_the_pods_constraints(rendered, monkeypatch):
+    """deploy.containers (make serve-containers, tests/containers) holds a container to
+    what the CPU pod allows."""
+    from deploy import containers
+
+    dep = _one(rendered["cpu"], "Deployment")
+    spec, server = dep["spec"]["template"]["spec"], _server(dep)
+    assert containers.POD_USER == f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
+    assert containers.POD_GRACE_S == spec["terminationGracePeriodSeconds"]
+    assert server["resources"]["limits"]["memory"] == containers.POD_MEMORY.replace("g", "Gi")
+    tmp = _volume(spec["volumes"], server["volumeMounts"], "/tmp")["emptyDir"]["sizeLimit"]
+    assert tmp == containers.POD_TMP.replace("m", "Mi")
+    assert containers.MODELS_DIR == _launcher_args(server, monkeypatch).repo
+    assert containers.CONTAINER_PORTS == {p["name"]: p["containerPort"] for p in server["ports"]}
+    args = containers.pod_run_args(PROJECT_ROOT, name="x", shm=123)
+    for flag in (["--user", containers.POD_USER], ["--read-only"], ["--cap-drop", "ALL"],
+                 ["--security-opt", "no-new-privileges"], ["--memory", containers.POD_MEMORY], ["--shm-size", "123"],
+                 ["--volume", f"{PROJECT_ROOT}:{containers.MODELS_DIR}:ro"]):
+        assert any(args[i:i + len(flag)] == flag for i in range(len(args))), flag
 
 
 def _pins(path: Path) -> dict[str, str]:
