@@ -126,8 +126,8 @@ image: | $(STAMP)
 	$(PY) -m deploy.images --repo $(REPO) $(if $(BASE),--base $(BASE)) $(ARGS)
 
 ## test-containers the built images run as the pod runs them (tests/containers; not in make test: minutes, and needs make image)
-test-containers: | $(STAMP)
-	$(PY) -m pytest tests/containers $(PYTEST_ARGS)
+test-containers: image
+	CAPTIONER_CONTAINER_TESTS=1 $(PY) -m pytest tests/containers $(PYTEST_ARGS)
 
 ## serve-containers REPLICAS=N image containers behind nginx (gRPC, per-call balancing) on 127.0.0.1:8001; Ctrl-C stops all
 serve-containers: | $(STAMP)

@@ -84,12 +84,18 @@ def shm_bytes(repo: Path) -> int:
     return int(shm["bytes"])
 
 
-def pod_run_args(repo: Path, *, name: str, publish: dict[str, int] | None = None, host: str = "127.0.0.1",
+def pod_run_args(repo: Path | None, *, name: str, publish: dict[str, int] | None = None, host: str = "127.0.0.1",
                  shm: int | None = None, memory: str = POD_MEMORY, env: dict[str, str] | None = None,
-                 init: bool = False) -> list[str]:
+                 init: bool = False, volume: str | None = None) -> list[str]:
     """`podman run` flags (after `run`, before the image) that hold a serving container to
-    the pod's constraints. publish: container port name -> host port (0 or absent: none)."""
-    repo = Path(repo).resolve()
+    the pod's constraints. The repository is the folder `repo` or the podman volume
+    `volume` (filled by the repository image, as the pod's init container fills its
+    emptyDir), mounted read-only; shm defaults to the repository's build_manifest.json.
+    publish: container port name -> host port (0 or absent: none)."""
+    if volume is None:
+        repo = Path(repo).resolve()
+    elif shm is None:
+        raise ValueError("a repository volume needs shm= (its build_manifest.json is inside it)")
     args = ["--name", name, *ulimits(),
             "--user", POD_USER,
             "--read-only", "--read-only-tmpfs=false",
@@ -98,7 +104,7 @@ def pod_run_args(repo: Path, *, name: str, publish: dict[str, int] | None = None
             "--security-opt", "no-new-privileges",
             "--memory", memory, "--memory-swap", memory,
             "--shm-size", str(shm_bytes(repo) if shm is None else shm),
-            "--volume", f"{repo}:{MODELS_DIR}:ro",
+            "--volume", f"{volume or repo}:{MODELS_DIR}:ro",
             "--stop-timeout", str(POD_GRACE_S),
             # The image's HEALTHCHECK needs systemd timers under podman; the pod's probes
             # are what count, and tests/containers runs them with `podman exec`.
@@ -119,6 +125,26 @@ def run_line(repo: str = "model_repository", shm: int | None = None) -> str:
     return (f"podman run --rm --user {POD_USER} --read-only --tmpfs /tmp:size={POD_TMP} --cap-drop ALL "
             f"--security-opt no-new-privileges --memory {POD_MEMORY} {shm_flag} "
             f"-p 8000-8002:8000-8002 -v \"$PWD/{repo}:{MODELS_DIR}:ro\" {SERVER_IMAGE}")
+
+
+def repository_volume(name: str, image: str = REPOSITORY_IMAGE) -> dict:
+    """A podman volume filled from the repository image by the pod's init container command
+    (`cp -R /models/. /mnt/models/`, as uid 1000 on a read-only root); the repository's
+    build_manifest.json. The volume is owned by uid 1000, as the pod's emptyDir is
+    writable by its fsGroup."""
+    uid, gid = POD_USER.split(":")
+    subprocess.run(podman() + ["volume", "rm", "-f", name], capture_output=True)
+    subprocess.run(podman() + ["volume", "create", "--opt", f"o=uid={uid},gid={gid}", name],
+                   check=True, capture_output=True)
+    init = subprocess.run(podman() + ["run", "--rm", *ulimits(), "--user", POD_USER, "--read-only", "--cap-drop", "ALL",
+                                      "--security-opt", "no-new-privileges", "--volume", f"{name}:{MODELS_DIR}",
+                                      image, "cp", "-R", "/models/.", f"{MODELS_DIR}/"],
+                          capture_output=True, text=True)
+    if init.returncode != 0:
+        raise ContainerError(f"the init container's copy failed: {init.stderr.strip()}")
+    out = subprocess.run(podman() + ["run", "--rm", *ulimits(), "--volume", f"{name}:{MODELS_DIR}:ro", image,
+                                     "cat", f"{MODELS_DIR}/{MANIFEST}"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def image_exists(image: str) -> bool:
