@@ -1,7 +1,9 @@
-"""The CPU serving image (make image) run as the Kubernetes pod runs it: the repository
-image's init command fills a volume, mounted read-only; uid 1000, a read-only root with
-/tmp as a tmpfs, no capabilities, no new privileges, the pod's memory limit and the
-build's /dev/shm (deploy.containers.pod_run_args). Then, from the host and inside:
+"""The CPU serving image (make image) run as the Kubernetes pod runs it: the Deployment's
+command, args and environment (deploy/k8s/base/deployment.yaml); the repository image's
+init command fills a volume, mounted read-only; uid 1000, a read-only root with /tmp as a
+tmpfs, no capabilities, no new privileges, the pod's memory limit and the build's
+/dev/shm (deploy.containers.pod_run_args). Not emulated: the preStop sleep (podman has
+none), the kubelet's probe schedule (the probes are run here by hand). Then, from the host and inside:
 captions over gRPC, bad input refused, the pod's probes, a killed stub repaired, orphans
 reaped by PID 1, and `podman stop` draining with nothing accepted lost. The tests run in
 file order on one container; the last one stops it.
@@ -42,8 +44,13 @@ class Served:
     def __init__(self, name: str, image: str, volume: str, shm: int, memory: str = POD_MEMORY):
         self.name, self.podman = name, podman()
         self.ports = free_ports({"grpc": 0, "http": 0, "metrics": 0})
-        self.run = self.podman + ["run", "-d"] + pod_run_args(None, name=name, publish=self.ports, shm=shm,
-                                                             memory=memory, volume=volume) + [image]
+        # The pod's own container spec: its command (replacing the image's entrypoint),
+        # args and environment, as the kubelet would start it.
+        pod = _pod_container()
+        env = {e["name"]: e["value"] for e in pod.get("env", [])}
+        self.run = (self.podman + ["run", "-d", "--entrypoint", json.dumps(pod["command"][:1])]
+                    + pod_run_args(None, name=name, publish=self.ports, shm=shm, memory=memory, volume=volume, env=env)
+                    + [image] + pod["command"][1:] + pod["args"])
 
     def start(self) -> Served:
         subprocess.run(self.podman + ["rm", "-f", "-t", "0", self.name], capture_output=True)
@@ -137,6 +144,7 @@ def test_the_container_runs_under_the_pods_constraints(served, volume):
     pid1 = next(p for p in procs if p["pid"] == 1)
     assert pid1["cmdline"][:2] == ["tini", "--"], pid1  # an init reaps orphans (see the stub test)
     launcher = next(p for p in procs if p["ppid"] == 1 and p["cmdline"][1:3] == ["-m", "launcher"])
+    assert launcher["cmdline"][3:] == _pod_container()["args"]  # the Deployment's own args
     for p in procs:
         assert p["uids"][0] == 1000 and p["gids"][0] == 1000, p
     status = served.python(f"print(open('/proc/{launcher['pid']}/status').read())")
