@@ -108,7 +108,7 @@ def send_full_batches(url: str, images: list[bytes], requests: int, timeout_s: f
 
 
 def measure(repo: Path) -> dict:
-    from builder.shm import front_instances, required_bytes, repository_limits
+    from builder.shm import front_instances, repository_limits, required_bytes
     from captioner.scenes import caption_is_correct
     from launcher.tritonserver import TritonServer
 

@@ -26,8 +26,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy.containers import (REPOSITORY_IMAGE, ROOT, SERVER_IMAGE, ContainerError, build_manifest, image_exists,
-                               podman, shm_bytes, ulimits)
+from deploy.containers import (
+    REPOSITORY_IMAGE,
+    ROOT,
+    SERVER_IMAGE,
+    ContainerError,
+    build_manifest,
+    image_exists,
+    podman,
+    shm_bytes,
+    ulimits,
+)
 
 TOOLS = {"podman": "podman", "buildah": "buildah", "runc": "runc", "debootstrap": "debootstrap"}
 SUITE = "bookworm"
