@@ -81,7 +81,7 @@ def ensure_nginx() -> str:
     say("installing nginx with apt-get (missing here)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx"], check=True, env=env)
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
