@@ -59,7 +59,8 @@ def test_a_peer_captions_like_the_pipeline_and_refuses_a_bad_image_alone(name, s
             assert e.value.code == 400 and json.loads(e.value.read())["error"] == "not_an_image"
         elif name == "litserve":
             body = json.dumps({"image": "bm90IGFuIGltYWdl", "parameters": {}}).encode()
-            with urllib.request.urlopen(urllib.request.Request(srv.url + "/predict", data=body), timeout=30) as r:
+            with urllib.request.urlopen(urllib.request.Request(srv.url + "/predict", data=body,
+                                                               headers={"Content-Type": "application/json"}), timeout=30) as r:
                 assert json.loads(r.read())["error"] == "not_an_image"
         else:
             import numpy as np
