@@ -4,17 +4,25 @@
 one-version repository, as any build) and moves it into the existing repository as
 version N = highest + 1 of every composing model, keeping the last K versions on disk.
 What Triton loads stays what it was: each composing model's `version_policy { specific }`
-lists the versions loaded now, and the ensemble serves one version whose steps are pinned
-to the same version of every composing model. launcher/rollout.py then loads N beside the
-serving version, checks it, and switches the ensemble to it; the functions below are the
-repository edits that rollout makes (`set_loaded`, `set_serving`).
+lists the versions loaded now, and the ensemble, one loaded version of its own, has every
+step pinned to the same version of every composing model: the serving version. A request
+never mixes two versions. launcher/rollout.py then loads N beside the serving version,
+checks it, and re-pins the ensemble's steps to N; the functions below are the repository
+edits that rollout makes (`set_loaded`, `set_serving`).
+
+The ensemble keeps its version number across switches (Triton reloads a loaded version in
+the background and swaps it in when ready, so `/v2/models/captioner/ready` never wavers);
+a new ensemble version per switch would make Triton release the old one, and its
+readiness check can catch that instant and answer not ready for one poll (seen: 2 of 60
+switches of a toy ensemble, 0 of 60 with re-pinning).
 
 Per version, on disk:
   <model>/<N>/...                 that version's graphs, vocabulary, preprocessing, model.py
   <model>/<N>/parameters.json     that version's config parameters (a config.pbtxt is shared
                                   by all versions of a model; captioner.serving.versions
                                   reads this file over it)
-  captioner/<N>/parameters.json   the ensemble's parameters for N (checkpoint, target, ...)
+  captioner/<N>/parameters.json   the ensemble's parameters while it serves N (checkpoint,
+                                  target, ...); the ensemble's loaded version directory stays
   build_manifest.json "versions"  per version: checkpoint sha256, source path, build time,
                                   MODEL_VERSION label, and the in-process captions of the
                                   gate scenes (captioner.inference), which a rollout compares
@@ -82,16 +90,16 @@ def models(repo: Path) -> list[str]:
 
 
 def serving_version(repo: Path) -> int:
-    """The version the ensemble serves: its one loaded version, to which every step is pinned."""
+    """The version served: the one every step of the ensemble (one loaded version) is pinned to."""
     cfg = read_config(repo, ENSEMBLE)
     if cfg is None:
         raise VersionError(f"{repo} holds no {ENSEMBLE} model (make build-engines)")
     loaded = policy_versions(cfg)
     pins = {s.model_version for s in cfg.ensemble_scheduling.step}
-    if len(loaded) != 1 or pins != set(loaded):
-        raise VersionError(f"{repo}/{ENSEMBLE}: serves versions {loaded} with steps pinned to {sorted(pins)}; "
-                           "a versioned repository serves one version, all steps pinned to it")
-    return loaded[0]
+    if len(loaded) != 1 or len(pins) != 1 or min(pins) < 1:
+        raise VersionError(f"{repo}/{ENSEMBLE}: loads versions {loaded} with steps pinned to {sorted(pins)}; "
+                           "a versioned repository loads one ensemble version, all steps pinned to one version")
+    return pins.pop()
 
 
 def loaded_versions(repo: Path) -> dict[str, list[int]]:
@@ -317,8 +325,9 @@ def prune(repo: Path, keep: int) -> list[int]:
     present = sorted({v for m in models(repo) + [ENSEMBLE] for v in on_disk(repo, m)})
     newest = set(present[-keep:])
     removed = [v for v in present if v not in newest and v not in protected]
+    ensemble = set(policy_versions(read_config(repo, ENSEMBLE)))
     for v in removed:
-        for m in models(repo) + [ENSEMBLE]:
+        for m in models(repo) + ([ENSEMBLE] if v not in ensemble else []):  # the ensemble's own version stays
             shutil.rmtree(repo / m / str(v), ignore_errors=True)
     manifest = read_manifest(repo)
     if removed and "model_versions" in manifest:
@@ -345,8 +354,9 @@ def set_loaded(repo: Path, name: str, versions: Iterable[int]) -> None:
 
 
 def set_serving(repo: Path, version: int) -> None:
-    """The ensemble's config for serving `version`: that one version loaded, every step pinned
-    to it, and its parameters (checkpoint, target, ...) as the config's."""
+    """The ensemble's config for serving `version`: every step pinned to it, and its
+    parameters (checkpoint, target, ...) as the config's; the ensemble's own loaded version
+    stays (a reload of it is swapped in by Triton with no gap)."""
     repo = Path(repo)
     if not (repo / ENSEMBLE / str(version)).is_dir():
         raise VersionError(f"{ENSEMBLE}: no version {version} on disk (versions: {on_disk(repo, ENSEMBLE)})")
@@ -355,8 +365,6 @@ def set_serving(repo: Path, version: int) -> None:
             raise VersionError(f"{name} does not load version {version}: load it before serving it")
     cfg = read_config(repo, ENSEMBLE)
     assert cfg is not None
-    del cfg.version_policy.specific.versions[:]
-    cfg.version_policy.specific.versions.append(version)
     for step in cfg.ensemble_scheduling.step:
         step.model_version = version
     own = repo / ENSEMBLE / str(version) / PARAMETERS_FILE

@@ -14,13 +14,14 @@ A rollout builds the checkpoint into the repository as its next version N (build
    the ensemble calls them, every model asked for version N; each caption must equal the
    checkpoint's in-process caption (captioner.inference, recorded by the build) and name
    N in MODEL_VERSION; this also warms N;
-3. switch: the ensemble's config now serves N with every step pinned to N, and Triton
-   loads ensemble version N. Clients ask for `captioner` with no version and get the
-   highest READY version: N from the moment it is READY, when Triton also releases S.
-   A request holds the models of the ensemble version it started in until it ends, so
-   every request runs through one version end to end and none fails;
-4. drain and unload: once ensemble version S has no request left, the composing models
-   unload S.
+3. switch: the ensemble's steps are re-pinned from S to N in its config and Triton
+   reloads the ensemble: it builds the re-pinned ensemble in the background and swaps it
+   in when ready, so requests from then on run through N. A request holds the models it
+   was started with (the ensemble and every step's model, taken when it arrives) until it
+   ends: every request runs through one version end to end and none fails;
+4. unload: the composing models load N only. Triton releases S and destroys it when the
+   last request holding it has finished: the drain is Triton's own. (The ensemble keeps its
+   version number: builder/versions.py says why.)
 
 A rollback does the same towards the version served before (still on disk), without a
 build. A checkpoint that fails to build, a version that fails to load, or one whose
@@ -203,10 +204,11 @@ def check_serving(server: Server, repo: Path, records: dict[int, dict]) -> int:
         ready = ready_versions(server)
     except Exception as e:  # noqa: BLE001 - connection refused, restricted API, ...
         raise RolloutRefused(f"cannot reach the server's model-repository API at {server.url}: {e}") from None
-    if serving not in ready.get(ENSEMBLE, set()):
-        raise RolloutRefused(f"the server at {server.url} does not serve {ENSEMBLE} version {serving}, the version "
-                             f"{repo} says it serves (READY: {sorted(ready.get(ENSEMBLE, set()))}): is it serving "
-                             f"this repository? (make serve REPO={repo})")
+    own = set(versions.policy_versions(versions.read_config(repo, ENSEMBLE)))
+    if not own & ready.get(ENSEMBLE, set()):
+        raise RolloutRefused(f"the server at {server.url} has no {ENSEMBLE} version {sorted(own)} ready, which {repo} "
+                             f"loads (READY: {sorted(ready.get(ENSEMBLE, set()))}): is it serving this repository? "
+                             f"(make serve REPO={repo})")
     want = records.get(serving, {}).get("model_version")
     if want:
         from captioner.scenes import encoded_scenes
@@ -264,21 +266,8 @@ def _load(server: Server, repo: Path, model_versions: dict[str, list[int]]) -> N
         client.load_model(name, headers=server.headers)
 
 
-def _wait_unloaded(server: Server, version: int, timeout_s: float) -> bool:
-    """Ensemble version `version` fully unloaded (its last request answered)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        states = {m.get("version"): m.get("state")
-                  for m in server.client(10.0).get_model_repository_index(headers=server.headers)
-                  if m["name"] == ENSEMBLE}
-        if states.get(str(version)) not in ("READY", "UNLOADING"):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def switch(server: Server, repo: Path, target: int, action: str, records: dict[int, dict], *,
-           drain_timeout_s: float = 60.0, log: Callable[[str], None] = _log) -> Outcome:
+           log: Callable[[str], None] = _log) -> Outcome:
     """Load `target` beside the serving version, gate it, serve it, unload the old one."""
     serving = versions.serving_version(repo)
     if target == serving:
@@ -301,7 +290,7 @@ def switch(server: Server, repo: Path, target: int, action: str, records: dict[i
             raise
         raise RolloutRefused(f"version {target} failed to load: {e}") from None
 
-    log(f"[switch] {ENSEMBLE} serves version {target}, every step pinned to it")
+    log(f"[switch] {ENSEMBLE}'s steps pinned to version {target}")
     with _phase(out, "switch", log):
         versions.set_serving(repo, target)
         out.switch_started = time.monotonic()
@@ -310,14 +299,9 @@ def switch(server: Server, repo: Path, target: int, action: str, records: dict[i
         except Exception as e:
             versions.set_serving(repo, serving)
             _revert(server, repo, serving, names, log)
-            raise RolloutRefused(f"{ENSEMBLE} version {target} failed to load: {e}") from None
+            raise RolloutRefused(f"{ENSEMBLE} pinned to version {target} failed to load: {e}") from None
         out.switched = time.monotonic()
-    log(f"[drain] waiting for {ENSEMBLE} version {serving}'s requests to finish")
-    with _phase(out, "drain", log):
-        if not _wait_unloaded(server, serving, drain_timeout_s):
-            log(f"      version {serving} still had requests after {drain_timeout_s:g} s; its models keep them "
-                "until they finish")
-    log(f"[unload] version {serving} of {', '.join(names)}")
+    log(f"[unload] version {serving} of {', '.join(names)} (each goes once its last request has finished)")
     with _phase(out, "unload", log):
         _load(server, repo, {m: [target] for m in names})
     return out

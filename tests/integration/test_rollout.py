@@ -80,6 +80,7 @@ class Readiness:
     http_url: str
     seen: dict = field(default_factory=lambda: {"/v2/health/ready": [], "/v2/models/captioner/ready": []})
     stop: threading.Event = field(default_factory=threading.Event)
+    why: list = field(default_factory=list)  # (time, path, error) of each poll that was not ready
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -87,8 +88,9 @@ class Readiness:
                 try:
                     with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
                         ok = r.status == 200
-                except OSError:
+                except OSError as e:
                     ok = False
+                    self.why.append((time.monotonic(), path, repr(e)[:200]))
                 log.append((time.monotonic(), ok))
             time.sleep(0.05)
 
@@ -157,7 +159,10 @@ def test_rollout_and_rollback_under_load_answer_every_request_from_one_version(s
     assert after_rollout < back.switch_started
     # The served model stayed ready throughout (the server-wide strict readiness dips while
     # a version loads or unloads: see launcher/rollout.py).
-    assert all(ok for _, ok in ready.seen["/v2/models/captioner/ready"])
+    phases = {f"{o.action} {k}": (round(t0 - out.phases["build"][0], 2), round(t1 - out.phases["build"][0], 2))
+              for o in (out, back) for k, (t0, t1) in o.phases.items()}
+    model_not_ready = [(round(t - out.phases["build"][0], 2), e) for t, p, e in ready.why if p.startswith("/v2/models")]
+    assert model_not_ready == [], phases
     # Serving is back where it began; the broken build added nothing.
     assert versions.serving_version(repo) == 1 and versions.all_versions(repo) == [1, 2]
     assert versions.loaded_versions(repo) == {m: [1] for m in versions.models(repo)}

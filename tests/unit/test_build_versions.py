@@ -98,7 +98,8 @@ def test_a_new_version_is_added_beside_the_served_one_and_served_only_when_switc
     versions.set_serving(repo, 2)
     ens = versions.read_config(repo, "captioner")
     assert [s.model_version for s in ens.ensemble_scheduling.step] == [2, 2, 2]
-    assert list(ens.version_policy.specific.versions) == [2]
+    # the ensemble keeps its own version: Triton reloads it in the background, with no gap
+    assert list(ens.version_policy.specific.versions) == [1] and versions.serving_version(repo) == 2
     assert recorded_checkpoint(repo) == b.sha256
     check_repository(repo)
 
@@ -130,6 +131,13 @@ def test_old_versions_are_pruned_but_never_a_loaded_one(two, tmp_path):
         add(ck, art, repo, tmp_path, keep=2)
     # versions 3 and 4 are the newest two; 1 is served and loaded, so it stays; 2 went
     assert versions.all_versions(repo) == [1, 3, 4]
+    check_repository(repo)
+    # serving 4 (loaded alone): 1 goes too, but not the ensemble's own version directory
+    for m in versions.models(repo):
+        versions.set_loaded(repo, m, [4])
+    versions.set_serving(repo, 4)
+    assert versions.prune(repo, keep=2) == [1]
+    assert versions.all_versions(repo) == [3, 4] and versions.on_disk(repo, "captioner") == [1, 3, 4]
     check_repository(repo)
 
 
