@@ -13,8 +13,8 @@ edits that rollout makes (`set_loaded`, `set_serving`).
 The ensemble keeps its version number across switches (Triton reloads a loaded version in
 the background and swaps it in when ready, so `/v2/models/captioner/ready` never wavers);
 a new ensemble version per switch would make Triton release the old one, and its
-readiness check can catch that instant and answer not ready for one poll (seen: 2 of 60
-switches of a toy ensemble, 0 of 60 with re-pinning).
+readiness check (find the latest ready version, then ask its state) can fall between the
+two and answer not ready.
 
 Per version, on disk:
   <model>/<N>/...                 that version's graphs, vocabulary, preprocessing, model.py
