@@ -32,6 +32,7 @@ Versions may differ in layer sizes: a tensor dimension that differs between kept
 is written as -1 (any) in the shared config, and warmup requests whose shape would fit only
 one version are dropped (the rollout warms a version through its own requests instead).
 They may not differ in what the ensemble wires (layout, encoder input type, target)."""
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,10 @@ def serving_version(repo: Path) -> int:
     loaded = policy_versions(cfg)
     pins = {s.model_version for s in cfg.ensemble_scheduling.step}
     if len(loaded) != 1 or len(pins) != 1 or min(pins) < 1:
-        raise VersionError(f"{repo}/{ENSEMBLE}: loads versions {loaded} with steps pinned to {sorted(pins)}; "
-                           "a versioned repository loads one ensemble version, all steps pinned to one version")
+        raise VersionError(
+            f"{repo}/{ENSEMBLE}: loads versions {loaded} with steps pinned to {sorted(pins)}; "
+            "a versioned repository loads one ensemble version, all steps pinned to one version"
+        )
     return pins.pop()
 
 
@@ -129,26 +132,39 @@ def version_records(repo: Path) -> dict[int, dict]:
     records = {int(k): v for k, v in manifest.get("model_versions", {}).items()}
     if not records and manifest.get("checkpoint"):
         ck = manifest["checkpoint"]
-        records[1] = {"checkpoint_sha256": ck["sha256"], "source": ck.get("path"), "built": manifest.get("created"),
-                      "model_version": label(1, ck["sha256"]), "target": manifest.get("target"),
-                      "precision": manifest.get("precision"), "layout": manifest.get("layout")}
+        records[1] = {
+            "checkpoint_sha256": ck["sha256"],
+            "source": ck.get("path"),
+            "built": manifest.get("created"),
+            "model_version": label(1, ck["sha256"]),
+            "target": manifest.get("target"),
+            "precision": manifest.get("precision"),
+            "layout": manifest.get("layout"),
+        }
     return records
 
 
-def record_build(repo: Path, manifest: Mapping[str, Any], version: int, gate: Mapping[str, Any] | None,
-                 previous: Mapping[int, dict]) -> dict:
+def record_build(
+    repo: Path, manifest: Mapping[str, Any], version: int, gate: Mapping[str, Any] | None, previous: Mapping[int, dict]
+) -> dict:
     """Write the repository's manifest: this build's (as every build writes it) plus
     `model_versions`, one record per version still on disk (`previous`: version_records read
     before this build's manifest replaced the repository's). Returns the new record."""
     repo = Path(repo)
     records = dict(previous)
     ck = manifest["checkpoint"]
-    records[version] = {"checkpoint_sha256": ck["sha256"], "source": str(ck["path"]), "built": manifest["created"],
-                        "model_version": label(version, ck["sha256"]), "target": manifest["target"],
-                        "precision": manifest["precision"], "layout": manifest["layout"], "gate": dict(gate or {})}
+    records[version] = {
+        "checkpoint_sha256": ck["sha256"],
+        "source": str(ck["path"]),
+        "built": manifest["created"],
+        "model_version": label(version, ck["sha256"]),
+        "target": manifest["target"],
+        "precision": manifest["precision"],
+        "layout": manifest["layout"],
+        "gate": dict(gate or {}),
+    }
     kept = set(all_versions(repo))
-    out = {**manifest, "model_version": version,
-           "model_versions": {str(v): r for v, r in sorted(records.items()) if v in kept}}
+    out = {**manifest, "model_version": version, "model_versions": {str(v): r for v, r in sorted(records.items()) if v in kept}}
     (repo / MANIFEST).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return records[version]
 
@@ -171,8 +187,9 @@ def served_preprocess(repo: Path, version: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def reference_captions(checkpoint: str | Path, scenes: int = GATE_SCENES, seed: int = GATE_SEED,
-                       preprocess: Mapping[str, Any] | None = None) -> list[str]:
+def reference_captions(
+    checkpoint: str | Path, scenes: int = GATE_SCENES, seed: int = GATE_SEED, preprocess: Mapping[str, Any] | None = None
+) -> list[str]:
     """The checkpoint's own in-process captions (captioner.inference) of the gate scenes:
     what the served version must answer, caption for caption."""
     from captioner.scenes import encoded_scenes
@@ -243,20 +260,26 @@ def _check_compatible(staged: Path, repo: Path) -> None:
     serving_version(repo)
     have, want = models(repo), models(staged)
     if have != want:
-        raise VersionError(f"the new build has models {want}, the repository {have}: layouts differ "
-                           f"(build the new version with the repository's LAYOUT)")
+        raise VersionError(
+            f"the new build has models {want}, the repository {have}: layouts differ "
+            f"(build the new version with the repository's LAYOUT)"
+        )
     for name in have + [ENSEMBLE]:
         old, new = read_config(repo, name), read_config(staged, name)
         assert old is not None and new is not None
         if (old.backend, old.platform) != (new.backend, new.platform):
-            raise VersionError(f"{name}: the repository runs {old.platform or old.backend}, the new build "
-                               f"{new.platform or new.backend} (a version cannot change its target)")
+            raise VersionError(
+                f"{name}: the repository runs {old.platform or old.backend}, the new build "
+                f"{new.platform or new.backend} (a version cannot change its target)"
+            )
         for kind in ("input", "output"):
             a = [(t.name, t.data_type, len(t.dims)) for t in getattr(old, kind)]
             b = [(t.name, t.data_type, len(t.dims)) for t in getattr(new, kind)]
             if a != b:
-                raise VersionError(f"{name}: {kind}s {b} of the new build differ from the repository's {a} "
-                                   f"(tensor names, types and ranks must match; only sizes may change)")
+                raise VersionError(
+                    f"{name}: {kind}s {b} of the new build differ from the repository's {a} "
+                    f"(tensor names, types and ranks must match; only sizes may change)"
+                )
     old_steps = [s.model_name for s in read_config(repo, ENSEMBLE).ensemble_scheduling.step]  # type: ignore[union-attr]
     new_steps = [s.model_name for s in read_config(staged, ENSEMBLE).ensemble_scheduling.step]  # type: ignore[union-attr]
     if old_steps != new_steps:
@@ -373,4 +396,3 @@ def set_serving(repo: Path, version: int) -> None:
         for k, v in json.loads(own.read_text()).items():
             cfg.parameters[k].string_value = str(v)
     write_config(repo, cfg)
-

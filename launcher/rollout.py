@@ -31,6 +31,7 @@ Readiness: Triton's strict server readiness (`/v2/health/ready`) is false while 
 version is loading or unloading, so it drops for the seconds a version takes to load or
 unload even though every request is answered; the served model's readiness
 (`/v2/models/captioner/ready`) stays true throughout (deploy/README.md: which to probe)."""
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ class Server:
     def client(self, timeout_s: float | None = None):
         import tritonclient.http as httpclient
 
-        return httpclient.InferenceServerClient(self.url, connection_timeout=10.0,
-                                                network_timeout=timeout_s or self.load_timeout_s)
+        return httpclient.InferenceServerClient(
+            self.url, connection_timeout=10.0, network_timeout=timeout_s or self.load_timeout_s
+        )
 
 
 @dataclass
@@ -164,8 +166,9 @@ def caption_version(server: Server, repo: Path, version: int, png: bytes) -> tup
         inputs = []
         for inner, outer in step.input_map.items():
             arr = tensors[outer]
-            inp = httpclient.InferInput(inner, list(arr.shape), "BYTES" if arr.dtype == np.object_
-                                        else np_to_triton_dtype(arr.dtype))
+            inp = httpclient.InferInput(
+                inner, list(arr.shape), "BYTES" if arr.dtype == np.object_ else np_to_triton_dtype(arr.dtype)
+            )
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         outs = [httpclient.InferRequestedOutput(inner) for inner in step.output_map]
@@ -206,17 +209,20 @@ def check_serving(server: Server, repo: Path, records: dict[int, dict]) -> int:
         raise RolloutRefused(f"cannot reach the server's model-repository API at {server.url}: {e}") from None
     own = set(versions.policy_versions(versions.read_config(repo, ENSEMBLE)))
     if not own & ready.get(ENSEMBLE, set()):
-        raise RolloutRefused(f"the server at {server.url} has no {ENSEMBLE} version {sorted(own)} ready, which {repo} "
-                             f"loads (READY: {sorted(ready.get(ENSEMBLE, set()))}): is it serving this repository? "
-                             f"(make serve REPO={repo})")
+        raise RolloutRefused(
+            f"the server at {server.url} has no {ENSEMBLE} version {sorted(own)} ready, which {repo} "
+            f"loads (READY: {sorted(ready.get(ENSEMBLE, set()))}): is it serving this repository? "
+            f"(make serve REPO={repo})"
+        )
     want = records.get(serving, {}).get("model_version")
     if want:
         from captioner.scenes import encoded_scenes
 
         got = served_label(server, encoded_scenes(1, seed=7)[0][0])
         if got != want:
-            raise RolloutRefused(f"the server at {server.url} answers as {got}, {repo}'s serving version is {want}: "
-                                 "another repository?")
+            raise RolloutRefused(
+                f"the server at {server.url} answers as {got}, {repo}'s serving version is {want}: another repository?"
+            )
     return serving
 
 
@@ -229,8 +235,10 @@ def _gate_reference(repo: Path, record: dict, version: int) -> tuple[list[str], 
 
     source = record.get("source")
     if not source or not Path(source).is_file() or file_sha256(source) != record.get("checkpoint_sha256"):
-        raise RolloutRefused(f"version {version} has no recorded gate captions and its checkpoint {source} is gone "
-                             "or changed: its captions cannot be checked")
+        raise RolloutRefused(
+            f"version {version} has no recorded gate captions and its checkpoint {source} is gone "
+            "or changed: its captions cannot be checked"
+        )
     captions = versions.reference_captions(source, preprocess=versions.served_preprocess(repo, version))
     versions.save_gate(repo, version, {"scenes": versions.GATE_SCENES, "seed": versions.GATE_SEED, "captions": captions})
     return captions, versions.GATE_SCENES, versions.GATE_SEED
@@ -253,8 +261,10 @@ def gate(server: Server, repo: Path, version: int, record: dict, log: Callable[[
         if caption != expected:
             bad.append(f"scene {i}: served {caption!r}, in-process {expected!r}")
     if bad:
-        raise RolloutRefused(f"version {version} ({label}) captions {len(bad)} of {n} gate scenes unlike its own "
-                             "checkpoint in process:\n  " + "\n  ".join(bad[:5]))
+        raise RolloutRefused(
+            f"version {version} ({label}) captions {len(bad)} of {n} gate scenes unlike its own "
+            "checkpoint in process:\n  " + "\n  ".join(bad[:5])
+        )
     log(f"      gate passed: {n} of {n} captions equal the checkpoint's in-process captions, MODEL_VERSION {label}")
 
 
@@ -266,8 +276,9 @@ def _load(server: Server, repo: Path, model_versions: dict[str, list[int]]) -> N
         client.load_model(name, headers=server.headers)
 
 
-def switch(server: Server, repo: Path, target: int, action: str, records: dict[int, dict], *,
-           log: Callable[[str], None] = _log) -> Outcome:
+def switch(
+    server: Server, repo: Path, target: int, action: str, records: dict[int, dict], *, log: Callable[[str], None] = _log
+) -> Outcome:
     """Load `target` beside the serving version, gate it, serve it, unload the old one."""
     serving = versions.serving_version(repo)
     if target == serving:
@@ -319,8 +330,7 @@ def _revert(server: Server, repo: Path, serving: int, names: list[str], log: Cal
 def _record_switch(repo: Path, out: Outcome) -> None:
     manifest = versions.read_manifest(repo)
     history = manifest.setdefault("serving_history", [])
-    history.append({"action": out.action, "from": out.from_version, "to": out.to_version, "at": _now(),
-                    "seconds": out.seconds})
+    history.append({"action": out.action, "from": out.from_version, "to": out.to_version, "at": _now(), "seconds": out.seconds})
     manifest["serving"] = out.to_version
     manifest["previous"] = out.from_version
     (Path(repo) / versions.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -332,8 +342,15 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def rollout(repo: str | Path, model: str, server: Server, *, keep: int = versions.DEFAULT_KEEP,
-            build_args: list[str] | None = None, log: Callable[[str], None] = _log) -> Outcome:
+def rollout(
+    repo: str | Path,
+    model: str,
+    server: Server,
+    *,
+    keep: int = versions.DEFAULT_KEEP,
+    build_args: list[str] | None = None,
+    log: Callable[[str], None] = _log,
+) -> Outcome:
     """Build `model` as the next version of `repo` and switch `server` to it."""
     repo = Path(repo)
     with _locked(repo):
@@ -353,13 +370,14 @@ def rollout(repo: str | Path, model: str, server: Server, *, keep: int = version
         out.seconds = {"build": round(built - t0, 2), **out.seconds}
         out.phases = {"build": (t0, built), **out.phases}
         _record_switch(repo, out)
-    log(f"rollout: {ENSEMBLE} serves version {out.to_version} ({out.label}); version {out.from_version} unloaded, "
-        f"kept on disk for make rollback")
+    log(
+        f"rollout: {ENSEMBLE} serves version {out.to_version} ({out.label}); version {out.from_version} unloaded, "
+        f"kept on disk for make rollback"
+    )
     return out
 
 
-def rollback(repo: str | Path, server: Server, *, to: int | None = None,
-             log: Callable[[str], None] = _log) -> Outcome:
+def rollback(repo: str | Path, server: Server, *, to: int | None = None, log: Callable[[str], None] = _log) -> Outcome:
     """Switch `server` back to the version served before (or `to`), still on disk."""
     repo = Path(repo)
     with _locked(repo):
@@ -403,23 +421,45 @@ def _remove(repo: Path, version: int, log: Callable[[str], None]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launcher.rollout", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launcher.rollout",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("action", choices=("rollout", "rollback"))
-    p.add_argument("--model", default=env("CAPTIONER_MODEL", None),
-                   help="rollout: the new checkpoint (dir or file) [$CAPTIONER_MODEL]")
-    p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"),
-                   help="the repository the server serves (make serve REPO=...) [$CAPTIONER_REPO]")
-    p.add_argument("--url", default=env("CAPTIONER_HTTP_URL", f"127.0.0.1:{DEFAULT_PORTS['http']}"),
-                   help="the server's HTTP address (model-repository API) [$CAPTIONER_HTTP_URL]")
-    p.add_argument("--restricted-key", default=env("CAPTIONER_RESTRICTED_KEY", None), metavar="NAME=VALUE",
-                   help="the header that opens the server's restricted APIs (make serve --restricted-key) "
-                        "[$CAPTIONER_RESTRICTED_KEY]")
-    p.add_argument("--keep", type=int, default=env("CAPTIONER_KEEP_VERSIONS", versions.DEFAULT_KEEP, int),
-                   help="versions kept on disk [$CAPTIONER_KEEP_VERSIONS]")
+    p.add_argument(
+        "--model", default=env("CAPTIONER_MODEL", None), help="rollout: the new checkpoint (dir or file) [$CAPTIONER_MODEL]"
+    )
+    p.add_argument(
+        "--repo",
+        default=env("CAPTIONER_REPO", "model_repository"),
+        help="the repository the server serves (make serve REPO=...) [$CAPTIONER_REPO]",
+    )
+    p.add_argument(
+        "--url",
+        default=env("CAPTIONER_HTTP_URL", f"127.0.0.1:{DEFAULT_PORTS['http']}"),
+        help="the server's HTTP address (model-repository API) [$CAPTIONER_HTTP_URL]",
+    )
+    p.add_argument(
+        "--restricted-key",
+        default=env("CAPTIONER_RESTRICTED_KEY", None),
+        metavar="NAME=VALUE",
+        help="the header that opens the server's restricted APIs (make serve --restricted-key) [$CAPTIONER_RESTRICTED_KEY]",
+    )
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=env("CAPTIONER_KEEP_VERSIONS", versions.DEFAULT_KEEP, int),
+        help="versions kept on disk [$CAPTIONER_KEEP_VERSIONS]",
+    )
     p.add_argument("--to", type=int, default=None, help="rollback: this version instead of the one served before")
-    p.add_argument("--build-arg", action="append", default=[], metavar="ARG",
-                   help="passed to the build (python -m builder.build_engines), e.g. --build-arg=--runtime=onnxruntime")
+    p.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="passed to the build (python -m builder.build_engines), e.g. --build-arg=--runtime=onnxruntime",
+    )
     a = p.parse_args(argv)
     if a.action == "rollout" and not a.model:
         p.error("rollout needs --model (make rollout MODEL=<checkpoint>)")

@@ -54,11 +54,20 @@ def other_checkpoint(directory: Path, like) -> Path:
     vocab = Vocabulary.build([c for _ in range(300) for c in all_captions(random_scene(rng))], min_count=1)
     units = 128 if like.args.lstm_units != 128 else 96
     side = 48 if like.preprocess.image_size != 48 else 40
-    args = ModelArgs(vocab_size=len(vocab), cnn_channels=(8, 16), cnn_grid=2, image_bottleneck=24, lstm_units=units,
-                     embedding_dim=16, logit_bottleneck=24, max_length=12)
+    args = ModelArgs(
+        vocab_size=len(vocab),
+        cnn_channels=(8, 16),
+        cnn_grid=2,
+        image_bottleneck=24,
+        lstm_units=units,
+        embedding_dim=16,
+        logit_bottleneck=24,
+        max_length=12,
+    )
     torch.manual_seed(23)
-    return Checkpoint(args, PreprocessConfig(side), vocab, CaptionModel(args).eval(),
-                      meta={"note": "random weights (bench/faults rollout)"}).save(directory)
+    return Checkpoint(
+        args, PreprocessConfig(side), vocab, CaptionModel(args).eval(), meta={"note": "random weights (bench/faults rollout)"}
+    ).save(directory)
 
 
 def p99_ms(latencies: list[float]) -> float | None:
@@ -70,7 +79,8 @@ class Readiness(threading.Thread):
 
     def __init__(self, http_url: str):
         super().__init__(daemon=True)
-        self.url, self.seen, self.stop = http_url, [], threading.Event()
+        self.url, self.stop = http_url, threading.Event()
+        self.seen: list[tuple[float, str, bool]] = []
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -111,8 +121,16 @@ async def plain_clients(url: str, images: list[bytes], clients: int, stop: async
             t0 = time.monotonic()
             try:
                 r = await c.infer("captioner", [inputs[i]], outputs=requested_outputs(grpcclient), client_timeout=60)
-                log.append((t0, time.monotonic(), i, r.as_numpy("CAPTION")[0, 0].decode(),
-                            r.as_numpy("MODEL_VERSION")[0, 0].decode(), None))
+                log.append(
+                    (
+                        t0,
+                        time.monotonic(),
+                        i,
+                        r.as_numpy("CAPTION")[0, 0].decode(),
+                        r.as_numpy("MODEL_VERSION")[0, 0].decode(),
+                        None,
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - a failed request is what is counted
                 log.append((t0, time.monotonic(), i, None, None, str(e)[:200]))
                 await asyncio.sleep(0.05)
@@ -152,8 +170,7 @@ def rollout(run: FaultRun, model: str) -> None:
     steady_s, settle_s = (4.0, 2.0) if run.a.quick else (15.0, 5.0)
     images = run.images
     # What each checkpoint answers in process, images decoded as its served version does.
-    first_expected = [c.text for c in versions.in_process(first_path, versions.served_preprocess(repo, 1))
-                      .caption_images(images)]
+    first_expected = [c.text for c in versions.in_process(first_path, versions.served_preprocess(repo, 1)).caption_images(images)]
     logfile = open(run.out / f"faults-{model}-rollout.log", "w")
 
     def say(msg: str) -> None:
@@ -190,27 +207,40 @@ def rollout(run: FaultRun, model: str) -> None:
 
     records = versions.version_records(repo)
     second = records[out.to_version]
-    second_expected = [c.text for c in versions.in_process(second_path, versions.served_preprocess(repo, out.to_version))
-                       .caption_images(images)]
+    second_expected = [
+        c.text for c in versions.in_process(second_path, versions.served_preprocess(repo, out.to_version)).caption_images(images)
+    ]
     expected = {first["model_version"]: first_expected, second["model_version"]: second_expected}
-    run.record(scenario="rollout", model=model, clients=clients,
-               **measure(log, expected, t_cmd, out, t_back, back, steady_s),
-               readiness={p: ready.summary(p) for p in READY_PATHS},
-               versions={"from": out.from_version, "to": out.to_version, "labels": list(expected),
-                         "sizes": describe_sizes(first_path, second_path)},
-               repair_after=repair, supervisor=launcher.supervisor_events()[-4:])
+    run.record(
+        scenario="rollout",
+        model=model,
+        clients=clients,
+        **measure(log, expected, t_cmd, out, t_back, back, steady_s),
+        readiness={p: ready.summary(p) for p in READY_PATHS},
+        versions={
+            "from": out.from_version,
+            "to": out.to_version,
+            "labels": list(expected),
+            "sizes": describe_sizes(first_path, second_path),
+        },
+        repair_after=repair,
+        supervisor=launcher.supervisor_events()[-4:],
+    )
 
 
 def describe_sizes(first: Path, second: Path) -> str:
     from captioner import checkpoint as ckpt_mod
 
     a, b = ckpt_mod.load(first), ckpt_mod.load(second)
-    return (f"LSTM {a.args.lstm_units} -> {b.args.lstm_units}, input {a.preprocess.image_size} -> "
-            f"{b.preprocess.image_size} px, {a.args.backbone} -> {b.args.backbone}")
+    return (
+        f"LSTM {a.args.lstm_units} -> {b.args.lstm_units}, input {a.preprocess.image_size} -> "
+        f"{b.preprocess.image_size} px, {a.args.backbone} -> {b.args.backbone}"
+    )
 
 
-def measure(log: list, expected: dict[str, list[str]], t_cmd: float, out: ro.Outcome, t_back: float,
-            back: ro.Outcome, steady_s: float) -> dict:
+def measure(
+    log: list, expected: dict[str, list[str]], t_cmd: float, out: ro.Outcome, t_back: float, back: ro.Outcome, steady_s: float
+) -> dict:
     ok = [r for r in log if r[5] is None]
     failed = [r for r in log if r[5] is not None]
     wrong = [r for r in ok if expected.get(r[4], [None] * (r[2] + 1))[r[2]] != r[3]]
@@ -246,8 +276,9 @@ def measure(log: list, expected: dict[str, list[str]], t_cmd: float, out: ro.Out
     }
 
 
-def repair_on_serving_version(launcher: Launcher, server: ro.Server, png: bytes, want: str, label: str,
-                              limit_s: float = 60.0) -> dict:
+def repair_on_serving_version(
+    launcher: Launcher, server: ro.Server, png: bytes, want: str, label: str, limit_s: float = 60.0
+) -> dict:
     """SIGKILL caption_generator's stub of the serving version (no load): seconds until the
     supervisor has it back on that version and a caption is the version's own again."""
     ts = launcher.tritonserver()
@@ -256,15 +287,18 @@ def repair_on_serving_version(launcher: Launcher, server: ro.Server, png: bytes,
     t0 = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
     while time.monotonic() - t0 < limit_s:
-        back = [s for s in stubs_of(ts.pid) if s.model == "caption_generator" and s.version == version
-                and s.pid != victim.pid]
+        back = [s for s in stubs_of(ts.pid) if s.model == "caption_generator" and s.version == version and s.pid != victim.pid]
         if back and launcher.ready():
             try:
                 caption, named = ro.caption_through(server, png)
             except Exception:  # noqa: BLE001 - not repaired yet
                 time.sleep(0.2)
                 continue
-            return {"repaired_s": round(time.monotonic() - t0, 2), "version": named, "caption_ok": caption == want,
-                    "label_ok": named == label}
+            return {
+                "repaired_s": round(time.monotonic() - t0, 2),
+                "version": named,
+                "caption_ok": caption == want,
+                "label_ok": named == label,
+            }
         time.sleep(0.2)
     return {"repaired_s": None, "version": None, "caption_ok": False, "label_ok": False}

@@ -2,6 +2,7 @@
 other layer sizes rolled out and rolled back while 8 plain clients (no retries) caption,
 and a broken checkpoint refused. Every answer must come from exactly one version: no
 failed request, each caption the in-process caption of the version its MODEL_VERSION names."""
+
 from __future__ import annotations
 
 import random
@@ -38,11 +39,20 @@ def smaller_checkpoint(directory: Path) -> Path:
     """Layer sizes unlike the default model's (LSTM 96, 48 px, another CNN), random weights."""
     rng = random.Random(11)
     vocab = Vocabulary.build([c for _ in range(300) for c in all_captions(random_scene(rng))], min_count=1)
-    args = ModelArgs(vocab_size=len(vocab), cnn_channels=(8, 16), cnn_grid=2, image_bottleneck=24, lstm_units=96,
-                     embedding_dim=16, logit_bottleneck=24, max_length=12)
+    args = ModelArgs(
+        vocab_size=len(vocab),
+        cnn_channels=(8, 16),
+        cnn_grid=2,
+        image_bottleneck=24,
+        lstm_units=96,
+        embedding_dim=16,
+        logit_bottleneck=24,
+        max_length=12,
+    )
     torch.manual_seed(11)
-    return Checkpoint(args, PreprocessConfig(48), vocab, CaptionModel(args).eval(),
-                      meta={"note": "random weights (tests)"}).save(directory)
+    return Checkpoint(args, PreprocessConfig(48), vocab, CaptionModel(args).eval(), meta={"note": "random weights (tests)"}).save(
+        directory
+    )
 
 
 @dataclass
@@ -66,8 +76,9 @@ class Load:
             t0 = time.monotonic()
             try:
                 r = client.infer("captioner", [inp], client_timeout=60)
-                self.answers.append((t0, time.monotonic(), i, r.as_numpy("CAPTION")[0, 0].decode(),
-                                     r.as_numpy("MODEL_VERSION")[0, 0].decode()))
+                self.answers.append(
+                    (t0, time.monotonic(), i, r.as_numpy("CAPTION")[0, 0].decode(), r.as_numpy("MODEL_VERSION")[0, 0].decode())
+                )
             except Exception as e:  # noqa: BLE001 - every failure is what the test counts
                 self.failures.append((t0, str(e)[:300]))
         client.close()
@@ -115,8 +126,10 @@ def test_rollout_and_rollback_under_load_answer_every_request_from_one_version(s
     work, repo, server, first, second = served
     pool = [png for png, _ in encoded_scenes(24, seed=4242)]
     # What each version must answer, per scene: its own checkpoint, in process.
-    expected = {f"1:{first.sha256[:8]}": [c.text for c in Captioner(first.path).caption_images(pool)],
-                f"2:{second.sha256[:8]}": [c.text for c in Captioner(second.path).caption_images(pool)]}
+    expected = {
+        f"1:{first.sha256[:8]}": [c.text for c in Captioner(first.path).caption_images(pool)],
+        f"2:{second.sha256[:8]}": [c.text for c in Captioner(second.path).caption_images(pool)],
+    }
     v1, v2 = expected
     assert expected[v1] != expected[v2], "the versions must answer differently for a mix-up to show"
     control = ro.Server(server.http_url)
@@ -159,8 +172,11 @@ def test_rollout_and_rollback_under_load_answer_every_request_from_one_version(s
     assert after_rollout < back.switch_started
     # The served model stayed ready throughout (the server-wide strict readiness dips while
     # a version loads or unloads: see launcher/rollout.py).
-    phases = {f"{o.action} {k}": (round(t0 - out.phases["build"][0], 2), round(t1 - out.phases["build"][0], 2))
-              for o in (out, back) for k, (t0, t1) in o.phases.items()}
+    phases = {
+        f"{o.action} {k}": (round(t0 - out.phases["build"][0], 2), round(t1 - out.phases["build"][0], 2))
+        for o in (out, back)
+        for k, (t0, t1) in o.phases.items()
+    }
     model_not_ready = [(round(t - out.phases["build"][0], 2), e) for t, p, e in ready.why if p.startswith("/v2/models")]
     assert model_not_ready == [], phases
     # Serving is back where it began; the broken build added nothing.

@@ -1,5 +1,6 @@
 """builder.versions: a checkpoint with other layer sizes added as the next version of an
 existing repository, served only when switched to, every version answering as itself."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ def other_checkpoint(directory, seed: int = 1):
     """Layer sizes unlike tiny_checkpoint's (LSTM 32 vs 24, 40 px vs 32) and another vocabulary."""
     rng = random.Random(seed)
     vocab = Vocabulary.build([c for _ in range(100) for c in all_captions(random_scene(rng))], min_count=2)
-    args = ModelArgs(vocab_size=len(vocab), cnn_channels=(8, 8), cnn_grid=2, image_bottleneck=8, lstm_units=32,
-                     embedding_dim=8, logit_bottleneck=8, max_length=10)
+    args = ModelArgs(
+        vocab_size=len(vocab),
+        cnn_channels=(8, 8),
+        cnn_grid=2,
+        image_bottleneck=8,
+        lstm_units=32,
+        embedding_dim=8,
+        logit_bottleneck=8,
+        max_length=10,
+    )
     torch.manual_seed(seed)
     model = CaptionModel(args).eval()
     return Checkpoint(args, PreprocessConfig(40), vocab, model, decoding={"length_penalty": 0.7}).save(directory)
@@ -60,10 +69,17 @@ def initialize(pb, repo, name, version):
 
     cfg = versions.read_config(repo, name)
     model = load_model_py(name, pb).TritonPythonModel()
-    model.initialize({"model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
-                      "model_repository": str(repo / name), "model_version": str(version), "model_name": name,
-                      "model_instance_kind": "CPU", "model_instance_name": f"{name}_0_0",
-                      "model_instance_device_id": "0"})
+    model.initialize(
+        {
+            "model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
+            "model_repository": str(repo / name),
+            "model_version": str(version),
+            "model_name": name,
+            "model_instance_kind": "CPU",
+            "model_instance_name": f"{name}_0_0",
+            "model_instance_device_id": "0",
+        }
+    )
     return model
 
 

@@ -1,5 +1,6 @@
 """launcher.rollout without a server: its command line, and refusals that leave the
 repository as it was (tests/integration/test_rollout.py runs the real thing)."""
+
 from __future__ import annotations
 
 import json
