@@ -5,11 +5,12 @@ the image bytes, resize, normalise, run the encoder, greedy-decode with
 `captioner.decoding` over `onnx_step`, turn tokens into text. Only the hops are gone,
 so a server can approach this figure but should not beat it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -34,13 +35,11 @@ def ort_session(path: str | Path, threads: int | None, spinning: bool = False):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def engine(path: str | Path, runtime: str, threads: int | None, spinning: bool = False,
-           inference_precision: str = "fp32"):
+def engine(path: str | Path, runtime: str, threads: int | None, spinning: bool = False, inference_precision: str = "fp32"):
     """The graph through the variant's runtime, with the server's engine settings."""
     if runtime == rt.ONNXRUNTIME:
         return ort_session(path, threads, spinning)
-    return rt.load(path, rt.EngineSettings(runtime=runtime, threads=threads or 1,
-                                           inference_precision=inference_precision))
+    return rt.load(path, rt.EngineSettings(runtime=runtime, threads=threads or 1, inference_precision=inference_precision))
 
 
 class InProcessCaptioner:

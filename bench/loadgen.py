@@ -10,12 +10,13 @@ the machine's cores, so a heavy client steals from the server it is measuring.
 Clients: `TritonClient` (tritonclient.grpc.aio, the `captioner` ensemble) and
 `HttpClient` (aiohttp, raw image bytes POSTed to a URL that answers JSON).
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Awaitable, Callable, Iterable, Sequence
 
 import numpy as np
 import psutil
@@ -210,13 +211,11 @@ class HttpClient:
         self.url, self.images, self.content_type = url, list(images), content_type
         self.session = None
 
-    async def __aenter__(self) -> "HttpClient":
+    async def __aenter__(self) -> HttpClient:
         import aiohttp
 
         # No connection cap below the concurrency: the client must never be the queue.
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
-        )
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300))
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -262,7 +261,7 @@ class TritonClient:
         self.outputs = [grpcclient.InferRequestedOutput(output_name)]
         self.client = None
 
-    async def __aenter__(self) -> "TritonClient":
+    async def __aenter__(self) -> TritonClient:
         self.client = self._mod.InferenceServerClient(self.url)
         return self
 

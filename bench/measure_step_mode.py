@@ -4,6 +4,7 @@ measure; the README quotes the table this prints.
 
     python -m bench.measure_step_mode --model runs/default [--out reports/step_mode.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,11 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the markdown table here")
     a = p.parse_args(argv)
 
+    from builder.export import export_decoder_step, export_encoder
+    from builder.repository import assemble
     from captioner import checkpoint
     from launcher.tritonserver import TritonServer
-
-    from .export import export_decoder_step, export_encoder
-    from .repository import assemble
 
     ck = checkpoint.load(a.model)
     images = _scene_pngs(64, seed=11)
@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory(prefix="step-mode-") as tmp:
         tmp = Path(tmp)
-        art = {"encoder_onnx": export_encoder(ck, tmp / "encoder.onnx"), "decoder_onnx": export_decoder_step(ck, tmp / "step.onnx")}
+        art = {
+            "encoder_onnx": export_encoder(ck, tmp / "encoder.onnx"),
+            "decoder_onnx": export_decoder_step(ck, tmp / "step.onnx"),
+        }
         repos = {m: assemble(ck, tmp / m, "cpu", art, step_mode=m) for m in ("inprocess", "bls")}
         for _ in range(a.rounds):
             for mode, repo in repos.items():

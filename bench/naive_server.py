@@ -6,6 +6,7 @@ across requests. The endpoint is a plain `def`, so FastAPI runs it in its thread
     python -m bench.naive_server --model models/default --port 8000
     curl --data-binary @scene.png -H 'Content-Type: image/png' localhost:8000/caption
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,7 @@ class NaiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "NaiveServer":
+    def start(self) -> NaiveServer:
         cmd = [sys.executable, "-m", "bench.naive_server", "--port", str(self.port)]
         if self.model:
             cmd += ["--model", str(self.model)]
@@ -115,7 +116,7 @@ class NaiveServer:
             self._log.close()
         self._log = None
 
-    def __enter__(self) -> "NaiveServer":
+    def __enter__(self) -> NaiveServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

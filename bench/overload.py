@@ -9,6 +9,7 @@ are left, and the request is *good* only when its caption arrives inside the dea
 Goodput is good requests per second of the measured window; the refusal latency (send to
 `UNAVAILABLE`) says whether the server sheds load fast.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -136,15 +137,21 @@ async def run_overload(
             t0 = time.perf_counter()
             try:
                 # as the client library waits: given up at the deadline, not cancelled
-                return await infer_without_cancel(client, a.wait_s, model, inputs[i % len(inputs)], outputs=outputs,
-                                                  parameters=parameters, timeout=a.server_timeout_us)
+                return await infer_without_cancel(
+                    client,
+                    a.wait_s,
+                    model,
+                    inputs[i % len(inputs)],
+                    outputs=outputs,
+                    parameters=parameters,
+                    timeout=a.server_timeout_us,
+                )
             except InferenceServerException as e:
                 if (e.status() or "").endswith("UNAVAILABLE"):
                     tally.refused(t0, time.perf_counter())
                 raise attempt_failed(e) from None
 
-        outcome = await drive_async(Retry(endpoints, retry, timeout=deadline_s, clock=time.perf_counter, rng=rng),
-                                    attempt)
+        outcome = await drive_async(Retry(endpoints, retry, timeout=deadline_s, clock=time.perf_counter, rng=rng), attempt)
         tally.request(outcome, start, time.perf_counter())
 
     async def worker(client, k: int) -> None:

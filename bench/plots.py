@@ -1,5 +1,6 @@
 """PNG plots of a bench run: throughput vs concurrency and latency percentiles, one panel
 per model. Input is the results dict that bench.run writes to reports/bench.json."""
+
 from __future__ import annotations
 
 from collections import defaultdict

@@ -6,6 +6,7 @@ since the last `reset()`.
 Summed RSS counts a library mapped by five processes five times; PSS counts it once, so
 PSS is the fairer figure for multi-process servers (Triton's Python-backend stubs, Ray's
 workers, MLServer's pool) and RSS the one `ps` and most dashboards show. Both are kept."""
+
 from __future__ import annotations
 
 import threading
@@ -73,8 +74,10 @@ class PeakMemory:
     def peaks(self) -> dict[str, float | None]:
         self.sample()
         with self._lock:
-            return {"peak_rss_mib": round(self.rss_mib, 1),
-                    "peak_pss_mib": None if self.pss_mib is None else round(self.pss_mib, 1)}
+            return {
+                "peak_rss_mib": round(self.rss_mib, 1),
+                "peak_pss_mib": None if self.pss_mib is None else round(self.pss_mib, 1),
+            }
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -9,6 +9,7 @@ with `podman kill` (SIGKILL, no drain) after `before` seconds, keeps going for `
 seconds, and reports requests sent, captioned (and correct), failed (by status), the
 failures among the calls in flight during the kill, and each replica's share before it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,10 @@ def run(repo: Path, replicas: int = 2, clients: int = 8, before_s: float = 15.0,
     after = [(s, d, o) for s, d, o in outcomes if s >= killed_at]
     first_ok_after = min((d - killed_at for s, d, o in after if o == "ok"), default=None)
     return {
-        "replicas": replicas, "clients": clients, "before_s": before_s, "after_s": after_s,
+        "replicas": replicas,
+        "clients": clients,
+        "before_s": before_s,
+        "after_s": after_s,
         "seconds": round(ended - t0, 1),
         "sent": len(outcomes),
         "captioned": sum(o == "ok" for _, _, o in outcomes),
@@ -82,8 +86,9 @@ def run(repo: Path, replicas: int = 2, clients: int = 8, before_s: float = 15.0,
         # those that reached the killed replica. nginx streams a gRPC request body to the
         # replica without keeping it, so it cannot pass such a call to another replica.
         "in_flight_at_kill": sum(1 for s, d, o in outcomes if s < killed_by and d >= killed_at),
-        "failed_in_flight_at_kill": sum(1 for s, d, o in outcomes
-                                        if o not in ("ok", "wrong") and s < killed_by and d >= killed_at),
+        "failed_in_flight_at_kill": sum(
+            1 for s, d, o in outcomes if o not in ("ok", "wrong") and s < killed_by and d >= killed_at
+        ),
         "kill_seconds": round(killed_by - killed_at, 2),
         "sent_after_kill": len(after),
         "captioned_after_kill": sum(o == "ok" for _, _, o in after),
@@ -102,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON (e.g. reports/proxy_failover.json)")
     a = p.parse_args(argv)
     r = run(a.repo, a.replicas, a.clients, a.before, a.after)
-    print(f"{r['clients']} plain tritonclient clients through nginx to {r['replicas']} replicas, replica 0 killed "
-          f"(podman kill) after {a.before:g} s, {a.after:g} s more: sent {r['sent']}, captioned {r['captioned']}, "
-          f"wrong {r['wrong']}, failed {r['failed']} ({r['failed_in_flight_at_kill']} of the {r['in_flight_at_kill']} "
-          f"in flight during the {r['kill_seconds']} s kill); after "
-          f"the kill {r['captioned_after_kill']}/{r['sent_after_kill']} captioned, the first "
-          f"{r['first_caption_after_kill_s']} s after it; replicas' captions before the kill "
-          f"{r['replica_share_before_kill']}")
+    print(
+        f"{r['clients']} plain tritonclient clients through nginx to {r['replicas']} replicas, replica 0 killed "
+        f"(podman kill) after {a.before:g} s, {a.after:g} s more: sent {r['sent']}, captioned {r['captioned']}, "
+        f"wrong {r['wrong']}, failed {r['failed']} ({r['failed_in_flight_at_kill']} of the {r['in_flight_at_kill']} "
+        f"in flight during the {r['kill_seconds']} s kill); after "
+        f"the kill {r['captioned_after_kill']}/{r['sent_after_kill']} captioned, the first "
+        f"{r['first_caption_after_kill_s']} s after it; replicas' captions before the kill "
+        f"{r['replica_share_before_kill']}"
+    )
     for err, n in r["errors"].items():
         print(f"  {n} x {err}")
     if a.out:

@@ -12,6 +12,7 @@ level, the throughput and two ways to turn nv_inference_queue_duration_us into o
 
     python -m bench.queue_time --repo model_repository --clients 1 4 16 32 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ import urllib.request
 
 from builder.repository import ENSEMBLE
 from captioner.scenes import encoded_scenes
-from launcher.tritonserver import TritonServer
 from client import AsyncCaptionClient
+from launcher.tritonserver import TritonServer
 
 _LINE = re.compile(r'^nv_inference_(queue_duration_us|request_success)\{model="([^"]+)"[^}]*\} (\S+)$')
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             before, t = _read(server.metrics_url), time.monotonic()
             ok = asyncio.run(_load(server.grpc_url, batch, n))
             elapsed, after = time.monotonic() - t, _read(server.metrics_url)
-            print(f"| {n} | {ok / elapsed:.0f} | {per_request_us(before, after) / 1000:.2f} | {helm_chart_us(before, after) / 1000:.2f} |")
+            per_request, chart = per_request_us(before, after) / 1000, helm_chart_us(before, after) / 1000
+            print(f"| {n} | {ok / elapsed:.0f} | {per_request:.2f} | {chart:.2f} |")
     return 0
 
 

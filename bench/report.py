@@ -1,24 +1,12 @@
 """Tables, ratios and target checks of a bench run, as Markdown (reports/bench.md and the
 console). Input is the results dict bench.run builds (also saved as reports/bench.json)."""
+
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 SEED_MODEL = "seed-inception"
-
-
-def investigation(doc: str | Path, heading: str = "## Investigation") -> str | None:
-    """The tuning log kept in docs/bench.md (each change's prediction and outcome), so
-    that every generated report carries it: the section under `heading`, up to the next
-    section of the same level."""
-    p = Path(doc)
-    if not p.is_file():
-        return None
-    m = re.search(rf"^{re.escape(heading)}[^\n]*\n(.*?)(?=^## |\Z)", p.read_text(), re.S | re.M)
-    return m.group(1).strip() if m else None
 
 
 def inprocess_bound(results: dict, model: str, variant: str) -> tuple[float, int] | None:
@@ -99,15 +87,26 @@ def targets(results: dict, default_model: str) -> list:
     ref = inprocess_bound(results, SEED_MODEL, ref_name)
     if seed or ref:
         best = max(seed, key=lambda lv: lv["throughput"], default=None)
-        where = f" ({best['variant']}, {best['concurrency']} clients: {best['throughput']:.1f}/s vs {ref[0]:.1f}/s)" if best and ref else ""
-        out.append(Target(f"R1 {SEED_MODEL} best Triton variant / in-process {ref_name} bound{where}",
-                          best["throughput"] / ref[0] if best and ref else None, 3.0, "x"))
+        where = (
+            f" ({best['variant']}, {best['concurrency']} clients: {best['throughput']:.1f}/s vs {ref[0]:.1f}/s)"
+            if best and ref
+            else ""
+        )
+        out.append(
+            Target(
+                f"R1 {SEED_MODEL} best Triton variant / in-process {ref_name} bound{where}",
+                best["throughput"] / ref[0] if best and ref else None,
+                3.0,
+                "x",
+            )
+        )
 
     def bound(model: str, variant: str) -> float | None:
         b = inprocess_bound(results, model, variant)
         return b[0] if b else None
 
     return out + peer_targets.t1(results, bound) + peer_targets.t2(results)
+
 
 def _f(x, fmt="{:.1f}") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -120,10 +119,15 @@ def _pct(x) -> str:
 
 
 def inprocess_table(results: dict) -> str:
-    lines = ["| model | variant | batch | captions/s | tokens/caption | CPU | others' CPU |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | variant | batch | captions/s | tokens/caption | CPU | others' CPU |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results.get("inprocess", []):
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch_size']} | {_f(r['captions_per_s'])} | {_f(r['mean_tokens'])} | "
-                     f"{_pct(r.get('cpu'))} | {_pct(r.get('other_cpu'))} |")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['batch_size']} | {_f(r['captions_per_s'])} | {_f(r['mean_tokens'])} | "
+            f"{_pct(r.get('cpu'))} | {_pct(r.get('other_cpu'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -138,14 +142,16 @@ def cpu_ms_per_caption(level: dict, cores: int) -> float | None:
 def levels_table(results: dict) -> str:
     cores = results.get("cores", 1)
     lines = [
-        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors | client CPU | server CPU | others' CPU | CPU ms/caption |",
+        "| model | stack | variant | clients | captions/s | p50 ms | p95 ms | p99 ms | errors "
+        "| client CPU | server CPU | others' CPU | CPU ms/caption |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in results.get("levels", []):
         lines.append(
             f"| {lv['model']} | {lv['stack']} | {lv['variant']} | {lv['concurrency']} | {_f(lv['throughput'])} | "
             f"{_f(lv['p50_ms'])} | {_f(lv['p95_ms'])} | {_f(lv['p99_ms'])} | {lv['errors']} | "
-            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} | {_pct(lv.get('other_cpu'))} | {_f(cpu_ms_per_caption(lv, cores))} |"
+            f"{_pct(lv['client_cpu'])} | {_pct(lv['server_cpu'])} | {_pct(lv.get('other_cpu'))} | "
+            f"{_f(cpu_ms_per_caption(lv, cores))} |"
         )
     return "\n".join(lines)
 
@@ -165,11 +171,16 @@ def ratio_table(results: dict) -> str:
 
 def breakdown_table(results: dict) -> str:
     """Per Triton level and model: mean batch, queue ms per request, compute ms per execution."""
-    rows = [lv for lv in results.get("levels", []) if lv.get("models") and lv["stack"] == "triton"]  # peers: bench/peers/report.py
+    rows = [
+        lv for lv in results.get("levels", []) if lv.get("models") and lv["stack"] == "triton"
+    ]  # peers: bench/peers/report.py
     if not rows:
         return "(no Triton levels)"
-    names = [n for n in ("preprocess", "encoder", "caption_generator", "decoder_step", "captioner")
-             if any(n in lv["models"] for lv in rows)]
+    names = [
+        n
+        for n in ("preprocess", "encoder", "caption_generator", "decoder_step", "captioner")
+        if any(n in lv["models"] for lv in rows)
+    ]
     lines = ["| model | variant | clients | " + " | ".join(names) + " |", "|---|---|---:|" + "---|" * len(names)]
     for lv in rows:
         cells = []
@@ -200,13 +211,21 @@ def _peers_section(results: dict) -> list[str]:
     table = peers_report.side_by_side(results)
     if table.count("\n") < 2:
         return []
-    return ["## Side by side: Triton stack vs Ray Serve, LitServe, MLServer",
-            "Every peer serves the same built graphs through the same runtime and precision, the same preprocessing "
-            "and the same batched decode loop (bench/peers/pipeline.py), with its own framework's dynamic batching; "
-            "the same load driver calls each over its own protocol. Server CPU ms/caption: the server's whole process "
-            "tree (client excluded); in-process: the bench process. Mean batch: the peer's batcher, Triton's front model. "
-            "Peak RSS sums the tree (shared pages counted per process), PSS divides shared pages among them.",
-            "", peers_report.config_lines(results), "", table, "", peers_report.setup_lines(results), ""]
+    return [
+        "## Side by side: Triton stack vs Ray Serve, LitServe, MLServer",
+        "Every peer serves the same built graphs through the same runtime and precision, the same preprocessing "
+        "and the same batched decode loop (bench/peers/pipeline.py), with its own framework's dynamic batching; "
+        "the same load driver calls each over its own protocol. Server CPU ms/caption: the server's whole process "
+        "tree (client excluded); in-process: the bench process. Mean batch: the peer's batcher, Triton's front model. "
+        "Peak RSS sums the tree (shared pages counted per process), PSS divides shared pages among them.",
+        "",
+        peers_report.config_lines(results),
+        "",
+        table,
+        "",
+        peers_report.setup_lines(results),
+        "",
+    ]
 
 
 def markdown(results: dict, default_model: str) -> str:
@@ -249,8 +268,7 @@ def markdown(results: dict, default_model: str) -> str:
     ]
     if results.get("plots"):
         parts += ["## Plots", *[f"![{p}]({p})" for p in results["plots"]], ""]
-    if results.get("investigation"):
-        parts += ["## Investigation (from docs/bench.md)", results["investigation"], ""]
+    parts += ['Why the defaults are what they are: docs/bench.md, "What the defaults are, and why".', ""]
     if results.get("notes"):
         parts += ["## Notes", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(parts)

@@ -328,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         plots.latency_plot(results, out / "bench_latency.png").name,
         *(path.name for path in peers_report.plots(results, out)),
     ]
-    results["investigation"] = report.investigation(ROOT / "docs" / "bench.md")
     (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     default_name = "default"
     md = report.markdown(results, default_name) + photos.markdown(results, default_name)

@@ -10,6 +10,7 @@ allocated bytes (tmpfs pages, what counts against a pod's memory) until the answ
 back. Prints the peak, what stays allocated afterwards, and builder.shm's size for the
 repository, and fails when the measured peak exceeds it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,8 +125,7 @@ def measure(repo: Path) -> dict:
         took = time.monotonic() - t0
         after = region_bytes(shm_dir, prefix)
     failed = [str(a) for a in answers if isinstance(a, Exception)]
-    correct = sum(caption_is_correct(c, s) for a in answers if not isinstance(a, Exception)
-                  for c, (_, s) in zip(a, imgs))
+    correct = sum(caption_is_correct(c, s) for a in answers if not isinstance(a, Exception) for c, (_, s) in zip(a, imgs))
     return {
         "repository": str(repo),
         "layout": limits.layout,
@@ -159,8 +159,9 @@ class Container:
         self.podman = podman()
         self.name = name or f"captioner-shm-{os.getpid()}"
         self.ports = free_ports({"grpc": 0, "http": 0})
-        self.args = self.podman + ["run", "-d"] + pod_run_args(repo, name=self.name, publish=self.ports, shm=shm,
-                                                               memory=memory) + [image]
+        self.args = (
+            self.podman + ["run", "-d"] + pod_run_args(repo, name=self.name, publish=self.ports, shm=shm, memory=memory) + [image]
+        )
 
     def __enter__(self):
         import subprocess
@@ -180,8 +181,11 @@ class Container:
         else:
             raise RuntimeError(f"container {self.name} not ready after 180 s:\n{self.logs()[-3000:]}")
         self.pid = int(self.inspect("{{.State.Pid}}"))
-        cg = next(line.split(":", 2)[2] for line in Path(f"/proc/{self.pid}/cgroup").read_text().splitlines()
-                  if line.split(":")[1] in ("memory", ""))
+        cg = next(
+            line.split(":", 2)[2]
+            for line in Path(f"/proc/{self.pid}/cgroup").read_text().splitlines()
+            if line.split(":")[1] in ("memory", "")
+        )
         v1 = Path("/sys/fs/cgroup/memory") / cg.lstrip("/")
         self.cgroup = v1 if v1.is_dir() else Path("/sys/fs/cgroup") / cg.lstrip("/")
         return self
@@ -194,8 +198,9 @@ class Container:
     def inspect(self, fmt: str) -> str:
         import subprocess
 
-        return subprocess.run(self.podman + ["inspect", "--format", fmt, self.name], capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            self.podman + ["inspect", "--format", fmt, self.name], capture_output=True, text=True
+        ).stdout.strip()
 
     def running(self) -> bool:
         return self.inspect("{{.State.Running}}") == "true"
@@ -245,14 +250,25 @@ def measure_container(repo: Path, image: str, shm: int | None, memory: str, requ
         took = time.monotonic() - t0
         ok = [a for a in answers if not isinstance(a, Exception)]
         result = {
-            "image": image, "shm_size": shm, "memory": memory, "layout": limits.layout, "requests": n,
-            "max_batch_size": limits.max_batch_size, "image_bytes": len(imgs[0][0]), "seconds": round(took, 1),
+            "image": image,
+            "shm_size": shm,
+            "memory": memory,
+            "layout": limits.layout,
+            "requests": n,
+            "max_batch_size": limits.max_batch_size,
+            "image_bytes": len(imgs[0][0]),
+            "seconds": round(took, 1),
             "failed": [str(a) for a in answers if isinstance(a, Exception)],
             "captions_correct": sum(caption_is_correct(cap, s) for a in ok for cap, (_, s) in zip(a, imgs)),
-            "captions": limits.max_batch_size * n, "idle_allocated": idle_shm[0],
-            "peak_allocated": sampler.peak[0], "after_allocated": c.shm()[0],
-            "memory_idle": idle_mem, "memory_peak": c.memory_peak(), "oom_kills": c.oom_kills(),
-            "still_running": c.running(), "log_tail": c.logs()[-4000:],
+            "captions": limits.max_batch_size * n,
+            "idle_allocated": idle_shm[0],
+            "peak_allocated": sampler.peak[0],
+            "after_allocated": c.shm()[0],
+            "memory_idle": idle_mem,
+            "memory_peak": c.memory_peak(),
+            "oom_kills": c.oom_kills(),
+            "still_running": c.running(),
+            "log_tail": c.logs()[-4000:],
         }
     return result
 
@@ -260,15 +276,17 @@ def measure_container(repo: Path, image: str, shm: int | None, memory: str, requ
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.shm", description=__doc__.splitlines()[0])
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--image", default=None,
-                   help="measure in a container of this image (make image), held to the pod's constraints, "
-                        "instead of a local tritonserver")
+    p.add_argument(
+        "--image",
+        default=None,
+        help="measure in a container of this image (make image), held to the pod's constraints, instead of a local tritonserver",
+    )
     p.add_argument("--shm-size", type=int, default=None, help="container /dev/shm in bytes (default: the build's)")
     p.add_argument("--memory", default=None, help="container memory limit (default: the pod's)")
     p.add_argument("--requests", type=int, default=None, help="full batches at once (default: one per front instance)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here (e.g. reports/shm.json)")
     a = p.parse_args(argv)
-    mib = 2 ** 20
+    mib = 2**20
     if a.image:
         from builder.shm import repository_limits, required_bytes
         from deploy.containers import POD_MEMORY
@@ -276,21 +294,29 @@ def main(argv: list[str] | None = None) -> int:
         r = measure_container(a.repo, a.image, a.shm_size, a.memory or POD_MEMORY, a.requests)
         r["sized"] = required_bytes(repository_limits(a.repo))
         shm = "the build's" if a.shm_size is None else f"{a.shm_size / mib:.0f} MiB"
-        print(f"container: /dev/shm {shm}, memory {r['memory']}; {r['layout']} layout, {r['requests']} request(s) "
-              f"of {r['max_batch_size']} images of {r['image_bytes']} bytes in {r['seconds']} s: "
-              f"{r['captions_correct']}/{r['captions']} captions correct, {len(r['failed'])} failed")
-        print(f"/dev/shm: idle {r['idle_allocated'] / mib:.0f} MiB, peak {r['peak_allocated'] / mib:.0f} MiB, after "
-              f"{r['after_allocated'] / mib:.0f} MiB; container memory peak {r['memory_peak'] / mib:.0f} MiB "
-              f"(idle {r['memory_idle'] / mib:.0f}); OOM kills {r['oom_kills']}; still running: {r['still_running']}")
+        print(
+            f"container: /dev/shm {shm}, memory {r['memory']}; {r['layout']} layout, {r['requests']} request(s) "
+            f"of {r['max_batch_size']} images of {r['image_bytes']} bytes in {r['seconds']} s: "
+            f"{r['captions_correct']}/{r['captions']} captions correct, {len(r['failed'])} failed"
+        )
+        print(
+            f"/dev/shm: idle {r['idle_allocated'] / mib:.0f} MiB, peak {r['peak_allocated'] / mib:.0f} MiB, after "
+            f"{r['after_allocated'] / mib:.0f} MiB; container memory peak {r['memory_peak'] / mib:.0f} MiB "
+            f"(idle {r['memory_idle'] / mib:.0f}); OOM kills {r['oom_kills']}; still running: {r['still_running']}"
+        )
     else:
         r = measure(a.repo)
-        print(f"{r['layout']} layout, {r['front_instances']} front instance(s), {r['python_instances']} Python-backend "
-              f"instances; {r['requests']} request(s) of {r['max_batch_size']} images of {r['image_bytes']} bytes "
-              f"(limit {r['max_image_bytes']}) in {r['seconds']} s: {r['captions_correct']}/{r['captions']} captions "
-              f"correct, {len(r['failed'])} failed")
-        print(f"/dev/shm regions: idle {r['idle_allocated'] / mib:.0f} MiB, peak {r['peak_allocated'] / mib:.0f} MiB "
-              f"allocated ({r['peak_apparent'] / mib:.0f} MiB apparent), after {r['after_allocated'] / mib:.0f} MiB; "
-              f"builder.shm sizes it {r['sized'] / mib:.0f} MiB")
+        print(
+            f"{r['layout']} layout, {r['front_instances']} front instance(s), {r['python_instances']} Python-backend "
+            f"instances; {r['requests']} request(s) of {r['max_batch_size']} images of {r['image_bytes']} bytes "
+            f"(limit {r['max_image_bytes']}) in {r['seconds']} s: {r['captions_correct']}/{r['captions']} captions "
+            f"correct, {len(r['failed'])} failed"
+        )
+        print(
+            f"/dev/shm regions: idle {r['idle_allocated'] / mib:.0f} MiB, peak {r['peak_allocated'] / mib:.0f} MiB "
+            f"allocated ({r['peak_apparent'] / mib:.0f} MiB apparent), after {r['after_allocated'] / mib:.0f} MiB; "
+            f"builder.shm sizes it {r['sized'] / mib:.0f} MiB"
+        )
     for f in r["failed"]:
         print("  failed: " + f[:300])
     if a.out:

@@ -10,7 +10,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("default", "seed-inception")
 STACKS = ("inprocess", "triton", "naive")
-SEED_MAX_LENGTH = 20  # random weights rarely emit END: every caption costs the full 20 steps
 N_IMAGES = 64
 PRECISIONS = ("fp32", "bf16", "int8")
 # Per model, the variants `make bench` measures (runtime:precision). onnxruntime fp32 is
@@ -80,5 +79,5 @@ def resolve_model(name: str, default_model: str | None, variants: list[tuple[str
     if name == "seed-inception":
         from builder import seed_inception
 
-        return ModelSpec(name, Path(seed_inception.ensure()), SEED_MAX_LENGTH, chosen)
+        return ModelSpec(name, Path(seed_inception.ensure()), seed_inception.MAX_LENGTH, chosen)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")

@@ -5,6 +5,7 @@ Every step reads and extends one `BuildState`: what the flags asked for, the che
 the artifacts made so far, what has been decided (target, precision, runtimes, layout)
 and the manifest. A step that must stop the build raises BuildFailed with its exit
 status."""
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,7 @@ class BuildState:
 
             from . import quantize
 
-            self._eval_images = quantize.evaluation_images(self.ck, self.a.data, limit=self.a.agreement_images,
-                                                           progress=tqdm)
+            self._eval_images = quantize.evaluation_images(self.ck, self.a.data, limit=self.a.agreement_images, progress=tqdm)
         return self._eval_images
 
 
@@ -86,13 +86,17 @@ def load_checkpoint(b: BuildState) -> None:
     ck = b.ck = ckpt_mod.load(b.ck_path)
     b.speed_only = bool(ck.meta.get("speed_only"))
     detail(f"{b.ck_path}  sha256 {ck.sha256[:16]}")
-    detail(f"{ck.args.backbone} {ck.preprocess.image_size}px, vocabulary {len(ck.vocab)}, "
-           f"lstm {ck.args.lstm_units}, max batch {a.max_batch_size}")
+    detail(
+        f"{ck.args.backbone} {ck.preprocess.image_size}px, vocabulary {len(ck.vocab)}, "
+        f"lstm {ck.args.lstm_units}, max batch {a.max_batch_size}"
+    )
     if b.speed_only:
         detail(f"SPEED-ONLY MODEL: {ck.meta.get('note', 'random weights')}")
     if a.target == "gpu" and not te.cuda_available():
-        detail(f"TARGET=gpu but {te.NO_CUDA.split(':')[0]}: the CPU repository will be built and the "
-               f"build will exit {EXIT_GPU_UNMET}")
+        detail(
+            f"TARGET=gpu but {te.NO_CUDA.split(':')[0]}: the CPU repository will be built and the "
+            f"build will exit {EXIT_GPU_UNMET}"
+        )
 
 
 # --- step 2 -------------------------------------------------------------------------------
@@ -119,8 +123,11 @@ def check_parity(b: BuildState) -> None:
         detail(line)
     b.manifest["parity"] = report.to_dict()
     if not report.passed:
-        raise BuildFailed(EXIT_CHECK_FAILED, f"parity FAILED (tolerance {report.tolerance:.0e}, captions must be "
-                                             "identical): the ONNX graphs do not compute what the checkpoint does")
+        raise BuildFailed(
+            EXIT_CHECK_FAILED,
+            f"parity FAILED (tolerance {report.tolerance:.0e}, captions must be "
+            "identical): the ONNX graphs do not compute what the checkpoint does",
+        )
     detail("parity PASSED")
 
 
@@ -137,8 +144,16 @@ def tensorrt_engine(b: BuildState) -> None:
         b.manifest["tensorrt"] = {"skipped": why}
         return
     try:
-        result = te.build_encoder_plan(b.ck, _engine_onnx(b), b.out_dir, a.max_batch_size, a.precision,
-                                       timing_cache=a.timing_cache, expected_version=a.trt_version, log=detail)
+        result = te.build_encoder_plan(
+            b.ck,
+            _engine_onnx(b),
+            b.out_dir,
+            a.max_batch_size,
+            a.precision,
+            timing_cache=a.timing_cache,
+            expected_version=a.trt_version,
+            log=detail,
+        )
     except te.EngineUnavailable as e:
         msg = str(e) if isinstance(e, te.NoCudaDevice) else f"{e}: TensorRT engine skipped, CPU repository built"
         detail(msg)
@@ -147,12 +162,17 @@ def tensorrt_engine(b: BuildState) -> None:
             b.gpu_unmet = msg
         return
     for d in result.diffs:
-        detail(f"engine vs onnxruntime batch {d.batch:<2} {d.inputs:<7} max|diff| "
-               + "  ".join(f"{k}={v:.2e}" for k, v in d.max_abs.items()) + f"  (max|ref| {d.ref_max:.2f})")
+        detail(
+            f"engine vs onnxruntime batch {d.batch:<2} {d.inputs:<7} max|diff| "
+            + "  ".join(f"{k}={v:.2e}" for k, v in d.max_abs.items())
+            + f"  (max|ref| {d.ref_max:.2f})"
+        )
     b.manifest["tensorrt"] = result.to_dict()
     if not result.passed:
-        raise BuildFailed(EXIT_CHECK_FAILED, f"TensorRT engine differs from onnxruntime by more than "
-                                             f"{result.tolerance:.0e} x max(1, max|reference|)")
+        raise BuildFailed(
+            EXIT_CHECK_FAILED,
+            f"TensorRT engine differs from onnxruntime by more than {result.tolerance:.0e} x max(1, max|reference|)",
+        )
     if a.precision != "fp32":
         _engine_agreement(b, result.encode)
     b.artifacts["encoder_plan"] = result.plan_path
@@ -173,9 +193,12 @@ def _engine_onnx(b: BuildState):
             elif kind == "int8_qdq":
                 n = quantize.calibration_count(b.enc_onnx)
                 detail(f"Q/DQ graph: symmetric int8, calibrated on {n} scenes")
-                onnx_files[kind] = quantize.quantize_int8(b.enc_onnx, b.out_dir / "encoder.int8_qdq.onnx",
-                                                          quantize.calibration_images(b.ck, n),
-                                                          symmetric_activations=True)
+                onnx_files[kind] = quantize.quantize_int8(
+                    b.enc_onnx,
+                    b.out_dir / "encoder.int8_qdq.onnx",
+                    quantize.calibration_images(b.ck, n),
+                    symmetric_activations=True,
+                )
         return onnx_files[kind]
 
     return onnx_for
@@ -187,17 +210,26 @@ def _engine_agreement(b: BuildState, encode) -> None:
 
     a = b.a
     evalset = b.eval_images()
-    agreement = quantize.caption_agreement(b.ck, parity.onnx_encode(parity.session(b.enc_onnx)), encode,
-                                           parity.session(b.dec_onnx), evalset.images, evalset.scenes)
-    detail(f"greedy captions engine {a.precision} == fp32 on {evalset.source}: "
-           f"{agreement.agree}/{agreement.total} = {agreement.share:.2%}")
-    b.manifest["tensorrt"]["agreement"] = {"total": agreement.total, "agree": agreement.agree,
-                                           "share": agreement.share, "evaluated_on": evalset.source,
-                                           "fp32_correct": agreement.fp32_correct,
-                                           "engine_correct": agreement.variant_correct}
+    agreement = quantize.caption_agreement(
+        b.ck, parity.onnx_encode(parity.session(b.enc_onnx)), encode, parity.session(b.dec_onnx), evalset.images, evalset.scenes
+    )
+    detail(
+        f"greedy captions engine {a.precision} == fp32 on {evalset.source}: "
+        f"{agreement.agree}/{agreement.total} = {agreement.share:.2%}"
+    )
+    b.manifest["tensorrt"]["agreement"] = {
+        "total": agreement.total,
+        "agree": agreement.agree,
+        "share": agreement.share,
+        "evaluated_on": evalset.source,
+        "fp32_correct": agreement.fp32_correct,
+        "engine_correct": agreement.variant_correct,
+    }
     if agreement.share < a.min_agreement:
-        raise BuildFailed(EXIT_REFUSED, f"{a.precision} engine REFUSED: {agreement.share:.2%} caption "
-                                        f"agreement with fp32 is below {a.min_agreement:.0%}")
+        raise BuildFailed(
+            EXIT_REFUSED,
+            f"{a.precision} engine REFUSED: {agreement.share:.2%} caption agreement with fp32 is below {a.min_agreement:.0%}",
+        )
 
 
 # --- step 5 -------------------------------------------------------------------------------
@@ -219,20 +251,33 @@ def cpu_reduced_precision(b: BuildState) -> None:
     if a.precision == "bf16":
         detail("bf16: the fp32 graph under OpenVINO's bf16 inference-precision hint (checked in step 6)")
         return
-    variant = quantize.build_cpu_variant(b.ck, b.enc_onnx, b.dec_onnx, b.out_dir, b.eval_images(),
-                                         batch_sizes=(1, a.max_batch_size), min_agreement=a.min_agreement,
-                                         log=detail)
+    variant = quantize.build_cpu_variant(
+        b.ck,
+        b.enc_onnx,
+        b.dec_onnx,
+        b.out_dir,
+        b.eval_images(),
+        batch_sizes=(1, a.max_batch_size),
+        min_agreement=a.min_agreement,
+        log=detail,
+    )
     for line in variant.lines():
         detail(line)
     b.manifest["cpu_reduced_precision"] = variant.to_dict()
     if variant.chosen is None:
         raise BuildFailed(EXIT_REFUSED, "no reduced-precision encoder runs on this CPU")
     if not variant.accepted:
-        hint = ("; this SPEED-ONLY model has meaningless captions: CAPTIONER_MIN_AGREEMENT=0 builds it "
-                "for speed measurements" if b.speed_only else "; build with PRECISION=fp32")
-        raise BuildFailed(EXIT_REFUSED, f"{variant.chosen.name} encoder REFUSED: "
-                                        f"{variant.agreement.share:.2%} caption agreement with fp32 is below "
-                                        f"{a.min_agreement:.0%}{hint}")
+        hint = (
+            "; this SPEED-ONLY model has meaningless captions: CAPTIONER_MIN_AGREEMENT=0 builds it for speed measurements"
+            if b.speed_only
+            else "; build with PRECISION=fp32"
+        )
+        raise BuildFailed(
+            EXIT_REFUSED,
+            f"{variant.chosen.name} encoder REFUSED: "
+            f"{variant.agreement.share:.2%} caption agreement with fp32 is below "
+            f"{a.min_agreement:.0%}{hint}",
+        )
     b.artifacts["encoder_onnx"] = variant.chosen.path
     b.precision = variant.chosen.name
 
@@ -252,19 +297,35 @@ def write_repository(b: BuildState) -> None:
     b.ck.preprocess, b.manifest["decode"] = choose(b.ck, getattr(a, "decode", "fast"), log=detail)
     measured = _measure_capacity(b) if b.target == "cpu" else None
     fused = b.layout == "fused"
-    queues = capacity.policies(measured, a.max_batch_size, a.queue_budget_ms,
-                               None if a.max_queue_size < 0 else a.max_queue_size, fused=fused)
+    queues = capacity.policies(
+        measured, a.max_batch_size, a.queue_budget_ms, None if a.max_queue_size < 0 else a.max_queue_size, fused=fused
+    )
     for line in capacity.describe(queues, fused=fused):
         detail(f"load shedding: {line}")
-    b.manifest["load_shedding"] = {"budget_ms": a.queue_budget_ms, "measured": measured and measured.to_dict(),
-                                   "queues": {k: v.to_dict() for k, v in queues.items()}}
+    b.manifest["load_shedding"] = {
+        "budget_ms": a.queue_budget_ms,
+        "measured": measured and measured.to_dict(),
+        "queues": {k: v.to_dict() for k, v in queues.items()},
+    }
     add_version = getattr(a, "add_version", False)
     # VERSION=next: assembled on its own, then added to the repository as its next version.
     into = versions.staging_dir(b.repo_dir) if add_version else b.repo_dir
     try:
-        repo = Path(assemble(b.ck, into, b.target, b.artifacts, max_batch_size=a.max_batch_size,
-                             precision=b.precision, runtimes=b.runtimes, inference_precision=b.inference_precision,
-                             encoder_input=b.encoder_input, layout=b.layout, queues=queues))
+        repo = Path(
+            assemble(
+                b.ck,
+                into,
+                b.target,
+                b.artifacts,
+                max_batch_size=a.max_batch_size,
+                precision=b.precision,
+                runtimes=b.runtimes,
+                inference_precision=b.inference_precision,
+                encoder_input=b.encoder_input,
+                layout=b.layout,
+                queues=queues,
+            )
+        )
         warmed = [] if add_version else warm_cache(repo)
         if add_version:
             gate = versions.gate_record(b.ck_path, repo)
@@ -282,8 +343,10 @@ def write_repository(b: BuildState) -> None:
     _write_manifest(b, repo, warmed)
     if add_version:
         record = versions.record_build(repo, b.manifest, b.manifest["model_version"], gate, previous)
-        detail(f"added as version {b.manifest['model_version']} ({record['model_version']}); versions on disk "
-               f"{versions.all_versions(repo)}, serving {versions.serving_version(repo)}: make rollout switches")
+        detail(
+            f"added as version {b.manifest['model_version']} ({record['model_version']}); versions on disk "
+            f"{versions.all_versions(repo)}, serving {versions.serving_version(repo)}: make rollout switches"
+        )
     for child in sorted(p for p in repo.iterdir() if p.is_dir()):
         detail(f"{child.name}/")
     detail(f"{MANIFEST} written to {repo} and {b.out_dir}")
@@ -298,14 +361,20 @@ def _measure_capacity(b: BuildState):
 
     chosen = b.runtimes or {}
     measured = capacity.measure(
-        b.ck, b.artifacts["encoder_onnx"], b.dec_onnx, b.a.max_batch_size, normalise=b.encoder_input != "uint8",
-        encoder_settings=EngineSettings(chosen.get(ENCODER, "onnxruntime"), DEFAULT_ORT_THREADS[ENCODER],
-                                        b.inference_precision),
-        step_settings=EngineSettings(chosen.get(GENERATOR, "onnxruntime"), 1))
-    detail(f"measured here: preprocess {measured.preprocess_per_s:.0f} img/s (1 core), encoder "
-           f"{measured.encoder_per_s:.0f} img/s (batch {measured.encoder_batch}, {measured.threads} threads), "
-           f"decoding {measured.decode_per_s:.0f} captions/s (1 core): the stack's ceiling "
-           f"{measured.pipeline_per_s:.0f} captions/s on {measured.cores} cores")
+        b.ck,
+        b.artifacts["encoder_onnx"],
+        b.dec_onnx,
+        b.a.max_batch_size,
+        normalise=b.encoder_input != "uint8",
+        encoder_settings=EngineSettings(chosen.get(ENCODER, "onnxruntime"), DEFAULT_ORT_THREADS[ENCODER], b.inference_precision),
+        step_settings=EngineSettings(chosen.get(GENERATOR, "onnxruntime"), 1),
+    )
+    detail(
+        f"measured here: preprocess {measured.preprocess_per_s:.0f} img/s (1 core), encoder "
+        f"{measured.encoder_per_s:.0f} img/s (batch {measured.encoder_batch}, {measured.threads} threads), "
+        f"decoding {measured.decode_per_s:.0f} captions/s (1 core): the stack's ceiling "
+        f"{measured.pipeline_per_s:.0f} captions/s on {measured.cores} cores"
+    )
     return measured
 
 
@@ -314,25 +383,27 @@ def _write_manifest(b: BuildState, repo: Path, warmed: list[str]) -> None:
     from .export import OPSET
 
     ck = b.ck
-    b.manifest.update({
-        "speed_only": b.speed_only,
-        "checkpoint": {"path": str(b.ck_path), "sha256": ck.sha256, "meta": ck.meta},
-        "preprocess": ck.preprocess.to_dict(),
-        "target": b.target,
-        "precision": b.precision,
-        "encoder_input": b.encoder_input,
-        "layout": b.layout,
-        "openvino_cache_warmed": warmed,
-        "max_batch_size": b.a.max_batch_size,
-        # /dev/shm for full batches of the largest images (builder/shm.py); pods mount this much.
-        "shm": shm.manifest_entry(repo),
-        "opset": OPSET,
-        "versions": versions(),
-        "artifacts": {k: {"file": str(v), "sha256": _sha(Path(v))} for k, v in b.artifacts.items()},
-        "repository": str(repo),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - b.started, 1),
-    })
+    b.manifest.update(
+        {
+            "speed_only": b.speed_only,
+            "checkpoint": {"path": str(b.ck_path), "sha256": ck.sha256, "meta": ck.meta},
+            "preprocess": ck.preprocess.to_dict(),
+            "target": b.target,
+            "precision": b.precision,
+            "encoder_input": b.encoder_input,
+            "layout": b.layout,
+            "openvino_cache_warmed": warmed,
+            "max_batch_size": b.a.max_batch_size,
+            # /dev/shm for full batches of the largest images (builder/shm.py); pods mount this much.
+            "shm": shm.manifest_entry(repo),
+            "opset": OPSET,
+            "versions": versions(),
+            "artifacts": {k: {"file": str(v), "sha256": _sha(Path(v))} for k, v in b.artifacts.items()},
+            "repository": str(repo),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - b.started, 1),
+        }
+    )
     text = json.dumps(b.manifest, indent=2, default=str) + "\n"
     for d in (repo, b.out_dir):
         (d / MANIFEST).write_text(text)
@@ -353,8 +424,14 @@ def versions() -> dict:
         trt = getattr(sys.modules["tensorrt"], "__version__", None)
     from captioner.serving.runtime import openvino_version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "openvino": openvino_version(), "tensorrt": trt}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino_version(),
+        "tensorrt": trt,
+    }
 
 
 def _sha(path: Path) -> str:

@@ -26,6 +26,7 @@ with every attempt.
 decoder_step has no bound: only caption_generator calls it, mid-caption, and refusing
 a step would waste the work already done for that caption.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,8 +84,17 @@ def _rate(fn, n_items: int, min_seconds: float) -> float:
             return runs * n_items / elapsed
 
 
-def measure(ck, encoder_graph: str | Path, decoder_graph: str | Path, batch: int, *, encoder_settings=None,
-            step_settings=None, normalise: bool = True, min_seconds: float = 1.0) -> Capacity:
+def measure(
+    ck,
+    encoder_graph: str | Path,
+    decoder_graph: str | Path,
+    batch: int,
+    *,
+    encoder_settings=None,
+    step_settings=None,
+    normalise: bool = True,
+    min_seconds: float = 1.0,
+) -> Capacity:
     """Time the served work on `batch` shapes-v1 scenes (128 px PNG): preprocessing as the
     preprocess model does it, the encoder graph through its runtime, greedy decoding
     through the decoder step's runtime. Settings are captioner.serving.runtime
@@ -116,12 +126,24 @@ def measure(ck, encoder_graph: str | Path, decoder_graph: str | Path, batch: int
     cores = os.cpu_count() or 1
     # CPU seconds per caption, every stage on its own cores' share of the machine.
     per_caption = 1 / pre_rate + encoder_settings.threads / enc_rate + 1 / dec_rate
-    return Capacity(round(pre_rate, 1), round(enc_rate, 1), round(dec_rate, 1), round(cores / per_caption, 1),
-                    batch, encoder_settings.threads, cores)
+    return Capacity(
+        round(pre_rate, 1),
+        round(enc_rate, 1),
+        round(dec_rate, 1),
+        round(cores / per_caption, 1),
+        batch,
+        encoder_settings.threads,
+        cores,
+    )
 
 
-def policies(capacity: Capacity | None, max_batch: int, budget_ms: int = DEFAULT_QUEUE_BUDGET_MS,
-             max_queue_size: int | None = None, fused: bool = False) -> dict[str, QueuePolicy]:
+def policies(
+    capacity: Capacity | None,
+    max_batch: int,
+    budget_ms: int = DEFAULT_QUEUE_BUDGET_MS,
+    max_queue_size: int | None = None,
+    fused: bool = False,
+) -> dict[str, QueuePolicy]:
     """Queue policy per model. Each admitting queue holds what the whole stack serves in
     a quarter of the budget at the measured ceiling: a full queue refuses at once
     (milliseconds), and what it admits is served before the queue timeout (the budget)
@@ -165,8 +187,10 @@ def describe(queues: Mapping[str, QueuePolicy], fused: bool = False) -> list[str
             continue
         if fused and model == PREPROCESS:
             model = f"{PREPROCESS} (runs the encoder)"
-        bits = [f"max_queue_size {q.max_queue_size or 'unbounded'}",
-                f"timeout {q.timeout_us / 1000:g} ms" if q.timeout_us else "no timeout"]
+        bits = [
+            f"max_queue_size {q.max_queue_size or 'unbounded'}",
+            f"timeout {q.timeout_us / 1000:g} ms" if q.timeout_us else "no timeout",
+        ]
         if q.batch_cap:
             bits.append(f"batches capped at {q.batch_cap}")
         out.append(f"{model}: " + ", ".join(bits))

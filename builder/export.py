@@ -3,6 +3,7 @@
 
 Normalisation is NOT in the encoder graph: `captioner.preprocess.normalize` does it,
 once, before the encoder (Triton's `preprocess` model, or the in-process path)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,13 @@ def _check(path: Path) -> onnx.ModelProto:
 
 
 def export_module(
-    module: torch.nn.Module, example: tuple, path: str | Path, inputs: list[str], outputs: list[str], opset: int = OPSET, strict: bool = True
+    module: torch.nn.Module,
+    example: tuple,
+    path: str | Path,
+    inputs: list[str],
+    outputs: list[str],
+    opset: int = OPSET,
+    strict: bool = True,
 ) -> Path:
     """torch module -> checked ONNX file with named tensors and a dynamic batch axis.
     `strict` adds strict shape inference (bf16 probe graphs don't pass it)."""

@@ -3,6 +3,7 @@
 Every config is built as a `ModelConfig` protobuf message with values taken from the
 checkpoint (image size, LSTM units, vocabulary size, max length, decoding defaults);
 builder/repository.py writes them with text_format and parses them back to check them."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -41,8 +42,9 @@ def _params(cfg: mc.ModelConfig, values: Mapping[str, object]) -> None:
         cfg.parameters[k].string_value = str(v)
 
 
-def _base(name: str, max_batch_size: int, instances: int, kind: int, queue_delay_us: int,
-          queue: QueuePolicy | None = None) -> mc.ModelConfig:
+def _base(
+    name: str, max_batch_size: int, instances: int, kind: int, queue_delay_us: int, queue: QueuePolicy | None = None
+) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
     cfg.instance_group.add(count=instances, kind=kind)
     db = cfg.dynamic_batching
@@ -112,51 +114,102 @@ def build_configs(
     v = len(ck.vocab)
     if ck.args.vocab_size != v:
         raise RepositoryError(f"checkpoint vocab has {v} words but the model was built for {ck.args.vocab_size}")
-    shapes = _Shapes(image=[s, s, 3] if encoder_input == "uint8" else [3, s, s],
-                     image_type=_UINT8 if encoder_input == "uint8" else _FP32, units=ck.args.lstm_units, vocab=v,
-                     decoding={"max_length": ck.args.max_length,
-                               "length_penalty": ck.decoding.get("length_penalty", 0.7)})
+    shapes = _Shapes(
+        image=[s, s, 3] if encoder_input == "uint8" else [3, s, s],
+        image_type=_UINT8 if encoder_input == "uint8" else _FP32,
+        units=ck.args.lstm_units,
+        vocab=v,
+        decoding={"max_length": ck.args.max_length, "length_penalty": ck.decoding.get("length_penalty", 0.7)},
+    )
     runtimes = runtimes or {}
     queues = queues or {}
     accel = mc.ModelInstanceGroup.KIND_GPU if target == "gpu" else mc.ModelInstanceGroup.KIND_CPU
 
-    def base(name: str, kind: int = mc.ModelInstanceGroup.KIND_CPU, batch: int = max_batch_size,
-             admits: bool = True) -> mc.ModelConfig:
+    def base(
+        name: str, kind: int = mc.ModelInstanceGroup.KIND_CPU, batch: int = max_batch_size, admits: bool = True
+    ) -> mc.ModelConfig:
         return _base(name, batch, instances[name], kind, queue_delay_us, queues.get(name) if admits else None)
 
     def runtime(model: str) -> dict[str, str]:
         return {"runtime": runtimes.get(model, "onnxruntime")}
 
     fused = layout == "fused"
-    pre = _preprocess(base(PREPROCESS), shapes, limits, encoder_input, fused,
-                      {"precision": precision, "intra_op_threads": ort_threads[ENCODER], **runtime(ENCODER),
-                       "inference_precision": inference_precision})
-    enc = _encoder(base(ENCODER, accel), shapes, target,
-                   {"precision": precision, "intra_op_threads": ort_threads[ENCODER], **runtime(ENCODER),
-                    "inference_precision": inference_precision})
+    pre = _preprocess(
+        base(PREPROCESS),
+        shapes,
+        limits,
+        encoder_input,
+        fused,
+        {
+            "precision": precision,
+            "intra_op_threads": ort_threads[ENCODER],
+            **runtime(ENCODER),
+            "inference_precision": inference_precision,
+        },
+    )
+    enc = _encoder(
+        base(ENCODER, accel),
+        shapes,
+        target,
+        {
+            "precision": precision,
+            "intra_op_threads": ort_threads[ENCODER],
+            **runtime(ENCODER),
+            "inference_precision": inference_precision,
+        },
+    )
     # Every live beam of every image is one row of a step: up to max_batch_size * MAX_BEAM.
-    dec = _decoder_step(base(DECODER_STEP, accel, max_batch_size * MAX_BEAM, admits=False), shapes, target,
-                        {"intra_op_threads": ort_threads[DECODER_STEP], **runtime(DECODER_STEP)})
+    dec = _decoder_step(
+        base(DECODER_STEP, accel, max_batch_size * MAX_BEAM, admits=False),
+        shapes,
+        target,
+        {"intra_op_threads": ort_threads[DECODER_STEP], **runtime(DECODER_STEP)},
+    )
     _warmup(pre, (1, max_batch_size) if fused else (1,))
     if target == "cpu":  # TensorRT and onnxruntime backends allocate at load on the GPU
         _warmup(enc, (1, max_batch_size))
-    gen = _generator(base(GENERATOR), shapes, step_mode,
-                     {"checkpoint_sha256": ck.sha256, "intra_op_threads": ort_threads[GENERATOR], **runtime(GENERATOR)})
+    gen = _generator(
+        base(GENERATOR),
+        shapes,
+        step_mode,
+        {"checkpoint_sha256": ck.sha256, "intra_op_threads": ort_threads[GENERATOR], **runtime(GENERATOR)},
+    )
     ens = _ensemble(max_batch_size, fused)
-    _params(ens, {"checkpoint_sha256": ck.sha256, "target": target, "precision": precision, "layout": layout,
-                  "encoder_runtime": "tensorrt" if target == "gpu" else runtimes.get(ENCODER, "onnxruntime")})
+    _params(
+        ens,
+        {
+            "checkpoint_sha256": ck.sha256,
+            "target": target,
+            "precision": precision,
+            "layout": layout,
+            "encoder_runtime": "tensorrt" if target == "gpu" else runtimes.get(ENCODER, "onnxruntime"),
+        },
+    )
     models = (pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens)
     for c in models:  # Triton loads exactly these versions (builder/versions.py lists several)
         c.version_policy.specific.versions.append(1)
     return {c.name: c for c in models}
 
 
-def _preprocess(pre: mc.ModelConfig, shapes: _Shapes, limits: Mapping[str, int], encoder_input: str, fused: bool,
-                encoder_params: Mapping[str, object]) -> mc.ModelConfig:
+def _preprocess(
+    pre: mc.ModelConfig,
+    shapes: _Shapes,
+    limits: Mapping[str, int],
+    encoder_input: str,
+    fused: bool,
+    encoder_params: Mapping[str, object],
+) -> mc.ModelConfig:
     _python(pre)
     pre.input.append(_input("IMAGE", _STRING, [1]))
-    _params(pre, {**shapes.decoding, "max_image_bytes": limits["max_image_bytes"],
-                  "max_image_pixels": limits["max_image_pixels"], "output_type": encoder_input})
+    _params(
+        pre,
+        {
+            **shapes.decoding,
+            "max_image_bytes": limits["max_image_bytes"],
+            "max_image_pixels": limits["max_image_pixels"],
+            "output_type": encoder_input,
+        },
+    )
     if fused:
         pre.output.extend(_output(n, _FP32, [shapes.units]) for n in ENCODER_OUTPUTS)
         _params(pre, {"fused_encoder": 1, **encoder_params})

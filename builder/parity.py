@@ -4,12 +4,13 @@ The build runs these checks before it assembles a repository, and the unit tests
 the same functions, so a graph that drifts from torch fails in both places. Each check
 returns figures (max abs differences, caption agreement) rather than a bare boolean:
 the build prints them and records them in the manifest."""
+
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -82,7 +83,9 @@ class ParityReport:
             "tolerance": self.tolerance,
             "passed": self.passed,
             "tensors": [asdict(d) for d in self.diffs],
-            "captions": None if self.captions is None else {
+            "captions": None
+            if self.captions is None
+            else {
                 "total": self.captions.total,
                 "identical": self.captions.identical,
                 "examples": self.captions.examples,
@@ -138,9 +141,14 @@ def _max_abs(a: Sequence[np.ndarray], b: Sequence[np.ndarray], names: Sequence[s
     return out
 
 
-def encoder_diffs(ck: Checkpoint, candidate: EncodeFn, graph: str = "encoder",
-                  batch_sizes: Sequence[int] = BATCH_SIZES, seed: int = 0,
-                  reference: EncodeFn | None = None) -> list[Diff]:
+def encoder_diffs(
+    ck: Checkpoint,
+    candidate: EncodeFn,
+    graph: str = "encoder",
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    seed: int = 0,
+    reference: EncodeFn | None = None,
+) -> list[Diff]:
     """`candidate` against `reference` (default: the torch encoder) on random inputs
     and on real scenes."""
     reference = reference or torch_encode(ck)
@@ -155,8 +163,9 @@ def encoder_diffs(ck: Checkpoint, candidate: EncodeFn, graph: str = "encoder",
     return diffs
 
 
-def decoder_diffs(ck: Checkpoint, sess: ort.InferenceSession, batch_sizes: Sequence[int] = BATCH_SIZES,
-                  seed: int = 0) -> list[Diff]:
+def decoder_diffs(
+    ck: Checkpoint, sess: ort.InferenceSession, batch_sizes: Sequence[int] = BATCH_SIZES, seed: int = 0
+) -> list[Diff]:
     """The decoder-step graph against torch's `Decoder.step`: random tokens and states,
     and the states real scenes produce with the START token (the first step of decoding)."""
     ref, cand = torch_step(ck.model.decoder), onnx_step(sess)
@@ -175,8 +184,9 @@ def decoder_diffs(ck: Checkpoint, sess: ort.InferenceSession, batch_sizes: Seque
     return diffs
 
 
-def greedy_tokens(ck: Checkpoint, encode: EncodeFn, step, images_uint8: np.ndarray,
-                  batch_size: int = 64, desc: str | None = None) -> list[tuple[int, ...]]:
+def greedy_tokens(
+    ck: Checkpoint, encode: EncodeFn, step, images_uint8: np.ndarray, batch_size: int = 64, desc: str | None = None
+) -> list[tuple[int, ...]]:
     """Greedy token sequences for prepared uint8 images, through any encoder and step."""
     from tqdm import tqdm
 
@@ -189,21 +199,25 @@ def greedy_tokens(ck: Checkpoint, encode: EncodeFn, step, images_uint8: np.ndarr
     return out
 
 
-def caption_parity(ck: Checkpoint, enc_sess: ort.InferenceSession, dec_sess: ort.InferenceSession,
-                   n: int = CAPTION_SCENES, seed: int = 1000) -> CaptionParity:
+def caption_parity(
+    ck: Checkpoint, enc_sess: ort.InferenceSession, dec_sess: ort.InferenceSession, n: int = CAPTION_SCENES, seed: int = 1000
+) -> CaptionParity:
     """Greedy captions through both ONNX graphs against torch's, scene by scene."""
     images, _ = scene_batch(n, ck.preprocess, seed=seed)
     ref = greedy_tokens(ck, torch_encode(ck), torch_step(ck.model.decoder), images, desc="greedy captions, torch")
     got = greedy_tokens(ck, onnx_encode(enc_sess), onnx_step(dec_sess), images, desc="greedy captions, onnx")
     same = [a == b for a, b in zip(ref, got)]
-    examples = [
-        {"torch": ck.vocab.decode(a), "onnx": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s
-    ][:3]
+    examples = [{"torch": ck.vocab.decode(a), "onnx": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s][:3]
     return CaptionParity(total=n, identical=int(sum(same)), examples=examples)
 
 
-def check_exports(ck: Checkpoint, encoder_onnx: str | Path, decoder_onnx: str | Path,
-                  caption_scenes: int = CAPTION_SCENES, batch_sizes: Sequence[int] = BATCH_SIZES) -> ParityReport:
+def check_exports(
+    ck: Checkpoint,
+    encoder_onnx: str | Path,
+    decoder_onnx: str | Path,
+    caption_scenes: int = CAPTION_SCENES,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> ParityReport:
     enc, dec = session(encoder_onnx), session(decoder_onnx)
     diffs = encoder_diffs(ck, onnx_encode(enc), batch_sizes=batch_sizes) + decoder_diffs(ck, dec, batch_sizes)
     captions = caption_parity(ck, enc, dec, n=caption_scenes) if caption_scenes else None

@@ -8,6 +8,7 @@ is only accepted when its greedy captions agree with fp32's on at least
 
 The same quantizer with symmetric int8 activations gives the Q/DQ graph that
 TensorRT builds int8 engines from (explicit quantization)."""
+
 from __future__ import annotations
 
 import copy
@@ -76,8 +77,7 @@ def activation_bytes_per_image(onnx_path: str | Path) -> int:
     return total
 
 
-def calibration_count(onnx_path: str | Path, wanted: int = CALIBRATION_SCENES,
-                      budget_bytes: int = CALIBRATION_MEMORY) -> int:
+def calibration_count(onnx_path: str | Path, wanted: int = CALIBRATION_SCENES, budget_bytes: int = CALIBRATION_MEMORY) -> int:
     """onnxruntime's MinMax calibration keeps every intermediate tensor of every
     calibration image until the end (its incremental option discards data in this
     release), so the sample is capped by memory: 128 scenes for the small CNN, about
@@ -91,8 +91,13 @@ def calibration_images(ck: Checkpoint, n: int = CALIBRATION_SCENES, seed: int = 
     return normalize(images, ck.preprocess)
 
 
-def quantize_int8(fp32_onnx: str | Path, out_path: str | Path, calibration: np.ndarray,
-                  symmetric_activations: bool = False, keep_fp32: tuple[str, ...] = KEEP_FP32_OPS) -> Path:
+def quantize_int8(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    symmetric_activations: bool = False,
+    keep_fp32: tuple[str, ...] = KEEP_FP32_OPS,
+) -> Path:
     """Static int8 QDQ: per-channel int8 weights, activations calibrated (MinMax) on
     `calibration`. Activations are uint8 with a zero point for onnxruntime on CPU (its
     fastest u8s8 kernels); `symmetric_activations=True` gives int8 activations with zero
@@ -179,8 +184,7 @@ def probe_bf16(ck: Checkpoint, path: str | Path) -> tuple[bool, str]:
     return True, "runs"
 
 
-def throughput(sess: ort.InferenceSession, images: np.ndarray, batch: int, min_seconds: float = 1.0,
-               min_runs: int = 3) -> float:
+def throughput(sess: ort.InferenceSession, images: np.ndarray, batch: int, min_seconds: float = 1.0, min_runs: int = 3) -> float:
     """Images per second for one batch size (after a warm-up run)."""
     x = np.ascontiguousarray(images[:batch])
     if len(x) < batch:
@@ -216,20 +220,24 @@ class EvalSet:
     scenes: list[scenes.Scene] | None = None
 
 
-def caption_agreement(ck: Checkpoint, reference: parity.EncodeFn, candidate: parity.EncodeFn,
-                      dec_sess: ort.InferenceSession, images_uint8: np.ndarray,
-                      truth: list[scenes.Scene] | None = None) -> Agreement:
+def caption_agreement(
+    ck: Checkpoint,
+    reference: parity.EncodeFn,
+    candidate: parity.EncodeFn,
+    dec_sess: ort.InferenceSession,
+    images_uint8: np.ndarray,
+    truth: list[scenes.Scene] | None = None,
+) -> Agreement:
     """Share of images whose greedy caption is identical through `candidate` and `reference`
     encoders (same decoder-step graph for both, so only the encoder differs)."""
     step = onnx_step(dec_sess)
     ref = parity.greedy_tokens(ck, reference, step, images_uint8, desc="greedy captions, fp32")
     got = parity.greedy_tokens(ck, candidate, step, images_uint8, desc="greedy captions, variant")
     same = [a == b for a, b in zip(ref, got)]
-    examples = [
-        {"fp32": ck.vocab.decode(a), "variant": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s
-    ][:3]
+    examples = [{"fp32": ck.vocab.decode(a), "variant": ck.vocab.decode(b)} for a, b, s in zip(ref, got, same) if not s][:3]
     result = Agreement(len(same), int(sum(same)), examples)
     if truth is not None:
+
         def correct(seqs):
             return float(np.mean([scenes.caption_is_correct(ck.vocab.decode(t), sc) for t, sc in zip(seqs, truth)]))
 
@@ -237,8 +245,14 @@ def caption_agreement(ck: Checkpoint, reference: parity.EncodeFn, candidate: par
     return result
 
 
-def evaluation_images(ck: Checkpoint, data_dir: str | Path | None, split: str = "test", limit: int | None = None,
-                      fallback: int = FALLBACK_EVAL_SCENES, progress: Callable | None = None) -> EvalSet:
+def evaluation_images(
+    ck: Checkpoint,
+    data_dir: str | Path | None,
+    split: str = "test",
+    limit: int | None = None,
+    fallback: int = FALLBACK_EVAL_SCENES,
+    progress: Callable | None = None,
+) -> EvalSet:
     """The dataset split's images prepared by THE preprocessing when the split exists,
     else freshly generated scenes; with their ground-truth scenes."""
     ann = Path(data_dir) / f"captions_{split}.json" if data_dir else None
@@ -250,8 +264,9 @@ def evaluation_images(ck: Checkpoint, data_dir: str | Path | None, split: str = 
         it = progress(files, desc=f"loading {split}", unit="img", mininterval=2.0, leave=False) if progress else files
         images = np.stack([prepare_path(f, ck.preprocess) for f in it])
         truth = [by_id.get(int(im["id"])) for im in chosen]
-        return EvalSet(images, f"{ann.parent}/{split} ({len(images)} images)",
-                       truth if all(t is not None for t in truth) else None)
+        return EvalSet(
+            images, f"{ann.parent}/{split} ({len(images)} images)", truth if all(t is not None for t in truth) else None
+        )
     n = min(fallback, limit) if limit else fallback
     images, drawn = parity.scene_batch(n, ck.preprocess, seed=EVAL_SEED)
     return EvalSet(images, f"{n} generated scenes (no {split} split at {data_dir})", drawn)
@@ -299,11 +314,14 @@ class CpuVariantReport:
         if self.agreement is not None:
             a = self.agreement
             verdict = "accepted" if self.accepted else f"REFUSED (below {self.min_agreement:.0%})"
-            out.append(f"greedy captions {self.chosen.name} == fp32 on {self.evaluated_on}: "
-                       f"{a.agree}/{a.total} = {a.share:.2%}  {verdict}")
+            out.append(
+                f"greedy captions {self.chosen.name} == fp32 on {self.evaluated_on}: "
+                f"{a.agree}/{a.total} = {a.share:.2%}  {verdict}"
+            )
             if a.fp32_correct is not None:
-                out.append(f"captions correct by the scene spec: fp32 {a.fp32_correct:.2%}, "
-                           f"{self.chosen.name} {a.variant_correct:.2%}")
+                out.append(
+                    f"captions correct by the scene spec: fp32 {a.fp32_correct:.2%}, {self.chosen.name} {a.variant_correct:.2%}"
+                )
             for ex in a.examples:
                 out.append(f"  differs: fp32 {ex['fp32']!r} vs {self.chosen.name} {ex['variant']!r}")
         return out
@@ -315,9 +333,14 @@ class CpuVariantReport:
                 {"name": c.name, "runs": c.runs, "note": c.note, "images_per_s": c.images_per_s} for c in self.candidates
             ],
             "chosen": None if self.chosen is None else self.chosen.name,
-            "agreement": None if self.agreement is None else {
-                "total": self.agreement.total, "agree": self.agreement.agree, "share": self.agreement.share,
-                "examples": self.agreement.examples, "fp32_correct": self.agreement.fp32_correct,
+            "agreement": None
+            if self.agreement is None
+            else {
+                "total": self.agreement.total,
+                "agree": self.agreement.agree,
+                "share": self.agreement.share,
+                "examples": self.agreement.examples,
+                "fp32_correct": self.agreement.fp32_correct,
                 "variant_correct": self.agreement.variant_correct,
             },
             "evaluated_on": self.evaluated_on,
@@ -326,9 +349,17 @@ class CpuVariantReport:
         }
 
 
-def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_dir: Path, evalset: EvalSet,
-                      batch_sizes: tuple[int, ...] = (1, DEFAULT_MAX_BATCH), min_agreement: float = MIN_AGREEMENT,
-                      calibration_scenes: int = CALIBRATION_SCENES, log: Callable[[str], None] = print) -> CpuVariantReport:
+def build_cpu_variant(
+    ck: Checkpoint,
+    fp32_onnx: Path,
+    decoder_onnx: Path,
+    out_dir: Path,
+    evalset: EvalSet,
+    batch_sizes: tuple[int, ...] = (1, DEFAULT_MAX_BATCH),
+    min_agreement: float = MIN_AGREEMENT,
+    calibration_scenes: int = CALIBRATION_SCENES,
+    log: Callable[[str], None] = print,
+) -> CpuVariantReport:
     """Build int8, probe bf16, time what runs against fp32, keep the faster, and measure
     its caption agreement with fp32."""
     timing_images = normalize(evalset.images[: max(batch_sizes)], ck.preprocess)
@@ -338,8 +369,9 @@ def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_d
     n = calibration_count(fp32_onnx, calibration_scenes)
     log(f"int8: calibrating on {n} generated scenes")
     int8_path = quantize_int8(fp32_onnx, out_dir / "encoder.int8.onnx", calibration_images(ck, n))
-    candidates = [Candidate("int8", int8_path, True,
-                            "onnxruntime static QDQ, per-channel weights, u8 activations, dense head fp32")]
+    candidates = [
+        Candidate("int8", int8_path, True, "onnxruntime static QDQ, per-channel weights, u8 activations, dense head fp32")
+    ]
     bf16_path = out_dir / "encoder.bf16.onnx"
     ok, note = probe_bf16(ck, bf16_path)
     candidates.append(Candidate("bf16", bf16_path if ok else None, ok, note))
@@ -354,6 +386,12 @@ def build_cpu_variant(ck: Checkpoint, fp32_onnx: Path, decoder_onnx: Path, out_d
     chosen = max(runnable, key=lambda c: c.images_per_s[max(batch_sizes)]) if runnable else None
     agreement = None
     if chosen is not None:
-        agreement = caption_agreement(ck, parity.onnx_encode(fp32), parity.onnx_encode(sessions[chosen.name]),
-                                      parity.session(decoder_onnx), evalset.images, evalset.scenes)
+        agreement = caption_agreement(
+            ck,
+            parity.onnx_encode(fp32),
+            parity.onnx_encode(sessions[chosen.name]),
+            parity.session(decoder_onnx),
+            evalset.images,
+            evalset.scenes,
+        )
     return CpuVariantReport(fp32_speed, candidates, chosen, agreement, evalset.source, min_agreement)

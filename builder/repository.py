@@ -9,6 +9,7 @@ Models (ensemble `captioner` = preprocess -> encoder -> caption_generator):
 The configs come from builder/model_configs.py; the finished repository is checked by
 builder/repository_check.py, which the launcher also uses to decide whether to rebuild.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,22 @@ from .model_configs import WARMUP_IMAGE, build_configs, write_config
 from .repository_check import MODELS, RepositoryError, check_repository, is_fused, recorded_checkpoint
 
 # What callers import from here (the builder's steps, bench/, tests, the k8s manifests' test).
-__all__ = ["DECODER_STEP", "DEFAULT_INSTANCES", "DEFAULT_ORT_THREADS", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_STEP_MODE",
-           "ENCODER", "ENSEMBLE", "GENERATOR", "MODELS", "PREPROCESS", "RepositoryError", "assemble",
-           "check_repository", "recorded_checkpoint"]
+__all__ = [
+    "DECODER_STEP",
+    "DEFAULT_INSTANCES",
+    "DEFAULT_ORT_THREADS",
+    "DEFAULT_QUEUE_DELAY_US",
+    "DEFAULT_STEP_MODE",
+    "ENCODER",
+    "ENSEMBLE",
+    "GENERATOR",
+    "MODELS",
+    "PREPROCESS",
+    "RepositoryError",
+    "assemble",
+    "check_repository",
+    "recorded_checkpoint",
+]
 
 PYTHON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 TARGETS = ("cpu", "gpu")
@@ -69,16 +83,16 @@ DEFAULT_STEP_MODE = {"cpu": "inprocess", "gpu": "bls"}
 DEFAULT_QUEUE_DELAY_US = 0
 
 
-def _check_onnx(path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[str, list[int]],
-                input_types: Mapping[str, int] | None = None) -> None:
+def _check_onnx(
+    path: Path, inputs: Mapping[str, list[int]], outputs: Mapping[str, list[int]], input_types: Mapping[str, int] | None = None
+) -> None:
     """Tensor names, the non-batch dims (and the given element types) of an exported graph must match the config."""
     graph = onnx.load(str(path), load_external_data=False).graph
     for i in graph.input:
         want_type = (input_types or {}).get(i.name)
         if want_type is not None and i.type.tensor_type.elem_type != want_type:
             got = onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)
-            raise RepositoryError(f"{path.name}: input {i.name} is {got}, "
-                                  f"expected {onnx.TensorProto.DataType.Name(want_type)}")
+            raise RepositoryError(f"{path.name}: input {i.name} is {got}, expected {onnx.TensorProto.DataType.Name(want_type)}")
 
     def dims(vi):
         return [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim][1:]
@@ -170,8 +184,15 @@ def assemble(
     return repo_dir
 
 
-def _check_choices(target: str, precision: str, max_batch_size: int, layout: str, encoder_input: str,
-                   runtimes: Mapping[str, str] | None, inference_precision: str) -> None:
+def _check_choices(
+    target: str,
+    precision: str,
+    max_batch_size: int,
+    layout: str,
+    encoder_input: str,
+    runtimes: Mapping[str, str] | None,
+    inference_precision: str,
+) -> None:
     """assemble's arguments, each against what the configs and the Triton models support."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -199,9 +220,12 @@ def _check_graphs(ck: Checkpoint, artifacts: Mapping[str, Path], encoder_input: 
     """The exported graphs take and give what the configs will declare."""
     s, u, v = ck.preprocess.image_size, ck.args.lstm_units, len(ck.vocab)
     u8 = encoder_input == "uint8"
-    _check_onnx(Path(artifacts["encoder_onnx"]), {ENCODER_INPUTS[0]: [s, s, 3] if u8 else [3, s, s]},
-                {n: [u] for n in ENCODER_OUTPUTS},
-                {ENCODER_INPUTS[0]: onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.FLOAT})
+    _check_onnx(
+        Path(artifacts["encoder_onnx"]),
+        {ENCODER_INPUTS[0]: [s, s, 3] if u8 else [3, s, s]},
+        {n: [u] for n in ENCODER_OUTPUTS},
+        {ENCODER_INPUTS[0]: onnx.TensorProto.UINT8 if u8 else onnx.TensorProto.FLOAT},
+    )
     _check_onnx(
         Path(artifacts["decoder_onnx"]),
         {STEP_INPUTS[0]: [], STEP_INPUTS[1]: [u], STEP_INPUTS[2]: [u]},
@@ -209,11 +233,13 @@ def _check_graphs(ck: Checkpoint, artifacts: Mapping[str, Path], encoder_input: 
     )
 
 
-def _model_files(ck: Checkpoint, target: str, artifacts: Mapping[str, Path], step_mode: str,
-                 layout: str) -> dict[str, dict[str, Path | str]]:
+def _model_files(
+    ck: Checkpoint, target: str, artifacts: Mapping[str, Path], step_mode: str, layout: str
+) -> dict[str, dict[str, Path | str]]:
     """model -> {file name in its version directory: a file to copy, or text to write}."""
-    encoder: dict[str, Path | str] = ({"model.plan": Path(artifacts["encoder_plan"])} if target == "gpu"
-                                      else {"model.onnx": Path(artifacts["encoder_onnx"])})
+    encoder: dict[str, Path | str] = (
+        {"model.plan": Path(artifacts["encoder_plan"])} if target == "gpu" else {"model.onnx": Path(artifacts["encoder_onnx"])}
+    )
     files: dict[str, dict[str, Path | str]] = {
         PREPROCESS: {"preprocess.json": json.dumps(ck.preprocess.to_dict(), indent=1)},
         ENCODER: encoder,
@@ -228,8 +254,9 @@ def _model_files(ck: Checkpoint, target: str, artifacts: Mapping[str, Path], ste
     return files
 
 
-def _write_models(staging: Path, configs: Mapping[str, mc.ModelConfig], files: Mapping[str, Mapping[str, Path | str]],
-                  ck: Checkpoint) -> None:
+def _write_models(
+    staging: Path, configs: Mapping[str, mc.ModelConfig], files: Mapping[str, Mapping[str, Path | str]], ck: Checkpoint
+) -> None:
     """Each model's config, warmup data, Python source and files, under `staging`."""
     for name, cfg in configs.items():
         version = staging / name / "1"

@@ -1,6 +1,7 @@
 """Read-only inspection of a Triton model repository: is it complete and consistent, and
 which checkpoint was it assembled from. The launcher asks this before serving a repository
 (builder/repository.py writes one and runs the same check on it)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,8 +88,10 @@ def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
         if model is None:
             raise RepositoryError(f"ensemble step uses unknown model {step.model_name}")
         if step.model_version != -1 and step.model_version not in _loaded_versions(model):
-            raise RepositoryError(f"ensemble step pinned to {model.name} version {step.model_version}, which "
-                                  f"is not loaded (versions {_loaded_versions(model)})")
+            raise RepositoryError(
+                f"ensemble step pinned to {model.name} version {step.model_version}, which "
+                f"is not loaded (versions {_loaded_versions(model)})"
+            )
         ins = {t.name: (t.data_type, list(t.dims)) for t in model.input}
         outs = {t.name: (t.data_type, list(t.dims)) for t in model.output}
         if set(step.input_map) != set(ins):

@@ -5,12 +5,13 @@ auto times the served encoder graph (at the build's batch sizes, with the encode
 thread count) and the decoder step (one thread, a batch of live sequences) through
 each runtime that runs here, briefly, and keeps the faster per graph; the figures go
 into the build manifest. The decision logic is captioner.serving.runtime.choose."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from google.protobuf import text_format
@@ -31,7 +32,7 @@ MARGIN = 1.05
 # hop fewer costs less CPU per caption. Slow encoders fuse too: decoding overlapping a
 # slow encoder saves little, while under overload the fused model's queue is the only one
 # in front of any work, so a refused request costs no Python execution and goodput holds
-# up better (docs/bench.md, "What the defaults are, and why"; investigation 8).
+# up better (docs/bench.md, "What the defaults are, and why").
 FUSE_ABOVE_IMAGES_PER_S = 0.0
 
 
@@ -47,8 +48,7 @@ class RuntimeReport:
         """builder.repository.assemble's `runtimes` argument."""
         from .repository import DECODER_STEP, ENCODER, GENERATOR
 
-        return {ENCODER: self.encoder.runtime, DECODER_STEP: self.decoder_step.runtime,
-                GENERATOR: self.decoder_step.runtime}
+        return {ENCODER: self.encoder.runtime, DECODER_STEP: self.decoder_step.runtime, GENERATOR: self.decoder_step.runtime}
 
     def lines(self) -> list[str]:
         out = []
@@ -58,10 +58,13 @@ class RuntimeReport:
         return out + self.notes
 
     def to_dict(self) -> dict:
-        return {"encoder": self.encoder.to_dict(), "decoder_step": self.decoder_step.to_dict(),
-                "inference_precision": self.inference_precision,
-                "encoder_rows_per_s": {k: {str(b): v for b, v in d.items()} for k, d in self.encoder_rates.items()},
-                "notes": self.notes}
+        return {
+            "encoder": self.encoder.to_dict(),
+            "decoder_step": self.decoder_step.to_dict(),
+            "inference_precision": self.inference_precision,
+            "encoder_rows_per_s": {k: {str(b): v for b, v in d.items()} for k, d in self.encoder_rates.items()},
+            "notes": self.notes,
+        }
 
 
 def encoder_feed(ck: Checkpoint, onnx_path: Path, batch: int) -> dict[str, np.ndarray]:
@@ -74,8 +77,7 @@ def encoder_feed(ck: Checkpoint, onnx_path: Path, batch: int) -> dict[str, np.nd
 
     images, _ = parity.scene_batch(min(batch, 8), ck.preprocess, seed=11)
     images = np.concatenate([images] * (batch // len(images) + 1))[:batch]
-    graph_input = next(i for i in onnx.load(str(onnx_path), load_external_data=False).graph.input
-                       if i.name == ENCODER_INPUTS[0])
+    graph_input = next(i for i in onnx.load(str(onnx_path), load_external_data=False).graph.input if i.name == ENCODER_INPUTS[0])
     if graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
         return {ENCODER_INPUTS[0]: np.ascontiguousarray(images)}
     return {ENCODER_INPUTS[0]: normalize(images, ck.preprocess)}
@@ -84,9 +86,11 @@ def encoder_feed(ck: Checkpoint, onnx_path: Path, batch: int) -> dict[str, np.nd
 def step_feed(ck: Checkpoint, rows: int = STEP_ROWS) -> dict[str, np.ndarray]:
     u = ck.args.lstm_units
     rng = np.random.default_rng(0)
-    return {STEP_INPUTS[0]: rng.integers(0, len(ck.vocab), rows).astype(np.int64),
-            STEP_INPUTS[1]: rng.standard_normal((rows, u)).astype(np.float32) * 0.1,
-            STEP_INPUTS[2]: rng.standard_normal((rows, u)).astype(np.float32) * 0.1}
+    return {
+        STEP_INPUTS[0]: rng.integers(0, len(ck.vocab), rows).astype(np.int64),
+        STEP_INPUTS[1]: rng.standard_normal((rows, u)).astype(np.float32) * 0.1,
+        STEP_INPUTS[2]: rng.standard_normal((rows, u)).astype(np.float32) * 0.1,
+    }
 
 
 def _rate(path: Path, settings: rt.EngineSettings, feed: dict, rows: int, seconds: float) -> float | None:
@@ -105,9 +109,17 @@ def candidates(requested: str, inference_precision: str) -> list[str]:
     return list(rt.RUNTIMES) if requested == "auto" else [requested]
 
 
-def choose_runtimes(ck: Checkpoint, encoder_onnx: Path, decoder_onnx: Path, requested: str, inference_precision: str,
-                    encoder_threads: int, batch_sizes: Sequence[int], seconds: float = SECONDS_PER_TIMING,
-                    log: Callable[[str], None] = print) -> RuntimeReport:
+def choose_runtimes(
+    ck: Checkpoint,
+    encoder_onnx: Path,
+    decoder_onnx: Path,
+    requested: str,
+    inference_precision: str,
+    encoder_threads: int,
+    batch_sizes: Sequence[int],
+    seconds: float = SECONDS_PER_TIMING,
+    log: Callable[[str], None] = print,
+) -> RuntimeReport:
     """Time what has to be timed and choose (the requested runtime is kept without timing)."""
     enc_rates: dict[str, dict[int, float | None]] = {}
     notes = []
@@ -115,24 +127,29 @@ def choose_runtimes(ck: Checkpoint, encoder_onnx: Path, decoder_onnx: Path, requ
     if True:
         for name in candidates(requested, inference_precision):
             settings = rt.EngineSettings(runtime=name, threads=encoder_threads, inference_precision=inference_precision)
-            enc_rates[name] = {b: _rate(encoder_onnx, settings, encoder_feed(ck, encoder_onnx, b), b, seconds)
-                               for b in batch_sizes}
-            log(f"encoder {name} ({inference_precision}, {encoder_threads} threads): " + ", ".join(
-                f"batch {b} {'n/a' if v is None else f'{v:.1f} img/s'}" for b, v in enc_rates[name].items()))
+            enc_rates[name] = {
+                b: _rate(encoder_onnx, settings, encoder_feed(ck, encoder_onnx, b), b, seconds) for b in batch_sizes
+            }
+            log(
+                f"encoder {name} ({inference_precision}, {encoder_threads} threads): "
+                + ", ".join(f"batch {b} {'n/a' if v is None else f'{v:.1f} img/s'}" for b, v in enc_rates[name].items())
+            )
     # The decision goes by the largest batch: under load the encoder sees full batches.
     top = max(batch_sizes)
     if inference_precision == "bf16":
-        enc_choice = rt.Choice(rt.OPENVINO, "bf16 inference precision is OpenVINO's",
-                               {k: v[top] for k, v in enc_rates.items() if v[top] is not None})
+        enc_choice = rt.Choice(
+            rt.OPENVINO, "bf16 inference precision is OpenVINO's", {k: v[top] for k, v in enc_rates.items() if v[top] is not None}
+        )
     else:
         enc_choice = rt.choose(requested, {k: v[top] for k, v in enc_rates.items()}, margin=MARGIN)
     step_rates: dict[str, float | None] = {}
     if requested == "auto":
         for name in rt.RUNTIMES:
-            step_rates[name] = _rate(decoder_onnx, rt.EngineSettings(runtime=name, threads=1), step_feed(ck),
-                                     STEP_ROWS, seconds)
-        log("decoder step (1 thread, {} rows): ".format(STEP_ROWS) + ", ".join(
-            f"{k} {'n/a' if v is None else f'{v:.0f} rows/s'}" for k, v in step_rates.items()))
+            step_rates[name] = _rate(decoder_onnx, rt.EngineSettings(runtime=name, threads=1), step_feed(ck), STEP_ROWS, seconds)
+        log(
+            f"decoder step (1 thread, {STEP_ROWS} rows): "
+            + ", ".join(f"{k} {'n/a' if v is None else f'{v:.0f} rows/s'}" for k, v in step_rates.items())
+        )
     step_choice = rt.choose(requested, step_rates, margin=MARGIN)
     return RuntimeReport(enc_choice, step_choice, inference_precision, enc_rates, notes)
 
@@ -143,8 +160,10 @@ def fused_layout(report: RuntimeReport, fuse_above: float = FUSE_ABOVE_IMAGES_PE
     if rate is None:
         return False, "encoder rate not measured: split"
     verdict = rate >= fuse_above
-    return verdict, (f"encoder {rate:.0f} img/s {'>=' if verdict else '<'} {fuse_above:.0f}: "
-                     f"{'fused (decode + encoder in one model)' if verdict else 'split (encoder in its own model)'}")
+    return verdict, (
+        f"encoder {rate:.0f} img/s {'>=' if verdict else '<'} {fuse_above:.0f}: "
+        f"{'fused (decode + encoder in one model)' if verdict else 'split (encoder in its own model)'}"
+    )
 
 
 def warm_cache(repo_dir: str | Path, version: int = 1) -> list[str]:
@@ -152,15 +171,20 @@ def warm_cache(repo_dir: str | Path, version: int = 1) -> list[str]:
     and at the paths the server will use, so that its compiled-model cache is filled
     and a server start loads instead of compiling. Returns the models compiled.
     version: the version directory (a versioned repository, builder/versions.py, warms the
-    version it added where it now lies: the cache is keyed by the graph's path)."""
+    version it added; the cache is keyed by the graph's content, so a blob compiled here
+    is found wherever the repository is mounted)."""
     from captioner.serving.versions import PARAMETERS_FILE
 
     from .repository import DECODER_STEP, ENCODER, GENERATOR, PREPROCESS
 
     repo_dir = Path(repo_dir)
     warmed = []
-    for name, graph in ((PREPROCESS, "model.onnx"), (ENCODER, "model.onnx"), (DECODER_STEP, "model.onnx"),
-                        (GENERATOR, "decoder_step.onnx")):
+    for name, graph in (
+        (PREPROCESS, "model.onnx"),
+        (ENCODER, "model.onnx"),
+        (DECODER_STEP, "model.onnx"),
+        (GENERATOR, "decoder_step.onnx"),
+    ):
         cfg_path = repo_dir / name / "config.pbtxt"
         if not cfg_path.is_file():
             continue

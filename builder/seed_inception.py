@@ -6,6 +6,7 @@ without pretrained weights, which cannot be downloaded here.
 
 `python -m builder.seed_inception [--out DIR]` writes the checkpoint; the build CLI
 resolves `--model seed-inception` to it, creating it on first use."""
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,11 @@ def ensure(directory: str | Path = DEFAULT_DIR, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("CAPTIONER_SEED_INCEPTION_DIR", str(DEFAULT_DIR)),
-                   help="checkpoint directory (env CAPTIONER_SEED_INCEPTION_DIR)")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("CAPTIONER_SEED_INCEPTION_DIR", str(DEFAULT_DIR)),
+        help="checkpoint directory (env CAPTIONER_SEED_INCEPTION_DIR)",
+    )
     p.add_argument("--force", action="store_true", help="recreate even if it exists")
     a = p.parse_args(argv)
     d = ensure(a.out, force=a.force)

@@ -12,6 +12,7 @@ a real server under those batches against it. A container with less /dev/shm ref
 batch that does not fit with an error naming --shm-size (the Python backend's), for
 that batch alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from captioner.preprocess import DEFAULT_MAX_BYTES
 from captioner.serving import PREPROCESS
 
-MIB = 2 ** 20
+MIB = 2**20
 # The Python backend's defaults (shm-default-byte-size, shm-growth-byte-size): every
 # instance's region starts at 1 MiB and grows in 1 MiB steps.
 REGION_START_BYTES = 1 * MIB
@@ -57,7 +58,7 @@ def required_bytes(limits: ShmLimits) -> int:
 
 def quantity(n: int) -> str:
     """Bytes as the Kubernetes quantity a manifest writes (Mi or Gi)."""
-    return f"{n // 1024 ** 3}Gi" if n % 1024 ** 3 == 0 else f"{-(-n // MIB)}Mi"
+    return f"{n // 1024**3}Gi" if n % 1024**3 == 0 else f"{-(-n // MIB)}Mi"
 
 
 def _configs(repo: Path) -> dict[str, mc.ModelConfig]:
@@ -96,6 +97,12 @@ def manifest_entry(repo: Path) -> dict:
     """build_manifest.json's "shm": the size and what it was sized from."""
     limits = repository_limits(repo)
     n = required_bytes(limits)
-    return {"bytes": n, "quantity": quantity(n), "max_batch_size": limits.max_batch_size,
-            "max_image_bytes": limits.max_image_bytes, "front_instances": limits.front_instances,
-            "python_instances": limits.python_instances, "layout": limits.layout}
+    return {
+        "bytes": n,
+        "quantity": quantity(n),
+        "max_batch_size": limits.max_batch_size,
+        "max_image_bytes": limits.max_image_bytes,
+        "front_instances": limits.front_instances,
+        "python_instances": limits.python_instances,
+        "layout": limits.layout,
+    }

@@ -12,6 +12,7 @@ not from the version string. fp32 and int8 build the same way on both: a strongl
 typed network over the fp32 graph or over the Q/DQ graph.
 
 `tensorrt` is imported lazily: CPU machines never need it."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -156,9 +157,16 @@ def _atomic_write(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def build_engine(trt, onnx_path: str | Path, recipe: BuildRecipe, max_batch: int, timing_cache: str | Path,
-                 opt_batch: int = OPT_BATCH, workspace_bytes: int = WORKSPACE_BYTES,
-                 log: Callable[[str], None] = print) -> bytes:
+def build_engine(
+    trt,
+    onnx_path: str | Path,
+    recipe: BuildRecipe,
+    max_batch: int,
+    timing_cache: str | Path,
+    opt_batch: int = OPT_BATCH,
+    workspace_bytes: int = WORKSPACE_BYTES,
+    log: Callable[[str], None] = print,
+) -> bytes:
     """Serialized engine for an ONNX graph whose inputs have one dynamic (batch) axis:
     one optimisation profile min 1 / opt `opt_batch` / max `max_batch`."""
     if max_batch < 1:
@@ -201,8 +209,14 @@ def build_engine(trt, onnx_path: str | Path, recipe: BuildRecipe, max_batch: int
 def _torch_dtype(trt, dt):
     import torch
 
-    table = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64,
-             "INT8": torch.int8, "BOOL": torch.bool}
+    table = {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "INT8": torch.int8,
+        "BOOL": torch.bool,
+    }
     for name, torch_dt in table.items():
         if hasattr(trt.DataType, name) and dt == getattr(trt.DataType, name):
             return torch_dt
@@ -288,9 +302,16 @@ class EngineResult:
         }
 
 
-def build_encoder_plan(ck, onnx_for: Callable[[str], Path], out_dir: str | Path, max_batch: int, precision: str,
-                       timing_cache: str | Path | None = None, expected_version: str | None = None,
-                       log: Callable[[str], None] = print) -> EngineResult:
+def build_encoder_plan(
+    ck,
+    onnx_for: Callable[[str], Path],
+    out_dir: str | Path,
+    max_batch: int,
+    precision: str,
+    timing_cache: str | Path | None = None,
+    expected_version: str | None = None,
+    log: Callable[[str], None] = print,
+) -> EngineResult:
     """Encoder engine for `precision`, checked against onnxruntime on the same graph.
 
     `onnx_for(kind)` returns the ONNX file of a kind ("fp32", "fp16", "int8_qdq"),
@@ -301,10 +322,12 @@ def build_encoder_plan(ck, onnx_for: Callable[[str], Path], out_dir: str | Path,
     trt = import_tensorrt(expected_version)
     api = detect_api(trt)
     recipe = recipe_for(api, precision)
-    log(f"{api.label}: {precision} from the {recipe.onnx_kind} graph, "
+    log(
+        f"{api.label}: {precision} from the {recipe.onnx_kind} graph, "
         f"{'strongly typed' if recipe.strongly_typed else 'weakly typed'}"
         f"{', flags ' + '+'.join(recipe.builder_flags) if recipe.builder_flags else ''}; "
-        f"profile batch 1/{min(OPT_BATCH, max_batch)}/{max_batch}")
+        f"profile batch 1/{min(OPT_BATCH, max_batch)}/{max_batch}"
+    )
     onnx_path = Path(onnx_for(recipe.onnx_kind))
     out_dir = Path(out_dir)
     cache = Path(timing_cache) if timing_cache else out_dir / "tensorrt_timing.cache"
@@ -319,6 +342,5 @@ def build_encoder_plan(ck, onnx_for: Callable[[str], Path], out_dir: str | Path,
         out = in_batches(run, {"image": x}, max_batch)
         return out["h0"], out["c0"]
 
-    diffs = parity.encoder_diffs(ck, on_engine, graph="engine", batch_sizes=sorted({1, 7, max_batch}),
-                                 reference=reference)
+    diffs = parity.encoder_diffs(ck, on_engine, graph="engine", batch_sizes=sorted({1, 7, max_batch}), reference=reference)
     return EngineResult(plan_path, api, recipe, onnx_path, diffs, ENGINE_TOLERANCE[precision], on_engine)

@@ -6,6 +6,7 @@ the first convolution: equal within float rounding, ~1e-5 relative). The preproc
 of the bytes (uint8 instead of float32) through shared memory, and on a GPU the
 normalisation runs there. Works on any encoder graph with one NCHW float input `image`,
 the QDQ int8 graph included."""
+
 from __future__ import annotations
 
 from pathlib import Path

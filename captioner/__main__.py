@@ -1,4 +1,5 @@
 """python -m captioner {caption,train,data,eval,card} ..."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,9 @@ def _caption(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, help="sample at this temperature instead of deterministic decoding")
     p.add_argument("--seed", type=int, help="sampling seed (with --temperature)")
     p.add_argument("--batch-size", type=int, default=int(os.environ.get("CAPTIONER_BATCH", "64")))
-    p.add_argument("--device", default=os.environ.get("CAPTIONER_DEVICE") or "auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--device", default=os.environ.get("CAPTIONER_DEVICE") or "auto", help="auto (CUDA when available) | cpu | cuda | cuda:N"
+    )
     a = p.parse_args(argv)
 
     import numpy as np

@@ -1,6 +1,7 @@
 """Checkpoint format. A checkpoint directory holds `model.pt` with everything needed
 to rebuild the model and feed it: model args, preprocessing, vocabulary, decoding
 defaults, and the weights. Nothing downstream retypes any of these."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Shared by every command line: flags take their defaults from environment variables."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """COCO-format captions: one loader for real COCO 2014/2017 files and for shapes-v1."""
+
 from __future__ import annotations
 
 import io
@@ -69,7 +70,9 @@ def robustness_augment(img: Image.Image, rng: random.Random) -> Image.Image:
         return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     if kind < 0.7:
         side = rng.choice([48, 64, 96, 200, 300, 512, 1024])
-        filt = rng.choice([Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS])
+        filt = rng.choice(
+            [Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS]
+        )
         return img.resize((side, side), filt)
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
 

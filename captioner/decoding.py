@@ -8,10 +8,11 @@ finished sequences drop out of the batch.
 A step function maps (tokens int64 [N], h float32 [N,U], c float32 [N,U]) to
 (log-probs float32 [N,V], h' [N,U], c' [N,U]).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class DecodeParams:
     length_penalty: float = 0.7
     seed: int | None = None
 
-    def validate(self) -> "DecodeParams":
+    def validate(self) -> DecodeParams:
         if not 1 <= self.beam_size <= MAX_BEAM:
             raise ValueError(f"beam_size must be in 1..{MAX_BEAM}, got {self.beam_size}")
         if not 1 <= self.max_length <= MAX_LENGTH:

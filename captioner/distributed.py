@@ -4,6 +4,7 @@ One process per device. Under `torchrun` the environment names this process's pl
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); without it there is one process and
 no process group. CUDA processes talk over NCCL, CPU processes over gloo.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,12 +31,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
-                             f"built for CUDA {torch.version.cuda or 'none'})")
+            raise ValueError(
+                f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda or 'none'})"
+            )
         index = int(name.split(":", 1)[1]) if ":" in name else local_rank
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: process {local_rank} on this node needs GPU {index}, "
-                             f"but only {torch.cuda.device_count()} are visible (one process per GPU)")
+            raise ValueError(
+                f"--device {name}: process {local_rank} on this node needs GPU {index}, "
+                f"but only {torch.cuda.device_count()} are visible (one process per GPU)"
+            )
         return torch.device("cuda", index)
     raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
 

@@ -7,6 +7,7 @@ ground-truth scenes stored beside shapes-v1 captions. With --robustness the same
 after a JPEG (quality 75) round trip and after resizing to 64 px and 512 px, each
 re-encoded in memory and decoded through captioner.preprocess like any served image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -229,7 +230,9 @@ def evaluate(a: argparse.Namespace) -> dict:
                 good = caption_is_correct(text, scene)
                 ok += good
                 if not good and len(wrong) < MAX_EXAMPLES:
-                    wrong.append({"variant": v, "image_id": it.image_id, "file": str(it.path), "caption": text, "references": it.captions})
+                    wrong.append(
+                        {"variant": v, "image_id": it.image_id, "file": str(it.path), "caption": text, "references": it.captions}
+                    )
             shares[v] = {"correct": ok, "total": len(items), "share": _share(ok, len(items))}
         report["share_correct"] = shares["original"]["share"]
         report["correct"] = shares["original"]["correct"]
@@ -280,8 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N images")
     p.add_argument("--robustness", action="store_true", help="also score JPEG q75 and 64/512 px resized copies")
     p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR even when Java works")
-    p.add_argument("--meteor-timeout", type=float, default=float(env("CAPTIONER_METEOR_TIMEOUT", "300")),
-                   help="seconds before METEOR (or the PTB tokenizer) is given up")
+    p.add_argument(
+        "--meteor-timeout",
+        type=float,
+        default=float(env("CAPTIONER_METEOR_TIMEOUT", "300")),
+        help="seconds before METEOR (or the PTB tokenizer) is given up",
+    )
     p.add_argument("--threads", type=int, default=int(env("CAPTIONER_THREADS", "0")))
     p.add_argument("--device", default=env("CAPTIONER_DEVICE", "auto"), help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false")

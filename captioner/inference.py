@@ -1,9 +1,10 @@
 """In-process captioning from a checkpoint: the reference the server must match."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -4,6 +4,7 @@ Embedding -> LSTM -> logit bottleneck -> vocabulary.
 `ModelArgs` is the one record of the architecture; it is saved with the checkpoint
 and every consumer rebuilds the model from it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -193,9 +194,7 @@ class Decoder(nn.Module):
         Written with the LSTM's own weights as plain matmuls so that it exports to
         simple ONNX ops that every runtime handles the same way."""
         x = self.embed(tokens)
-        gates = (
-            x @ self.lstm.weight_ih_l0.t() + self.lstm.bias_ih_l0 + h @ self.lstm.weight_hh_l0.t() + self.lstm.bias_hh_l0
-        )
+        gates = x @ self.lstm.weight_ih_l0.t() + self.lstm.bias_ih_l0 + h @ self.lstm.weight_hh_l0.t() + self.lstm.bias_hh_l0
         i, f, g, o = gates.chunk(4, dim=1)
         c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h2 = torch.sigmoid(o) * torch.tanh(c2)
@@ -239,5 +238,4 @@ class DecoderStepExport(nn.Module):
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_idx: int, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over non-padding target positions only: their mean, or with
     reduction="sum" their sum (training normalises by the global batch's token count)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_idx,
-                           reduction=reduction)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_idx, reduction=reduction)

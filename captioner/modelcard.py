@@ -1,5 +1,6 @@
 """python -m captioner card: write a model card from a checkpoint, its training
 history and an evaluation report, so the card's figures are never typed by hand."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ def render(ck: ckpt_mod.Checkpoint, history: list[dict], report: dict, command: 
         "",
         "## Model",
         f"- Architecture: Show-and-Tell. Encoder `{a.backbone}` (channels {list(a.cnn_channels)}, coordinate channels "
-        f"{'on' if a.coord_channels else 'off'}, {a.cnn_grid}x{a.cnn_grid} pooled grid flattened) → Dense({a.image_bottleneck}, elu) → "
+        f"{'on' if a.coord_channels else 'off'}, {a.cnn_grid}x{a.cnn_grid} pooled grid flattened) → "
+        f"Dense({a.image_bottleneck}, elu) → "
         f"Dense({a.lstm_units}, elu) = h0 = c0; decoder Embedding({a.embedding_dim}) → LSTM({a.lstm_units}) → "
         f"Dense({a.logit_bottleneck}, elu) → Dense({a.vocab_size}).",
         f"- Parameters: {n_params / 1e6:.2f} M; checkpoint `model.pt` sha256 `{ck.sha256[:16]}…`.",
@@ -32,7 +34,8 @@ def render(ck: ckpt_mod.Checkpoint, history: list[dict], report: dict, command: 
         "",
         "## Data",
         f"- shapes-v1 (the dataset spec: `docs/shapes-v1.md` in the repository), written by `python -m captioner data` (seed 1): "
-        f"{ck.meta.get('train_images', '?')} training scenes, 2,000 validation, 2,000 test, five references each where the templates allow.",
+        f"{ck.meta.get('train_images', '?')} training scenes, 2,000 validation, 2,000 test, "
+        "five references each where the templates allow.",
         "- Half the training images pass once through a robustness augmentation at cache time (JPEG q60–95, resizing "
         "to 48–1024 px with a random filter, or a slight blur) so that served JPEGs, resized images and other renderers "
         "of the spec are captioned as well as the generator's PNGs.",

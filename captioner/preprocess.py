@@ -15,6 +15,7 @@ Two decode paths (`PreprocessConfig.decode`):
          antialiased resize follows. An image smaller than that is decoded exactly as
          on the exact path. Limits, checks and errors are the same on both paths.
 """
+
 from __future__ import annotations
 
 import io
@@ -60,9 +61,8 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        return cls(int(d["image_size"]), str(d["resize"]), tuple(d["mean"]), tuple(d["std"]),
-                   str(d.get("decode", "exact")))
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        return cls(int(d["image_size"]), str(d["resize"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("decode", "exact")))
 
 
 def decode_side(cfg: PreprocessConfig) -> int | None:
@@ -191,7 +191,9 @@ def normalize_tensor(batch_nhwc, cfg: PreprocessConfig, channels_last: bool = Fa
     import torch
 
     x = batch_nhwc.to(torch.float32) / 255.0
-    x = (x - torch.tensor(cfg.mean, dtype=torch.float32, device=x.device)) / torch.tensor(cfg.std, dtype=torch.float32, device=x.device)
+    x = (x - torch.tensor(cfg.mean, dtype=torch.float32, device=x.device)) / torch.tensor(
+        cfg.std, dtype=torch.float32, device=x.device
+    )
     x = x.permute(0, 3, 1, 2)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

@@ -1,5 +1,6 @@
 """Progress bars from tqdm when it is installed; a bare GPU image may lack it, and
 training must still run there (`scripts/gpu_smoke.sh`)."""
+
 from __future__ import annotations
 
 

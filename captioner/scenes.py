@@ -4,6 +4,7 @@ and the spec's definition of a correct caption.
 The generator is one implementation of the spec, not its definition; the
 checker (`caption_is_correct`) is what every quality figure in the project uses.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -78,10 +79,8 @@ class Scene:
         return {"background": list(self.background), "objects": [asdict(o) for o in self.objects]}
 
     @staticmethod
-    def from_json(d: dict) -> "Scene":
-        objs = tuple(
-            SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"]), tuple(o["rgb"])) for o in d["objects"]
-        )
+    def from_json(d: dict) -> Scene:
+        objs = tuple(SceneObject(o["shape"], o["colour"], o["size"], tuple(o["box"]), tuple(o["rgb"])) for o in d["objects"])
         return Scene(objs, tuple(d["background"]))
 
 

@@ -7,6 +7,7 @@ torchrun (DistributedDataParallel). --batch-size is the global batch: N processe
 each take 1/N of it, the loss is normalised by the global batch's token count and
 BatchNorm sees the global batch, so a step computes what one process would on the
 same images. Rank 0 alone evaluates and writes checkpoints, history and plots."""
+
 from __future__ import annotations
 
 import argparse
@@ -120,12 +121,17 @@ def _train(a: argparse.Namespace, dd: D.Dist, device: torch.device) -> Path:
         _describe(run)
     tr, train_src, va = _splits(run, val_data)
     per_rank = a.batch_size // dd.world
-    sampler = torch.utils.data.DistributedSampler(range(len(train_data)), num_replicas=dd.world, rank=dd.rank,
-                                                  shuffle=True, seed=a.seed)
+    sampler = torch.utils.data.DistributedSampler(
+        range(len(train_data)), num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=a.seed
+    )
     batches = torch.utils.data.BatchSampler(sampler, per_rank, drop_last=False)
     # Memory-backed batches are a slice of an array: cheaper here than in a worker.
-    train_loader = loader(train_src, batch_sampler=batches, workers=0 if isinstance(train_src, ArrayDataset) else rt.workers,
-                          pin=device.type == "cuda")
+    train_loader = loader(
+        train_src,
+        batch_sampler=batches,
+        workers=0 if isinstance(train_src, ArrayDataset) else rt.workers,
+        pin=device.type == "cuda",
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt, scaler, sched = _optimizer(a, params, device, rt.amp, len(batches))
     start_epoch = 1
@@ -169,8 +175,9 @@ def _datasets(a: argparse.Namespace) -> tuple[Path, CocoCaptions, CocoCaptions]:
     return train_ann, train_data, val_data
 
 
-def _new_model(a: argparse.Namespace,
-               train_data: CocoCaptions) -> tuple[Vocabulary, ModelArgs, PreprocessConfig, bool, CaptionModel]:
+def _new_model(
+    a: argparse.Namespace, train_data: CocoCaptions
+) -> tuple[Vocabulary, ModelArgs, PreprocessConfig, bool, CaptionModel]:
     vocab = Vocabulary.build(train_data.all_captions(), a.min_count)
     args = ModelArgs(
         vocab_size=len(vocab),
@@ -200,13 +207,17 @@ def _place(a: argparse.Namespace, dd: D.Dist, device: torch.device, model: Capti
 
 def _describe(run: _Run) -> None:
     a, dd, rt, device = run.a, run.dd, run.rt, run.device
-    print(f"model: {run.args.backbone}, vocab {len(run.vocab)}, "
-          f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f} M parameters, "
-          f"input {run.cfg.image_size}px, mode {'frozen' if run.frozen else 'end-to-end'}")
-    print(f"world size {dd.world}{f' ({dd.backend})' if dd.backend else ''}, device {device}"
-          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, amp {rt.amp}, "
-          f"channels_last {'on' if rt.channels_last else 'off'}, {rt.workers} loader workers per process, "
-          f"global batch {a.batch_size} = {dd.world} x {a.batch_size // dd.world}")
+    print(
+        f"model: {run.args.backbone}, vocab {len(run.vocab)}, "
+        f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f} M parameters, "
+        f"input {run.cfg.image_size}px, mode {'frozen' if run.frozen else 'end-to-end'}"
+    )
+    print(
+        f"world size {dd.world}{f' ({dd.backend})' if dd.backend else ''}, device {device}"
+        f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, amp {rt.amp}, "
+        f"channels_last {'on' if rt.channels_last else 'off'}, {rt.workers} loader workers per process, "
+        f"global batch {a.batch_size} = {dd.world} x {a.batch_size // dd.world}"
+    )
 
 
 def _splits(run: _Run, val_data: CocoCaptions) -> tuple[Split, ArrayDataset | ImageDataset, Split | None]:
@@ -217,13 +228,15 @@ def _splits(run: _Run, val_data: CocoCaptions) -> tuple[Split, ArrayDataset | Im
     if run.frozen:
         for p in model.encoder.backbone.parameters():
             p.requires_grad_(False)
-        train_src = ArrayDataset(backbone_features(model, run.train_data, cfg, out / "features_train.npy", rt, dd.main,
-                                                   a.augment_share, a.seed))
+        train_src = ArrayDataset(
+            backbone_features(model, run.train_data, cfg, out / "features_train.npy", rt, dd.main, a.augment_share, a.seed)
+        )
         val_in = backbone_features(model, val_data, cfg, out / "features_val.npy", rt, True) if dd.main else None
     else:
         if a.cache == "memory":
-            train_src = ArrayDataset(cache_images(run.train_data, cfg, a.augment_share, a.seed, progress=dd.main,
-                                                  workers=rt.workers))
+            train_src = ArrayDataset(
+                cache_images(run.train_data, cfg, a.augment_share, a.seed, progress=dd.main, workers=rt.workers)
+            )
         else:
             train_src = ImageDataset(run.train_data, cfg, a.augment_share, a.seed)
         val_in = cache_images(val_data, cfg, progress=True, workers=rt.workers) if dd.main else None
@@ -257,8 +270,9 @@ def _restore(run: _Run, state: dict, opt, sched, scaler) -> int:
     return state["epoch"] + 1
 
 
-def _epoch(run: _Run, net: nn.Module, tr: Split, train_loader, n_batches: int, params: list, opt, scaler, sched,
-           epoch: int) -> tuple[torch.Tensor, int, float]:
+def _epoch(
+    run: _Run, net: nn.Module, tr: Split, train_loader, n_batches: int, params: list, opt, scaler, sched, epoch: int
+) -> tuple[torch.Tensor, int, float]:
     """One pass over the training images; returns (loss x tokens and tokens summed over
     the global batches, steps, seconds)."""
     a, dd, rt, device, vocab = run.a, run.dd, run.rt, run.device, run.vocab
@@ -305,51 +319,65 @@ def _epoch(run: _Run, net: nn.Module, tr: Split, train_loader, n_batches: int, p
     return sums, n_steps, time.time() - t_epoch
 
 
-def _epoch_metrics(run: _Run, va: Split | None, epoch: int, sums: torch.Tensor, n_steps: int, train_s: float,
-                   images_seen: int, t_start: float) -> dict:
+def _epoch_metrics(
+    run: _Run, va: Split | None, epoch: int, sums: torch.Tensor, n_steps: int, train_s: float, images_seen: int, t_start: float
+) -> dict:
     """Rank 0: the epoch's training loss and speed with the validation figures, printed."""
     assert va is not None, "rank 0 holds the validation split"
     a, dd, device = run.a, run.dd, run.device
-    metrics = {"epoch": epoch, "train_loss": float(sums[0] / sums[1]),
-               **evaluate(run.model, va, run.cfg, run.vocab, run.frozen, run.args.max_length, a.val_decode, run.rt)}
-    metrics.update(steps=n_steps, train_s=round(train_s, 2), train_img_per_s=round(images_seen / train_s, 1),
-                   world_size=dd.world)
+    metrics = {
+        "epoch": epoch,
+        "train_loss": float(sums[0] / sums[1]),
+        **evaluate(run.model, va, run.cfg, run.vocab, run.frozen, run.args.max_length, a.val_decode, run.rt),
+    }
+    metrics.update(steps=n_steps, train_s=round(train_s, 2), train_img_per_s=round(images_seen / train_s, 1), world_size=dd.world)
     if device.type == "cuda":
         metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     metrics["elapsed_s"] = round(time.time() - t_start, 1)
     run.history.append(metrics)
     print(json.dumps(metrics))
-    print(f"epoch {epoch}: {metrics['train_img_per_s']:.1f} img/s ({images_seen} images in {train_s:.1f} s, "
-          f"{dd.world} process{'es' if dd.world > 1 else ''} on {device.type})")
+    print(
+        f"epoch {epoch}: {metrics['train_img_per_s']:.1f} img/s ({images_seen} images in {train_s:.1f} s, "
+        f"{dd.world} process{'es' if dd.world > 1 else ''} on {device.type})"
+    )
     return metrics
 
 
 def _save(run: _Run, metrics: dict, opt, sched, scaler, resume_path: Path) -> None:
     """Rank 0: the best checkpoint so far, last.pt to resume from, history and curves."""
     a, dd, out, model = run.a, run.dd, run.out, run.model
-    meta = {"epoch": metrics["epoch"], "metrics": metrics, "train_data": str(run.train_ann),
-            "train_images": len(run.train_data), "command": a.command, "device": str(run.device.type),
-            "amp": run.rt.amp, "world_size": dd.world}
+    meta = {
+        "epoch": metrics["epoch"],
+        "metrics": metrics,
+        "train_data": str(run.train_ann),
+        "train_images": len(run.train_data),
+        "command": a.command,
+        "device": str(run.device.type),
+        "amp": run.rt.amp,
+        "world_size": dd.world,
+    }
     ck = Checkpoint(run.args, run.cfg, run.vocab, model, meta=meta)
     if run.best is None or score(metrics) > score(run.best):
         run.best = metrics
         ck.save(out)
         print(f"best so far: epoch {metrics['epoch']} -> {out / 'model.pt'}")
-    last = D.cpu_copy({
-        "vocab": run.vocab.to_list(),
-        "model_args": run.args.to_dict(),
-        "preprocess": run.cfg.to_dict(),
-        "frozen": run.frozen,
-        "state_dict": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict(),
-        "history": run.history,
-        "epoch": metrics["epoch"],
-        "step": run.step,
-        "best": run.best,
-        "torch_rng": torch.get_rng_state(),
-    })
+    last = D.cpu_copy(
+        {
+            "vocab": run.vocab.to_list(),
+            "model_args": run.args.to_dict(),
+            "preprocess": run.cfg.to_dict(),
+            "frozen": run.frozen,
+            "state_dict": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "history": run.history,
+            "epoch": metrics["epoch"],
+            "step": run.step,
+            "best": run.best,
+            "torch_rng": torch.get_rng_state(),
+        }
+    )
     torch.save(last, out / "last.pt.tmp")
     (out / "last.pt.tmp").replace(resume_path)
     (out / "history.json").write_text(json.dumps(run.history, indent=1))
@@ -386,22 +414,38 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     g = p.add_argument_group("devices and processes (docs: README, Training on GPUs and across processes)")
-    g.add_argument("--device", default=env("CAPTIONER_DEVICE", "auto"),
-                   help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    g.add_argument("--amp", choices=D.AMP, default=env("CAPTIONER_AMP", "auto"),
-                   help="autocast precision: bf16, fp16 (with loss scaling) or off; auto = bf16 on a GPU that has it, "
-                        "off on the CPU")
-    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="NHWC memory layout for the conv backbone; auto = on for CUDA")
-    g.add_argument("--workers", type=int, default=env("CAPTIONER_WORKERS", None, int),
-                   help="DataLoader processes per training process that decode and augment images "
-                        "(default: 0 on the CPU, up to 8 per GPU)")
-    g.add_argument("--cache", choices=("memory", "none"), default="memory",
-                   help="memory: decode every image once and keep them in RAM (each process holds a copy); "
-                        "none: decode in the workers every epoch (large images, many GPUs per node)")
-    g.add_argument("--sync-batchnorm", choices=("on", "off"), default="on",
-                   help="with several processes, BatchNorm statistics over the global batch (on) or each process's share "
-                        "(off: faster)")
+    g.add_argument("--device", default=env("CAPTIONER_DEVICE", "auto"), help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    g.add_argument(
+        "--amp",
+        choices=D.AMP,
+        default=env("CAPTIONER_AMP", "auto"),
+        help="autocast precision: bf16, fp16 (with loss scaling) or off; auto = bf16 on a GPU that has it, off on the CPU",
+    )
+    g.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="NHWC memory layout for the conv backbone; auto = on for CUDA",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=env("CAPTIONER_WORKERS", None, int),
+        help="DataLoader processes per training process that decode and augment images (default: 0 on the CPU, up to 8 per GPU)",
+    )
+    g.add_argument(
+        "--cache",
+        choices=("memory", "none"),
+        default="memory",
+        help="memory: decode every image once and keep them in RAM (each process holds a copy); "
+        "none: decode in the workers every epoch (large images, many GPUs per node)",
+    )
+    g.add_argument(
+        "--sync-batchnorm",
+        choices=("on", "off"),
+        default="on",
+        help="with several processes, BatchNorm statistics over the global batch (on) or each process's share (off: faster)",
+    )
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke runs)")
     return p
 

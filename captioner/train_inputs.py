@@ -1,5 +1,6 @@
 """What a training or validation step is fed: captions per image as token rows, images
 (or cached backbone features), and where tensors are computed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,8 +57,17 @@ class Runtime:
         return D.autocast(self.device, self.amp)
 
 
-def backbone_features(model: CaptionModel, data: CocoCaptions, cfg, cache: Path, rt: Runtime, write: bool,
-              augment_share: float = 0.0, seed: int = 0, batch: int = 256) -> np.ndarray:
+def backbone_features(
+    model: CaptionModel,
+    data: CocoCaptions,
+    cfg,
+    cache: Path,
+    rt: Runtime,
+    write: bool,
+    augment_share: float = 0.0,
+    seed: int = 0,
+    batch: int = 256,
+) -> np.ndarray:
     """Backbone features, computed once in batches on the device and kept on disk (the
     seed's frozen-encoder recipe). Every process that finds no cache computes its own
     (no shared disk needed); only `write` saves it."""
@@ -66,8 +76,9 @@ def backbone_features(model: CaptionModel, data: CocoCaptions, cfg, cache: Path,
         if len(feats) == len(data):
             return feats
     model.encoder.backbone.eval()
-    images = loader(ImageDataset(data, cfg, augment_share, seed), batch_size=batch, workers=rt.workers,
-                    pin=rt.device.type == "cuda")
+    images = loader(
+        ImageDataset(data, cfg, augment_share, seed), batch_size=batch, workers=rt.workers, pin=rt.device.type == "cuda"
+    )
     out = np.empty((len(data), model.encoder.backbone.out_dim), np.float32)
     with torch.inference_mode(), rt.autocast():
         for idx, x in bar(images, desc=f"features {cache.name}", unit="batch", disable=not write):

@@ -1,5 +1,6 @@
 """Validation during training: loss, next-word accuracy and the greedy share correct
 that picks the best checkpoint, and the loss curves."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,17 @@ from .train_inputs import Runtime, Split, batch_tokens, encode
 from .vocab import Vocabulary
 
 
-def evaluate(model, split: Split, cfg, vocab: Vocabulary, frozen: bool, max_length: int, decode_n: int,
-             rt: Runtime | None = None, batch: int = 256) -> dict:
+def evaluate(
+    model,
+    split: Split,
+    cfg,
+    vocab: Vocabulary,
+    frozen: bool,
+    max_length: int,
+    decode_n: int,
+    rt: Runtime | None = None,
+    batch: int = 256,
+) -> dict:
     """Validation loss and next-word accuracy on every caption; greedy share correct
     (the spec's rule, docs/shapes-v1.md) on the first `decode_n` images when
     ground-truth scenes exist. One process runs it, so the figures do not depend on

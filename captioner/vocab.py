@@ -1,10 +1,11 @@
 """Vocabulary as in the seed: lowercase, split on non-word characters, minimum count,
 and the four special tokens. It is saved inside the checkpoint; nothing rebuilds it."""
+
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 PAD, START, END, UNK = "#PAD#", "#START#", "#END#", "#UNK#"
 SPECIALS = (PAD, START, END, UNK)
@@ -26,7 +27,7 @@ class Vocabulary:
         self.pad, self.start, self.end, self.unk = (self.stoi[s] for s in SPECIALS)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
         counts = Counter(w for c in captions for w in tokenize(c))
         kept = sorted(w for w, n in counts.items() if n >= min_count and w not in SPECIALS)
         return cls(list(SPECIALS) + kept)

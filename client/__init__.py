@@ -1,5 +1,6 @@
 """Client for the captioner Triton server (gRPC): `caption(paths)` or the (Async)CaptionClient classes;
 several endpoints with failover, TLS, and a deep health check (`client.health.check`)."""
+
 from client.core import (
     DEFAULT_MODEL,
     DEFAULT_URL,

@@ -7,6 +7,7 @@ status is 1 if any image failed (2 for bad usage or nothing to caption).
 argument is `health` and no file or folder of that name exists in the current directory;
 when one does, it is captioned as before. `python -m client.health` is always the check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,32 +27,71 @@ from client.options import add_tls_flags, tls_from_args
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories (walked, sorted)")
-    p.add_argument("--url", default=_env("CAPTIONER_URL", DEFAULT_URL),
-                   help="Triton gRPC address, or several comma separated (host1:8001,host2:8001): requests are "
-                        "spread over them and fail over [$CAPTIONER_URL]")
-    p.add_argument("--model-name", default=_env("CAPTIONER_MODEL_NAME", DEFAULT_MODEL),
-                   help="served model [$CAPTIONER_MODEL_NAME]")
-    p.add_argument("--beam", type=int, default=_env("CAPTIONER_BEAM", None, int),
-                   help="beam size 1-10 (default: the model's) [$CAPTIONER_BEAM]")
-    p.add_argument("--max-length", type=int, default=_env("CAPTIONER_MAX_LENGTH", None, int),
-                   help="max caption tokens 1-50 [$CAPTIONER_MAX_LENGTH]")
-    p.add_argument("--temperature", type=float, default=_env("CAPTIONER_TEMPERATURE", None, float),
-                   help="sampling temperature [$CAPTIONER_TEMPERATURE]")
-    p.add_argument("--concurrency", type=int, default=_env("CAPTIONER_CONCURRENCY", 8, int),
-                   help="requests in flight [$CAPTIONER_CONCURRENCY]")
-    p.add_argument("--timeout", type=float, default=_env("CAPTIONER_TIMEOUT", 30.0, float),
-                   help="seconds per image, retries included; the server gets the time left too [$CAPTIONER_TIMEOUT]")
-    p.add_argument("--attempt-timeout", type=float, default=_env("CAPTIONER_ATTEMPT_TIMEOUT", None, float),
-                   help="seconds one attempt may take before the image is tried on another endpoint "
-                        "(default: all the time left) [$CAPTIONER_ATTEMPT_TIMEOUT]")
-    p.add_argument("--retries", type=int, default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
-                   help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]")
+    p.add_argument(
+        "--url",
+        default=_env("CAPTIONER_URL", DEFAULT_URL),
+        help="Triton gRPC address, or several comma separated (host1:8001,host2:8001): requests are "
+        "spread over them and fail over [$CAPTIONER_URL]",
+    )
+    p.add_argument(
+        "--model-name", default=_env("CAPTIONER_MODEL_NAME", DEFAULT_MODEL), help="served model [$CAPTIONER_MODEL_NAME]"
+    )
+    p.add_argument(
+        "--beam",
+        type=int,
+        default=_env("CAPTIONER_BEAM", None, int),
+        help="beam size 1-10 (default: the model's) [$CAPTIONER_BEAM]",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=_env("CAPTIONER_MAX_LENGTH", None, int),
+        help="max caption tokens 1-50 [$CAPTIONER_MAX_LENGTH]",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=_env("CAPTIONER_TEMPERATURE", None, float),
+        help="sampling temperature [$CAPTIONER_TEMPERATURE]",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=_env("CAPTIONER_CONCURRENCY", 8, int),
+        help="requests in flight [$CAPTIONER_CONCURRENCY]",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=_env("CAPTIONER_TIMEOUT", 30.0, float),
+        help="seconds per image, retries included; the server gets the time left too [$CAPTIONER_TIMEOUT]",
+    )
+    p.add_argument(
+        "--attempt-timeout",
+        type=float,
+        default=_env("CAPTIONER_ATTEMPT_TIMEOUT", None, float),
+        help="seconds one attempt may take before the image is tried on another endpoint "
+        "(default: all the time left) [$CAPTIONER_ATTEMPT_TIMEOUT]",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=_env("CAPTIONER_RETRIES", RetryPolicy.max_attempts, int),
+        help="attempts per image while endpoints are unavailable, broken or reloading [$CAPTIONER_RETRIES]",
+    )
     p.add_argument("--scores", action="store_true", help="add the caption's log-probability as a column")
-    p.add_argument("--show-version", action="store_true",
-                   help="add the model version that answered as a last column (<repository version>:<checkpoint "
-                        "sha256[:8]>, '-' from a server without MODEL_VERSION)")
-    p.add_argument("--stats", action="store_true", default=_env("CAPTIONER_STATS", False, _flag),
-                   help="print retries and per-endpoint counts to stderr at the end [$CAPTIONER_STATS]")
+    p.add_argument(
+        "--show-version",
+        action="store_true",
+        help="add the model version that answered as a last column (<repository version>:<checkpoint "
+        "sha256[:8]>, '-' from a server without MODEL_VERSION)",
+    )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        default=_env("CAPTIONER_STATS", False, _flag),
+        help="print retries and per-endpoint counts to stderr at the end [$CAPTIONER_STATS]",
+    )
     add_tls_flags(p)
     return p
 
@@ -65,8 +105,12 @@ async def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr, client_f
 
     failed = retried = 0
     client = client_factory(
-        args.url, args.model_name, concurrency=args.concurrency, timeout=args.timeout,
-        attempt_timeout=args.attempt_timeout, retry=RetryPolicy(max_attempts=args.retries),
+        args.url,
+        args.model_name,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        attempt_timeout=args.attempt_timeout,
+        retry=RetryPolicy(max_attempts=args.retries),
         tls=tls_from_args(args),
     )
     async with client:
@@ -93,12 +137,14 @@ async def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr, client_f
 
 
 def print_stats(endpoints: list[dict], images: int, failed: int, retried: int, err) -> None:
-    print(f"stats: {images - failed} of {images} images captioned, {retried} needed more than one attempt",
-          file=err)
+    print(f"stats: {images - failed} of {images} images captioned, {retried} needed more than one attempt", file=err)
     for e in endpoints:
-        print(f"stats: {e['url']}: {e['sent']} attempts, {e['ok']} ok, {e['failed']} failed, "
-              f"set aside {e['set_aside']} times, {'up' if e['up'] else 'set aside'} now"
-              + (f"; last error: {e['last_error']}" if e["last_error"] else ""), file=err)
+        print(
+            f"stats: {e['url']}: {e['sent']} attempts, {e['ok']} ok, {e['failed']} failed, "
+            f"set aside {e['set_aside']} times, {'up' if e['up'] else 'set aside'} now"
+            + (f"; last error: {e['last_error']}" if e["last_error"] else ""),
+            file=err,
+        )
 
 
 def is_health_command(argv: list[str]) -> bool:

@@ -14,6 +14,7 @@ request nobody waits for any more. An attempt given up is not cancelled at once
 The names this module has always offered are imported here from where they now live, so
 `from client.core import ...` keeps working.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,10 +36,27 @@ from client.wire import (
 )
 
 __all__ = [
-    "CANCEL_GRACE_S", "DEFAULT_MODEL", "DEFAULT_URL", "IMAGE_EXTENSIONS", "AsyncCaptionClient", "Caption",
-    "CaptionClient", "CaptionError", "ImageLike", "RetryPolicy", "TLSConfig", "call_without_cancel", "caption",
-    "decode_parameters", "encode_image", "find_images", "image_input", "image_name", "infer_without_cancel",
-    "make_triton_client", "probe_image",
+    "CANCEL_GRACE_S",
+    "DEFAULT_MODEL",
+    "DEFAULT_URL",
+    "IMAGE_EXTENSIONS",
+    "AsyncCaptionClient",
+    "Caption",
+    "CaptionClient",
+    "CaptionError",
+    "ImageLike",
+    "RetryPolicy",
+    "TLSConfig",
+    "call_without_cancel",
+    "caption",
+    "decode_parameters",
+    "encode_image",
+    "find_images",
+    "image_input",
+    "image_name",
+    "infer_without_cancel",
+    "make_triton_client",
+    "probe_image",
 ]
 
 DEFAULT_URL = "localhost:8001"
@@ -156,14 +174,21 @@ class AsyncCaptionClient:
         inputs = [image_input(encode_image(image, name))]
         params = decode_parameters(beam_size, max_length, temperature) or None
         budget = self.timeout if timeout is None else timeout
-        retry = Retry(self.pool, self.retry, timeout=budget, attempt_timeout=self.attempt_timeout, rng=self._rng,
-                      probe=self._spawn_probe)
+        retry = Retry(
+            self.pool, self.retry, timeout=budget, attempt_timeout=self.attempt_timeout, rng=self._rng, probe=self._spawn_probe
+        )
 
         async def attempt(a):
             try:
-                return await infer_without_cancel(a.endpoint.client, a.wait_s, self.model, inputs,
-                                                  outputs=requested_outputs(), timeout=a.server_timeout_us,
-                                                  parameters=params)
+                return await infer_without_cancel(
+                    a.endpoint.client,
+                    a.wait_s,
+                    self.model,
+                    inputs,
+                    outputs=requested_outputs(),
+                    timeout=a.server_timeout_us,
+                    parameters=params,
+                )
             except InferenceServerException as e:
                 raise attempt_failed(e) from None
 
@@ -189,8 +214,11 @@ class AsyncCaptionClient:
         async def check() -> None:
             try:
                 result = await ep.client.infer(
-                    self.model, [image_input(data)], outputs=requested_outputs(),
-                    client_timeout=self.probe_timeout, timeout=int(self.probe_timeout * 1e6),
+                    self.model,
+                    [image_input(data)],
+                    outputs=requested_outputs(),
+                    client_timeout=self.probe_timeout,
+                    timeout=int(self.probe_timeout * 1e6),
                 )
                 parse_result(result, "probe")
             except InferenceServerException as e:
@@ -218,8 +246,12 @@ class AsyncCaptionClient:
             async with sem:
                 try:
                     return await self.caption_one(
-                        image, beam_size=beam_size, max_length=max_length, temperature=temperature,
-                        timeout=timeout, name=name,
+                        image,
+                        beam_size=beam_size,
+                        max_length=max_length,
+                        temperature=temperature,
+                        timeout=timeout,
+                        name=name,
                     )
                 except CaptionError as e:
                     return Caption(image=name, error=e, attempts=e.attempts, endpoint=e.endpoint)
@@ -300,6 +332,7 @@ def caption(
 ) -> list[Caption]:
     """One-shot convenience: connect, caption `images` (decode options: beam_size,
     max_length, temperature), close."""
-    with CaptionClient(url, model, concurrency=concurrency, timeout=timeout, attempt_timeout=attempt_timeout,
-                       retry=retry, tls=tls) as c:
+    with CaptionClient(
+        url, model, concurrency=concurrency, timeout=timeout, attempt_timeout=attempt_timeout, retry=retry, tls=tls
+    ) as c:
         return c.caption(images, **decode)

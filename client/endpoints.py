@@ -14,6 +14,7 @@ What the statuses mean was seen against tritonserver 2.51 (see README, Client li
 - NOT_FOUND "... has no available versions": a model of the ensemble is being unloaded or
   reloaded on that replica. (NOT_FOUND "... is not found" is a wrong model name: final.)
 """
+
 from __future__ import annotations
 
 import enum
@@ -35,7 +36,7 @@ def parse_endpoints(url: str | Iterable[str]) -> list[str]:
     for raw in items:
         item = raw.strip()
         if item.startswith("grpc://"):
-            item = item[len("grpc://"):]
+            item = item[len("grpc://") :]
         if not item:
             raise ValueError(f"empty endpoint in {url!r} (want host:port[,host:port...])")
         m = _HOST_PORT.match(item)
@@ -97,8 +98,15 @@ class Endpoint:
     last_error: str = field(default="", repr=False)
 
     def stats(self) -> dict:
-        return {"url": self.url, "sent": self.sent, "ok": self.ok, "failed": self.failed,
-                "set_aside": self.set_aside_count, "up": self.up, "last_error": self.last_error}
+        return {
+            "url": self.url,
+            "sent": self.sent,
+            "ok": self.ok,
+            "failed": self.failed,
+            "set_aside": self.set_aside_count,
+            "up": self.up,
+            "last_error": self.last_error,
+        }
 
 
 class EndpointPool:
@@ -112,8 +120,14 @@ class EndpointPool:
     nothing else to try, a real request is the probe (and a single endpoint keeps working
     like a plain client with retries)."""
 
-    def __init__(self, urls: Iterable[str], *, set_aside_s: float = 1.0, max_set_aside_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        urls: Iterable[str],
+        *,
+        set_aside_s: float = 1.0,
+        max_set_aside_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if set_aside_s < 0 or max_set_aside_s < set_aside_s:
             raise ValueError("need 0 <= set_aside_s <= max_set_aside_s")
         self.endpoints = [Endpoint(u) for u in urls]

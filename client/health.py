@@ -15,6 +15,7 @@ probe as overloaded ("Exceeds maximum queue size", "Request timeout expired") is
 and full, not dead; restarting it would turn overload into an outage, so it passes, with
 `ok (overloaded)`. Readiness and the load balancer's routing are what react to load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,15 @@ class HealthReport:
         return f"FAIL {self.url} after {self.latency_s * 1000:.0f} ms: {self.reason}"
 
 
-async def check_async(url: str, *, model: str = DEFAULT_MODEL, timeout: float = 5.0, tls: TLSConfig | None = None,
-                      overload_ok: bool = False, client_factory=None) -> HealthReport:
+async def check_async(
+    url: str,
+    *,
+    model: str = DEFAULT_MODEL,
+    timeout: float = 5.0,
+    tls: TLSConfig | None = None,
+    overload_ok: bool = False,
+    client_factory=None,
+) -> HealthReport:
     """One endpoint (`host:port`): a real inference of a tiny image within `timeout` seconds;
     with `overload_ok`, an overload refusal passes too."""
     from tritonclient.utils import InferenceServerException
@@ -68,13 +76,19 @@ async def check_async(url: str, *, model: str = DEFAULT_MODEL, timeout: float = 
     client = (client_factory or make_triton_client)(url, tls)
     start = time.monotonic()
     try:
-        result = await client.infer(model, [image_input(probe_image())], outputs=requested_outputs(),
-                                    client_timeout=timeout, timeout=int(timeout * SERVER_SHARE * 1e6))
+        result = await client.infer(
+            model,
+            [image_input(probe_image())],
+            outputs=requested_outputs(),
+            client_timeout=timeout,
+            timeout=int(timeout * SERVER_SHARE * 1e6),
+        )
         cap = parse_result(result, "health")
     except InferenceServerException as e:
         overloaded = overload_ok and classify(e.status(), e.message()) is Failure.OVERLOADED
-        return HealthReport(url, overloaded, time.monotonic() - start,
-                            reason=f"{status_text(e.status())}: {e.message() or 'no details'}")
+        return HealthReport(
+            url, overloaded, time.monotonic() - start, reason=f"{status_text(e.status())}: {e.message() or 'no details'}"
+        )
     except CaptionError as e:
         return HealthReport(url, False, time.monotonic() - start, reason=e.reason)
     finally:
@@ -84,33 +98,62 @@ async def check_async(url: str, *, model: str = DEFAULT_MODEL, timeout: float = 
     return HealthReport(url, True, time.monotonic() - start, caption=cap.caption)
 
 
-def check(url: str, *, model: str = DEFAULT_MODEL, timeout: float = 5.0, tls: TLSConfig | None = None,
-          overload_ok: bool = False, client_factory=None) -> HealthReport:
+def check(
+    url: str,
+    *,
+    model: str = DEFAULT_MODEL,
+    timeout: float = 5.0,
+    tls: TLSConfig | None = None,
+    overload_ok: bool = False,
+    client_factory=None,
+) -> HealthReport:
     """Synchronous `check_async` (not from inside a running event loop)."""
-    return asyncio.run(check_async(url, model=model, timeout=timeout, tls=tls, overload_ok=overload_ok,
-                                   client_factory=client_factory))
+    return asyncio.run(
+        check_async(url, model=model, timeout=timeout, tls=tls, overload_ok=overload_ok, client_factory=client_factory)
+    )
 
 
 def build_parser(prog: str = "python -m client.health") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("--url", default=_env("CAPTIONER_URL", DEFAULT_URL),
-                   help="Triton gRPC address(es), comma separated: every one is checked [$CAPTIONER_URL]")
-    p.add_argument("--model-name", default=_env("CAPTIONER_MODEL_NAME", DEFAULT_MODEL),
-                   help="served model [$CAPTIONER_MODEL_NAME]")
-    p.add_argument("--timeout", type=float, default=_env("CAPTIONER_HEALTH_TIMEOUT", 5.0, float),
-                   help="seconds for the whole check of one endpoint [$CAPTIONER_HEALTH_TIMEOUT]")
-    p.add_argument("--overload-ok", action="store_true",
-                   default=_env("CAPTIONER_HEALTH_OVERLOAD_OK", False, _flag),
-                   help="pass when the replica sheds the probe as overloaded (alive, full): for liveness "
-                        "probes [$CAPTIONER_HEALTH_OVERLOAD_OK]")
+    p.add_argument(
+        "--url",
+        default=_env("CAPTIONER_URL", DEFAULT_URL),
+        help="Triton gRPC address(es), comma separated: every one is checked [$CAPTIONER_URL]",
+    )
+    p.add_argument(
+        "--model-name", default=_env("CAPTIONER_MODEL_NAME", DEFAULT_MODEL), help="served model [$CAPTIONER_MODEL_NAME]"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=_env("CAPTIONER_HEALTH_TIMEOUT", 5.0, float),
+        help="seconds for the whole check of one endpoint [$CAPTIONER_HEALTH_TIMEOUT]",
+    )
+    p.add_argument(
+        "--overload-ok",
+        action="store_true",
+        default=_env("CAPTIONER_HEALTH_OVERLOAD_OK", False, _flag),
+        help="pass when the replica sheds the probe as overloaded (alive, full): for liveness "
+        "probes [$CAPTIONER_HEALTH_OVERLOAD_OK]",
+    )
     add_tls_flags(p)
     return p
 
 
 async def _check_all(urls, args, tls, client_factory):
-    return await asyncio.gather(*(check_async(u, model=args.model_name, timeout=args.timeout, tls=tls,
-                                              overload_ok=args.overload_ok, client_factory=client_factory)
-                                  for u in urls))
+    return await asyncio.gather(
+        *(
+            check_async(
+                u,
+                model=args.model_name,
+                timeout=args.timeout,
+                tls=tls,
+                overload_ok=args.overload_ok,
+                client_factory=client_factory,
+            )
+            for u in urls
+        )
+    )
 
 
 def main(argv: list[str] | None = None, out=None, client_factory=None, prog: str = "python -m client.health") -> int:

@@ -1,4 +1,5 @@
 """Images in, bytes out: what the client accepts as an image and how it goes on the wire."""
+
 from __future__ import annotations
 
 import io

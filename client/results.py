@@ -1,4 +1,5 @@
 """What captioning an image comes to: a Caption, or a CaptionError that says why in words."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,8 +13,7 @@ _UNAVAILABLE = "StatusCode.UNAVAILABLE"
 class CaptionError(Exception):
     """One image could not be captioned. `str()` starts with the image's name."""
 
-    def __init__(self, image: str, message: str, status: str | None = None, *, attempts: int = 0,
-                 endpoint: str | None = None):
+    def __init__(self, image: str, message: str, status: str | None = None, *, attempts: int = 0, endpoint: str | None = None):
         super().__init__(f"{image}: {message}")
         self.image = image
         self.reason = message
@@ -46,10 +46,15 @@ def parse_result(result, name: str, attempts: int = 1, endpoint: str | None = No
     """The Caption in a tritonclient InferResult; CaptionError when it lacks one."""
     caps, scores = result.as_numpy("CAPTION"), result.as_numpy("SCORE")
     if caps is None or scores is None or caps.size != 1 or scores.size != 1:
-        raise CaptionError(name, "server response lacks a single CAPTION and SCORE", attempts=attempts,
-                           endpoint=endpoint)
-    return Caption(image=name, caption=_text(caps), score=float(scores.reshape(-1)[0]),
-                   model_version=_model_version(result), attempts=attempts, endpoint=endpoint)
+        raise CaptionError(name, "server response lacks a single CAPTION and SCORE", attempts=attempts, endpoint=endpoint)
+    return Caption(
+        image=name,
+        caption=_text(caps),
+        score=float(scores.reshape(-1)[0]),
+        model_version=_model_version(result),
+        attempts=attempts,
+        endpoint=endpoint,
+    )
 
 
 def _text(array) -> str:
@@ -95,8 +100,9 @@ def _error_from(f: AttemptFailed, name: str, attempts: int, budget: float | None
     return CaptionError(name, msg, f.status, attempts=attempts, endpoint=endpoint)
 
 
-def _deadline_error(name: str, budget: float | None, attempts: int, last: AttemptFailed | None,
-                    endpoint: str | None) -> CaptionError:
+def _deadline_error(
+    name: str, budget: float | None, attempts: int, last: AttemptFailed | None, endpoint: str | None
+) -> CaptionError:
     """The image's deadline ran out between attempts (while backing off from failures)."""
     msg = f"timed out{'' if budget is None else f' after {budget:g} s'} ({_plural(attempts, 'attempt')}"
     if last is not None:

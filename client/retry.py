@@ -21,6 +21,7 @@ machine, which holds every decision:
   set-aside endpoints that are due for a probe are handed to the caller's `probe(endpoint)`
   before each pick. `run_probe`/`run_probe_async` turn the probe's answer into the verdict.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -132,9 +133,17 @@ class Retry:
     `probe(endpoint)`: starts a probe of a set-aside endpoint (None: no probes; a set-aside
     endpoint then comes back only when a request to it succeeds)."""
 
-    def __init__(self, pool: EndpointPool, policy: RetryPolicy, *, timeout: float | None,
-                 attempt_timeout: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None, probe: Callable[[Endpoint], Any] | None = None):
+    def __init__(
+        self,
+        pool: EndpointPool,
+        policy: RetryPolicy,
+        *,
+        timeout: float | None,
+        attempt_timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        probe: Callable[[Endpoint], Any] | None = None,
+    ):
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if attempt_timeout is not None and attempt_timeout <= 0:
@@ -185,13 +194,11 @@ class Retry:
         ep, self._next = self._next, None
         left = self.left()
         if left is not None and left <= 0:
-            self._outcome = Outcome(ok=False, attempts=len(self.tried), last=self.last, failure=self.failure,
-                                    out_of_time=True)
+            self._outcome = Outcome(ok=False, attempts=len(self.tried), last=self.last, failure=self.failure, out_of_time=True)
             return None
         capped = self.attempt_timeout is not None and (left is None or self.attempt_timeout < left)
         self.tried.append(ep)
-        self.last = Attempt(len(self.tried), ep, self.attempt_timeout if capped else left, capped,
-                            self.pool.started(ep))
+        self.last = Attempt(len(self.tried), ep, self.attempt_timeout if capped else left, capped, self.pool.started(ep))
         return self.last
 
     def succeeded(self, attempt: Attempt, value: Any = None) -> Outcome:
@@ -239,8 +246,9 @@ def drive(retry: Retry, attempt: Callable[[Attempt], Any], sleep: Callable[[floa
         return retry.succeeded(a, value)
 
 
-async def drive_async(retry: Retry, attempt: Callable[[Attempt], Awaitable[Any]],
-                      sleep: Callable[[float], Awaitable[Any]] | None = None) -> Outcome:
+async def drive_async(
+    retry: Retry, attempt: Callable[[Attempt], Awaitable[Any]], sleep: Callable[[float], Awaitable[Any]] | None = None
+) -> Outcome:
     """`drive` for asyncio: `attempt` is a coroutine function; `sleep` defaults to
     asyncio.sleep (looked up when it is needed)."""
     while True:

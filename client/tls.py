@@ -1,4 +1,5 @@
 """gRPC over TLS: which files, and the tritonclient that uses them."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,11 @@ class TLSConfig:
     def __post_init__(self):
         if bool(self.client_cert) != bool(self.client_key):
             raise ValueError("mutual TLS needs both a client certificate and its key")
-        for what, path in (("root certificate", self.root_cert), ("client certificate", self.client_cert),
-                           ("client key", self.client_key)):
+        for what, path in (
+            ("root certificate", self.root_cert),
+            ("client certificate", self.client_cert),
+            ("client key", self.client_key),
+        ):
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"TLS {what} {os.fspath(path)!r} is not a readable file")
 

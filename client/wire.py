@@ -9,6 +9,7 @@ request parameters `beam_size`, `max_length`, `temperature`.
 Light on purpose (numpy and tritonclient only, imported when used): the launcher and the
 benchmarks build their requests with `image_input` too.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -15,6 +15,7 @@ new privileges, the memory limit, /dev/shm sized from the build (build_manifest.
 the repository mounted read-only at /mnt/models, the pod's grace period as the stop
 timeout. tests/unit/test_k8s_manifests.py checks these values against the manifests.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,14 +80,24 @@ def shm_bytes(repo: Path) -> int:
     """The /dev/shm the repository's build sized for a full batch of the largest images."""
     shm = build_manifest(repo).get("shm")
     if not shm:
-        raise ContainerError(f"{repo}/{MANIFEST} has no 'shm' entry (built before /dev/shm was sized): "
-                             "rebuild it with make build-engines")
+        raise ContainerError(
+            f"{repo}/{MANIFEST} has no 'shm' entry (built before /dev/shm was sized): rebuild it with make build-engines"
+        )
     return int(shm["bytes"])
 
 
-def pod_run_args(repo: Path | None, *, name: str, publish: dict[str, int] | None = None, host: str = "127.0.0.1",
-                 shm: int | None = None, memory: str = POD_MEMORY, env: dict[str, str] | None = None,
-                 init: bool = False, volume: str | None = None) -> list[str]:
+def pod_run_args(
+    repo: Path | None,
+    *,
+    name: str,
+    publish: dict[str, int] | None = None,
+    host: str = "127.0.0.1",
+    shm: int | None = None,
+    memory: str = POD_MEMORY,
+    env: dict[str, str] | None = None,
+    init: bool = False,
+    volume: str | None = None,
+) -> list[str]:
     """`podman run` flags (after `run`, before the image) that hold a serving container to
     the pod's constraints. The repository is the folder `repo` or the podman volume
     `volume` (filled by the repository image, as the pod's init container fills its
@@ -96,19 +107,35 @@ def pod_run_args(repo: Path | None, *, name: str, publish: dict[str, int] | None
         repo = Path(repo).resolve()
     elif shm is None:
         raise ValueError("a repository volume needs shm= (its build_manifest.json is inside it)")
-    args = ["--name", name, *ulimits(),
-            "--user", POD_USER,
-            "--read-only", "--read-only-tmpfs=false",
-            "--tmpfs", f"/tmp:rw,nosuid,nodev,size={POD_TMP},mode=1777",
-            "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges",
-            "--memory", memory, "--memory-swap", memory,
-            "--shm-size", str(shm_bytes(repo) if shm is None else shm),
-            "--volume", f"{volume or repo}:{MODELS_DIR}:ro",
-            "--stop-timeout", str(POD_GRACE_S),
-            # The image's HEALTHCHECK needs systemd timers under podman; the pod's probes
-            # are what count, and tests/containers runs them with `podman exec`.
-            "--health-cmd", "none"]
+    args = [
+        "--name",
+        name,
+        *ulimits(),
+        "--user",
+        POD_USER,
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--tmpfs",
+        f"/tmp:rw,nosuid,nodev,size={POD_TMP},mode=1777",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--memory",
+        memory,
+        "--memory-swap",
+        memory,
+        "--shm-size",
+        str(shm_bytes(repo) if shm is None else shm),
+        "--volume",
+        f"{volume or repo}:{MODELS_DIR}:ro",
+        "--stop-timeout",
+        str(POD_GRACE_S),
+        # The image's HEALTHCHECK needs systemd timers under podman; the pod's probes
+        # are what count, and tests/containers runs them with `podman exec`.
+        "--health-cmd",
+        "none",
+    ]
     if init:
         args.append("--init")
     for port_name, host_port in (publish or {}).items():
@@ -122,9 +149,11 @@ def pod_run_args(repo: Path | None, *, name: str, publish: dict[str, int] | None
 def run_line(repo: str = "model_repository", shm: int | None = None) -> str:
     """The documented `podman run` line for one serving container on the default ports."""
     shm_flag = f"--shm-size {shm}" if shm is not None else "--shm-size <shm.bytes from build_manifest.json>"
-    return (f"podman run --rm --user {POD_USER} --read-only --tmpfs /tmp:size={POD_TMP} --cap-drop ALL "
-            f"--security-opt no-new-privileges --memory {POD_MEMORY} {shm_flag} "
-            f"-p 8000-8002:8000-8002 -v \"$PWD/{repo}:{MODELS_DIR}:ro\" {SERVER_IMAGE}")
+    return (
+        f"podman run --rm --user {POD_USER} --read-only --tmpfs /tmp:size={POD_TMP} --cap-drop ALL "
+        f"--security-opt no-new-privileges --memory {POD_MEMORY} {shm_flag} "
+        f'-p 8000-8002:8000-8002 -v "$PWD/{repo}:{MODELS_DIR}:ro" {SERVER_IMAGE}'
+    )
 
 
 def repository_volume(name: str, image: str = REPOSITORY_IMAGE) -> dict:
@@ -134,16 +163,39 @@ def repository_volume(name: str, image: str = REPOSITORY_IMAGE) -> dict:
     writable by its fsGroup."""
     uid, gid = POD_USER.split(":")
     subprocess.run(podman() + ["volume", "rm", "-f", name], capture_output=True)
-    subprocess.run(podman() + ["volume", "create", "--opt", f"o=uid={uid},gid={gid}", name],
-                   check=True, capture_output=True)
-    init = subprocess.run(podman() + ["run", "--rm", *ulimits(), "--user", POD_USER, "--read-only", "--cap-drop", "ALL",
-                                      "--security-opt", "no-new-privileges", "--volume", f"{name}:{MODELS_DIR}",
-                                      image, "cp", "-R", "/models/.", f"{MODELS_DIR}/"],
-                          capture_output=True, text=True)
+    subprocess.run(podman() + ["volume", "create", "--opt", f"o=uid={uid},gid={gid}", name], check=True, capture_output=True)
+    init = subprocess.run(
+        podman()
+        + [
+            "run",
+            "--rm",
+            *ulimits(),
+            "--user",
+            POD_USER,
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--volume",
+            f"{name}:{MODELS_DIR}",
+            image,
+            "cp",
+            "-R",
+            "/models/.",
+            f"{MODELS_DIR}/",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if init.returncode != 0:
         raise ContainerError(f"the init container's copy failed: {init.stderr.strip()}")
-    out = subprocess.run(podman() + ["run", "--rm", *ulimits(), "--volume", f"{name}:{MODELS_DIR}:ro", image,
-                                     "cat", f"{MODELS_DIR}/{MANIFEST}"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        podman() + ["run", "--rm", *ulimits(), "--volume", f"{name}:{MODELS_DIR}:ro", image, "cat", f"{MODELS_DIR}/{MANIFEST}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 

@@ -16,6 +16,7 @@ podman, buildah, runc and debootstrap are installed with apt-get when missing (r
 pip inside the build reaches PyPI with this machine's CA bundle, passed as a build secret
 (never stored in the image).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,15 @@ def ensure_tools() -> None:
 
 def sources(mirror: str) -> str:
     """Debian's deb822 sources for the image: the release, its updates and security."""
-    security = mirror.replace("/debian", "/debian-security") if mirror.endswith("/debian") else \
-        "http://deb.debian.org/debian-security"
-    return (f"Types: deb\nURIs: {mirror}\nSuites: {SUITE} {SUITE}-updates\nComponents: main\n"
-            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
-            f"Types: deb\nURIs: {security}\nSuites: {SUITE}-security\nComponents: main\n"
-            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    security = (
+        mirror.replace("/debian", "/debian-security") if mirror.endswith("/debian") else "http://deb.debian.org/debian-security"
+    )
+    return (
+        f"Types: deb\nURIs: {mirror}\nSuites: {SUITE} {SUITE}-updates\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        f"Types: deb\nURIs: {security}\nSuites: {SUITE}-security\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    )
 
 
 def make_base(mirror: str) -> None:
@@ -84,10 +88,15 @@ def make_base(mirror: str) -> None:
         raise ContainerError("debootstrap needs root; or give a base image with BASE=")
     with tempfile.TemporaryDirectory(prefix="captioner-base-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        say(f"making the base image {BASE_IMAGE}: debootstrap --variant=minbase {SUITE} "
-            f"(+ {', '.join(BASE_PACKAGES)}) from {mirror}")
-        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE,
-                        str(rootfs), mirror], check=True, stdout=subprocess.DEVNULL)
+        say(
+            f"making the base image {BASE_IMAGE}: debootstrap --variant=minbase {SUITE} "
+            f"(+ {', '.join(BASE_PACKAGES)}) from {mirror}"
+        )
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(rootfs), mirror],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
         (rootfs / "etc/apt/sources.list.d/debian.sources").write_text(sources(mirror))
         for d in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -95,9 +104,23 @@ def make_base(mirror: str) -> None:
                 if p.is_file():
                     p.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(podman() + ["import", "--change", f"ENV PATH={PATH_ENV}", "--change", "ENV LANG=C.UTF-8",
-                                   "--change", 'CMD ["/bin/bash"]', "-", BASE_IMAGE],
-                       stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            podman()
+            + [
+                "import",
+                "--change",
+                f"ENV PATH={PATH_ENV}",
+                "--change",
+                "ENV LANG=C.UTF-8",
+                "--change",
+                'CMD ["/bin/bash"]',
+                "-",
+                BASE_IMAGE,
+            ],
+            stdin=tar.stdout,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         tar.stdout.close()
         if tar.wait() != 0:
             raise ContainerError("tar of the debootstrap tree failed")
@@ -129,8 +152,7 @@ def ca_bundle() -> str | None:
 
 
 def build(dockerfile: str, tag: str, build_args: dict[str, str], secrets: dict[str, str]) -> None:
-    cmd = podman() + ["build", "--format", "docker", "--network", "host", *ulimits(), "-f", f"deploy/{dockerfile}",
-                      "-t", tag]
+    cmd = podman() + ["build", "--format", "docker", "--network", "host", *ulimits(), "-f", f"deploy/{dockerfile}", "-t", tag]
     for k, v in build_args.items():
         cmd += ["--build-arg", f"{k}={v}"]
     for k, v in secrets.items():
@@ -142,27 +164,40 @@ def build(dockerfile: str, tag: str, build_args: dict[str, str], secrets: dict[s
 def check_repository(repo: Path) -> None:
     manifest = build_manifest(repo)
     if manifest.get("target") != "cpu":
-        raise ContainerError(f"{repo} was built for {manifest.get('target')}, the CPU image serves a CPU repository: "
-                             "make build-engines TARGET=cpu")
+        raise ContainerError(
+            f"{repo} was built for {manifest.get('target')}, the CPU image serves a CPU repository: make build-engines TARGET=cpu"
+        )
     shm_bytes(repo)  # the run lines and manifests need it
     if ROOT not in repo.resolve().parents:
         raise ContainerError(f"{repo} must lie inside the build context {ROOT}")
 
 
 def sizes(images: list[str]) -> str:
-    return "\n".join(subprocess.run(podman() + ["images", "--format", "{{.Repository}}:{{.Tag}}  {{.Size}}", image],
-                                    capture_output=True, text=True, check=True).stdout.strip() for image in images)
+    return "\n".join(
+        subprocess.run(
+            podman() + ["images", "--format", "{{.Repository}}:{{.Tag}}  {{.Size}}", image],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for image in images
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.images", description=__doc__.splitlines()[0])
     p.add_argument("--repo", type=Path, default=ROOT / "model_repository", help="a built CPU repository")
-    p.add_argument("--base", default=os.environ.get("BASE") or None,
-                   help="the serving image's base (a registry's python:3.11-slim-bookworm); default: made here "
-                        "with debootstrap [$BASE]")
-    p.add_argument("--repo-base", default=os.environ.get("REPO_BASE") or None,
-                   help="the repository image's base; default: Debian's static busybox without --base, "
-                        "the Dockerfile's busybox:1.36 with it [$REPO_BASE]")
+    p.add_argument(
+        "--base",
+        default=os.environ.get("BASE") or None,
+        help="the serving image's base (a registry's python:3.11-slim-bookworm); default: made here with debootstrap [$BASE]",
+    )
+    p.add_argument(
+        "--repo-base",
+        default=os.environ.get("REPO_BASE") or None,
+        help="the repository image's base; default: Debian's static busybox without --base, "
+        "the Dockerfile's busybox:1.36 with it [$REPO_BASE]",
+    )
     p.add_argument("--tag", default="latest")
     p.add_argument("--mirror", default=os.environ.get("DEBIAN_MIRROR") or DEFAULT_MIRROR, help="[$DEBIAN_MIRROR]")
     p.add_argument("--rebuild-base", action="store_true", help="make the cached Debian bases again")

@@ -9,6 +9,7 @@ deploy/proxy/nginx.conf with the replicas filled in, written under logs/proxy/. 
 SIGTERM stops nginx, then drains and stops every replica (podman stop, in parallel).
 nginx is installed with apt-get when missing (root).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,16 +50,20 @@ def render(upstreams: list[str], listen: str, max_body: int, template: Path = TE
     return text
 
 
-def render_envoy(upstreams: list[str], listen: str, max_body: int,
-                 template: Path = ENVOY_TEMPLATE) -> str:
+def render_envoy(upstreams: list[str], listen: str, max_body: int, template: Path = ENVOY_TEMPLATE) -> str:
     """deploy/proxy/envoy.yaml for these replicas (not run here: no Envoy in Debian 12)."""
     endpoints = "\n".join(
-        f"              - endpoint: {{address: {{socket_address: {{address: \"{host}\", port_value: {port}}}}}}}"
-        for host, _, port in (u.rpartition(":") for u in upstreams))
+        f'              - endpoint: {{address: {{socket_address: {{address: "{host}", port_value: {port}}}}}}}'
+        for host, _, port in (u.rpartition(":") for u in upstreams)
+    )
     host, _, port = listen.rpartition(":")
     text = template.read_text()
-    for key, value in (("@ENDPOINTS@", endpoints), ("@LISTEN_ADDRESS@", host), ("@LISTEN_PORT@", port),
-                       ("@MAX_BODY@", str(max_body))):
+    for key, value in (
+        ("@ENDPOINTS@", endpoints),
+        ("@LISTEN_ADDRESS@", host),
+        ("@LISTEN_PORT@", port),
+        ("@MAX_BODY@", str(max_body)),
+    ):
         assert key in text, f"{template} lacks {key}"
         text = text.replace(key, value)
     return text
@@ -140,8 +145,11 @@ class Fleet:
             ports = free_ports({"grpc": 0, "http": 0, "metrics": 0})
             replica = Replica(f"{self.prefix}-{k}", ports["grpc"], ports["http"], ports["metrics"])
             subprocess.run(p + ["rm", "-f", "-t", "0", replica.name], capture_output=True)
-            run = subprocess.run(p + ["run", "-d"] + pod_run_args(self.repo, name=replica.name, publish=ports)
-                                 + [self.image], capture_output=True, text=True)
+            run = subprocess.run(
+                p + ["run", "-d"] + pod_run_args(self.repo, name=replica.name, publish=ports) + [self.image],
+                capture_output=True,
+                text=True,
+            )
             if run.returncode != 0:
                 raise ContainerError(f"podman run {replica.name} failed: {run.stderr.strip()}")
             self.members.append(replica)
@@ -186,8 +194,9 @@ class Fleet:
 
         def stop_one(r: Replica) -> str:
             out = subprocess.run(p + ["stop", "-t", str(POD_GRACE_S), r.name], capture_output=True, text=True)
-            code = subprocess.run(p + ["inspect", "--format", "{{.State.ExitCode}}", r.name], capture_output=True,
-                                  text=True).stdout.strip()
+            code = subprocess.run(
+                p + ["inspect", "--format", "{{.State.ExitCode}}", r.name], capture_output=True, text=True
+            ).stdout.strip()
             subprocess.run(p + ["rm", "-f", "-t", "0", r.name], capture_output=True)
             return f"{r.name}: stopped (exit {code})" if out.returncode == 0 else f"{r.name}: {out.stderr.strip()}"
 

@@ -1,4 +1,5 @@
 """python -m launcher: see launcher.cli."""
+
 import sys
 
 from launcher.cli import main

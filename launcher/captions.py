@@ -1,5 +1,6 @@
 """Real captions from the launcher's own server: the sample scenes it shows once the
 server is up, and the supervisor's deep probe (one tiny caption through the ensemble)."""
+
 from __future__ import annotations
 
 import time

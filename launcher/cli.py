@@ -9,6 +9,7 @@ While serving, a supervisor (launcher.supervisor) reloads a model whose Python s
 or hung and restarts tritonserver if it exits; `--replicas N` runs N servers on distinct
 ports for failover experiments on one machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,21 +33,31 @@ RESTRICTED_GROUPS = ("model-repository", "model-config", "shared-memory", "stati
 REPLICA_PORT_STEP = 10  # replica k serves on every base port + 10 k
 # Per-model latency quantiles on the metrics port (nv_inference_request_summary_us, ...):
 # Triton 2.51 has no latency histogram, only these summaries and cumulative durations.
-METRICS_CONFIG = ("--metrics-config=summary_latencies=true",
-                  "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")
+METRICS_CONFIG = ("--metrics-config=summary_latencies=true", "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=env("CAPTIONER_MODEL", "models/default"),
-                   help="checkpoint dir or file, or seed-inception [$CAPTIONER_MODEL]")
+    p.add_argument(
+        "--model",
+        default=env("CAPTIONER_MODEL", "models/default"),
+        help="checkpoint dir or file, or seed-inception [$CAPTIONER_MODEL]",
+    )
     p.add_argument("--repo", default=env("CAPTIONER_REPO", "model_repository"), help="Triton model repository [$CAPTIONER_REPO]")
     p.add_argument("--target", default=env("CAPTIONER_TARGET", "auto"), choices=("auto", "cpu", "gpu"))
-    p.add_argument("--precision", default=env("CAPTIONER_PRECISION", "fp32"), choices=PRECISIONS,
-                   help="encoder precision the build uses [$CAPTIONER_PRECISION]")
+    p.add_argument(
+        "--precision",
+        default=env("CAPTIONER_PRECISION", "fp32"),
+        choices=PRECISIONS,
+        help="encoder precision the build uses [$CAPTIONER_PRECISION]",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the repository even when it is up to date")
-    p.add_argument("--no-build", action="store_true", default=env("CAPTIONER_NO_BUILD", False, flag),
-                   help="serve the repository as it is; no checkpoint needed (images, pods) [$CAPTIONER_NO_BUILD]")
+    p.add_argument(
+        "--no-build",
+        action="store_true",
+        default=env("CAPTIONER_NO_BUILD", False, flag),
+        help="serve the repository as it is; no checkpoint needed (images, pods) [$CAPTIONER_NO_BUILD]",
+    )
     p.add_argument(
         "--host",
         default=env("CAPTIONER_HOST", "127.0.0.1"),
@@ -55,46 +66,98 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=env("CAPTIONER_HTTP_PORT", DEFAULT_PORTS["http"], int))
     p.add_argument("--grpc-port", type=int, default=env("CAPTIONER_GRPC_PORT", DEFAULT_PORTS["grpc"], int))
     p.add_argument("--metrics-port", type=int, default=env("CAPTIONER_METRICS_PORT", DEFAULT_PORTS["metrics"], int))
-    p.add_argument("--replicas", type=int, default=env("CAPTIONER_REPLICAS", 1, int),
-                   help=f"servers to run, replica k on every port + {REPLICA_PORT_STEP} k [$CAPTIONER_REPLICAS]")
-    p.add_argument("--log-file", default=env("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"),
-                   help="tritonserver's log; '-' writes it to standard output (containers) [$CAPTIONER_SERVER_LOG]")
-    p.add_argument("--samples", type=int, default=env("CAPTIONER_SAMPLES", 3, int),
-                   help="sample scenes to caption once the server is up")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=env("CAPTIONER_REPLICAS", 1, int),
+        help=f"servers to run, replica k on every port + {REPLICA_PORT_STEP} k [$CAPTIONER_REPLICAS]",
+    )
+    p.add_argument(
+        "--log-file",
+        default=env("CAPTIONER_SERVER_LOG", "logs/tritonserver.log"),
+        help="tritonserver's log; '-' writes it to standard output (containers) [$CAPTIONER_SERVER_LOG]",
+    )
+    p.add_argument(
+        "--samples", type=int, default=env("CAPTIONER_SAMPLES", 3, int), help="sample scenes to caption once the server is up"
+    )
     p.add_argument("--startup-timeout", type=float, default=env("CAPTIONER_STARTUP_TIMEOUT", 300.0, float))
-    p.add_argument("--drain-timeout", type=int, default=env("CAPTIONER_DRAIN_TIMEOUT", 30, int),
-                   help="seconds accepted requests get to finish on SIGTERM/Ctrl-C "
-                        "(tritonserver --exit-timeout-secs) [$CAPTIONER_DRAIN_TIMEOUT]")
-    p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=env("CAPTIONER_SUPERVISE", True, flag),
-                   help="reload a model whose stub died or hung, restart a dead tritonserver [$CAPTIONER_SUPERVISE]")
-    p.add_argument("--hang-timeout", type=float, default=env("CAPTIONER_HANG_TIMEOUT", DEFAULT_HANG_TIMEOUT_S, float),
-                   help="a model with requests pending and no execution finished, or a stub inside one execute "
-                        "or with a silent heartbeat, for this long with idle stubs is hung (4x as long while they "
-                        "compute) [$CAPTIONER_HANG_TIMEOUT]")
-    p.add_argument("--max-restarts", type=int, default=env("CAPTIONER_MAX_RESTARTS", DEFAULT_MAX_RESTARTS, int),
-                   help=f"tritonserver restarts allowed in {RESTART_WINDOW_S / 60:g} minutes before the launcher gives up "
-                        "[$CAPTIONER_MAX_RESTARTS]")
-    p.add_argument("--trace-rate", type=int, default=env("CAPTIONER_TRACE_RATE", 0, int),
-                   help="trace one request in N with Triton's tracing (launcher.tracing); 0: off [$CAPTIONER_TRACE_RATE]")
-    p.add_argument("--trace-file", default=env("CAPTIONER_TRACE_FILE", "logs/triton-trace.json"),
-                   help="where Triton writes traces (FILE.0, FILE.1, ...; python -m bench.trace_summary FILE) "
-                        "[$CAPTIONER_TRACE_FILE]")
-    p.add_argument("--trace-log-frequency", type=int, default=env("CAPTIONER_TRACE_LOG_FREQUENCY", 10, int),
-                   help="traces per trace file [$CAPTIONER_TRACE_LOG_FREQUENCY]")
-    p.add_argument("--trace-otlp", default=env("CAPTIONER_TRACE_OTLP", None), metavar="URL",
-                   help="export the traces as OpenTelemetry spans over OTLP/HTTP to URL instead of the file "
-                        "(e.g. http://127.0.0.1:4318/v1/traces) [$CAPTIONER_TRACE_OTLP]")
-    p.add_argument("--supervisor-metrics-port", type=int, default=env("CAPTIONER_SUPERVISOR_METRICS_PORT", None, int),
-                   help="the supervisor's own metrics (repairs, restarts, deep probes; launcher.metrics) on this "
-                        "port; default the metrics port + 1; 0: none [$CAPTIONER_SUPERVISOR_METRICS_PORT]")
-    p.add_argument("--grpc-ssl-cert", default=env("CAPTIONER_GRPC_SSL_CERT", None),
-                   help="PEM server certificate: gRPC over TLS [$CAPTIONER_GRPC_SSL_CERT]")
+    p.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=env("CAPTIONER_DRAIN_TIMEOUT", 30, int),
+        help="seconds accepted requests get to finish on SIGTERM/Ctrl-C "
+        "(tritonserver --exit-timeout-secs) [$CAPTIONER_DRAIN_TIMEOUT]",
+    )
+    p.add_argument(
+        "--supervise",
+        action=argparse.BooleanOptionalAction,
+        default=env("CAPTIONER_SUPERVISE", True, flag),
+        help="reload a model whose stub died or hung, restart a dead tritonserver [$CAPTIONER_SUPERVISE]",
+    )
+    p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=env("CAPTIONER_HANG_TIMEOUT", DEFAULT_HANG_TIMEOUT_S, float),
+        help="a model with requests pending and no execution finished, or a stub inside one execute "
+        "or with a silent heartbeat, for this long with idle stubs is hung (4x as long while they "
+        "compute) [$CAPTIONER_HANG_TIMEOUT]",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=env("CAPTIONER_MAX_RESTARTS", DEFAULT_MAX_RESTARTS, int),
+        help=f"tritonserver restarts allowed in {RESTART_WINDOW_S / 60:g} minutes before the launcher gives up "
+        "[$CAPTIONER_MAX_RESTARTS]",
+    )
+    p.add_argument(
+        "--trace-rate",
+        type=int,
+        default=env("CAPTIONER_TRACE_RATE", 0, int),
+        help="trace one request in N with Triton's tracing (launcher.tracing); 0: off [$CAPTIONER_TRACE_RATE]",
+    )
+    p.add_argument(
+        "--trace-file",
+        default=env("CAPTIONER_TRACE_FILE", "logs/triton-trace.json"),
+        help="where Triton writes traces (FILE.0, FILE.1, ...; python -m bench.trace_summary FILE) [$CAPTIONER_TRACE_FILE]",
+    )
+    p.add_argument(
+        "--trace-log-frequency",
+        type=int,
+        default=env("CAPTIONER_TRACE_LOG_FREQUENCY", 10, int),
+        help="traces per trace file [$CAPTIONER_TRACE_LOG_FREQUENCY]",
+    )
+    p.add_argument(
+        "--trace-otlp",
+        default=env("CAPTIONER_TRACE_OTLP", None),
+        metavar="URL",
+        help="export the traces as OpenTelemetry spans over OTLP/HTTP to URL instead of the file "
+        "(e.g. http://127.0.0.1:4318/v1/traces) [$CAPTIONER_TRACE_OTLP]",
+    )
+    p.add_argument(
+        "--supervisor-metrics-port",
+        type=int,
+        default=env("CAPTIONER_SUPERVISOR_METRICS_PORT", None, int),
+        help="the supervisor's own metrics (repairs, restarts, deep probes; launcher.metrics) on this "
+        "port; default the metrics port + 1; 0: none [$CAPTIONER_SUPERVISOR_METRICS_PORT]",
+    )
+    p.add_argument(
+        "--grpc-ssl-cert",
+        default=env("CAPTIONER_GRPC_SSL_CERT", None),
+        help="PEM server certificate: gRPC over TLS [$CAPTIONER_GRPC_SSL_CERT]",
+    )
     p.add_argument("--grpc-ssl-key", default=env("CAPTIONER_GRPC_SSL_KEY", None), help="PEM server key [$CAPTIONER_GRPC_SSL_KEY]")
-    p.add_argument("--grpc-ssl-root-cert", default=env("CAPTIONER_GRPC_SSL_ROOT_CERT", None),
-                   help="PEM CA that client certificates must chain to: mutual TLS [$CAPTIONER_GRPC_SSL_ROOT_CERT]")
-    p.add_argument("--restricted-key", default=env("CAPTIONER_RESTRICTED_KEY", None), metavar="NAME=VALUE",
-                   help=f"require header NAME: VALUE (gRPC: triton-grpc-protocol-NAME) for {', '.join(RESTRICTED_GROUPS)}; "
-                        "inference and health stay open [$CAPTIONER_RESTRICTED_KEY]")
+    p.add_argument(
+        "--grpc-ssl-root-cert",
+        default=env("CAPTIONER_GRPC_SSL_ROOT_CERT", None),
+        help="PEM CA that client certificates must chain to: mutual TLS [$CAPTIONER_GRPC_SSL_ROOT_CERT]",
+    )
+    p.add_argument(
+        "--restricted-key",
+        default=env("CAPTIONER_RESTRICTED_KEY", None),
+        metavar="NAME=VALUE",
+        help=f"require header NAME: VALUE (gRPC: triton-grpc-protocol-NAME) for {', '.join(RESTRICTED_GROUPS)}; "
+        "inference and health stay open [$CAPTIONER_RESTRICTED_KEY]",
+    )
     a = p.parse_args(argv)
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
@@ -156,8 +219,7 @@ def stale_reason(repo: Path, checkpoint_path: Path, target: str) -> str | None:
     if recorded is None:
         return f"no model repository at {repo}"
     sha = file_sha256(checkpoint_path)
-    kept = {r.get("checkpoint_sha256") for v, r in versions.version_records(repo).items()
-            if v in versions.all_versions(repo)}
+    kept = {r.get("checkpoint_sha256") for v, r in versions.version_records(repo).items() if v in versions.all_versions(repo)}
     if recorded != sha and sha not in kept:
         return f"{repo} was built from another checkpoint than {checkpoint_path}"
     try:
@@ -219,8 +281,15 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=N
     # while holding a shared-memory lock) and is restarted. Only loading may take long.
     control = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=5.0)
     loader = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=120.0)
-    sup = Supervisor(server, probe, control, loader=loader, hang_timeout_s=a.hang_timeout,
-                     max_restarts=a.max_restarts, headers=control_headers(a))
+    sup = Supervisor(
+        server,
+        probe,
+        control,
+        loader=loader,
+        hang_timeout_s=a.hang_timeout,
+        max_restarts=a.max_restarts,
+        headers=control_headers(a),
+    )
     if metrics is not None:
         sup.on_event = metrics.event
 
@@ -263,8 +332,11 @@ def drain_all(servers: list[TritonServer], a: argparse.Namespace) -> set[TritonS
         control = httpclient.InferenceServerClient(server.http_url, network_timeout=a.drain_timeout + 5.0)
         try:
             done = drain(control, ENSEMBLE, a.drain_timeout, control_headers(a))
-            print(f"{server.grpc_url}: " + ("every accepted request finished" if done else
-                                             f"requests still in flight after {a.drain_timeout} s"), flush=True)
+            print(
+                f"{server.grpc_url}: "
+                + ("every accepted request finished" if done else f"requests still in flight after {a.drain_timeout} s"),
+                flush=True,
+            )
             if done:
                 drained.add(server)
         except Exception as e:  # noqa: BLE001 - tritonserver's own drain still follows
@@ -278,9 +350,12 @@ def stop_all(servers: list[TritonServer], drained: set[TritonServer]) -> None:
     for server in servers:
         if server in drained:
             if not server.close(wait_s=UNLOAD_GRACE_S):
-                print(f"{server.grpc_url}: tritonserver still unloading models {UNLOAD_GRACE_S:g} s after the "
-                      "drain (an instance replaced by the supervisor waits out the stub timeout); nothing was "
-                      "in flight: stopped it", flush=True)
+                print(
+                    f"{server.grpc_url}: tritonserver still unloading models {UNLOAD_GRACE_S:g} s after the "
+                    "drain (an instance replaced by the supervisor waits out the stub timeout); nothing was "
+                    "in flight: stopped it",
+                    flush=True,
+                )
         else:
             server.close()
 
@@ -347,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port + REPLICA_PORT_STEP * k,
             log_file=replica_log(args.log_file, k),
             exit_timeout_s=args.drain_timeout,
-            extra_args=extra + tracing.server_args(args.trace_rate, replica_log(args.trace_file, k), args.trace_otlp,
-                                                   args.trace_log_frequency),
+            extra_args=extra
+            + tracing.server_args(args.trace_rate, replica_log(args.trace_file, k), args.trace_otlp, args.trace_log_frequency),
             control_mode="explicit" if args.supervise else "none",
         )
         for k in range(args.replicas)

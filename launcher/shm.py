@@ -4,6 +4,7 @@ of the front model. With less, Triton's Python backend refuses each batch that d
 fit ("Failed to increase the shared memory pool size ... use '--shm-size'") and serves the
 rest; the launcher says so at start, so that an undersized container is seen before the
 first large batch is refused."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def shortfall(repo: Path, servers: int = 1, shm_dir: Path = SHM_DIR) -> str | No
         return f"{shm_dir} is missing: the Python backend cannot start its models"
     if have >= need:
         return None
-    mib = 2 ** 20
-    return (f"{shm_dir} holds {have / mib:.0f} MiB but {servers} server(s) of {repo} need {need / mib:.0f} MiB "
-            f"({MANIFEST} 'shm': full batches of the largest images): batches that do not fit are refused "
-            f"('Failed to increase the shared memory pool size'); give the container --shm-size={need} "
-            f"(Kubernetes: a memory emptyDir of that size at /dev/shm)")
+    mib = 2**20
+    return (
+        f"{shm_dir} holds {have / mib:.0f} MiB but {servers} server(s) of {repo} need {need / mib:.0f} MiB "
+        f"({MANIFEST} 'shm': full batches of the largest images): batches that do not fit are refused "
+        f"('Failed to increase the shared memory pool size'); give the container --shm-size={need} "
+        f"(Kubernetes: a memory emptyDir of that size at /dev/shm)"
+    )

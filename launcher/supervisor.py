@@ -28,6 +28,7 @@ its orphaned stubs are ended. Restarts back off exponentially and are bounded: p
 `max_restarts` within `restart_window_s` the supervisor gives up and the launcher exits
 non-zero, so that a process manager above it (Kubernetes, systemd) takes over.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,8 +89,9 @@ def stubs_of(server_pid: int) -> list[Stub]:
         if cmd and os.path.basename(cmd[0]) == STUB_BINARY and len(cmd) > 8:
             version_dir = os.path.dirname(cmd[1])
             version = os.path.basename(version_dir)
-            out.append(Stub(p.pid, os.path.basename(os.path.dirname(version_dir)), cmd[8],
-                            int(version) if version.isdigit() else 1))
+            out.append(
+                Stub(p.pid, os.path.basename(os.path.dirname(version_dir)), cmd[8], int(version) if version.isdigit() else 1)
+            )
     return out
 
 
@@ -194,7 +196,8 @@ class Supervisor:
                 self.expected[model] = keep
         for s in stubs:
             if s.version in ready.get(s.model, set()) and not any(
-                    k.endswith(f"@{s.version}") for k in self.expected.get(s.model, set())):
+                k.endswith(f"@{s.version}") for k in self.expected.get(s.model, set())
+            ):
                 new = {t.key for t in stubs if t.model == s.model and t.version == s.version}
                 self.expected.setdefault(s.model, set()).update(new)
                 self._event("version_watched", model=s.model, version=s.version, stubs=len(new))
@@ -228,11 +231,15 @@ class Supervisor:
             model_cpu: dict[str, float] = {}
             for s in stubs:
                 model_cpu[s.model] = model_cpu.get(s.model, 0.0) + cpu.get(s.instance, 0.0)
-            hung = {model: f"no execution for {t:g} s with requests pending"
-                    for model in self.hangs.update(m[names[0]], executions, self.clock(), model_cpu)}
+            hung = {
+                model: f"no execution for {t:g} s with requests pending"
+                for model in self.hangs.update(m[names[0]], executions, self.clock(), model_cpu)
+            }
         live, now = {s.instance: s.pid for s in stubs}, time.monotonic()
-        for kind, stamps, why in (("execute", executing_since, "inside one execute"),
-                                  ("heartbeat", heartbeats, "silent (no heartbeat)")):
+        for kind, stamps, why in (
+            ("execute", executing_since, "inside one execute"),
+            ("heartbeat", heartbeats, "silent (no heartbeat)"),
+        ):
             for instance in self.hangs.instances(stamps(self.server.executing_dir), live, now, cpu, kind):
                 model = self.model_of(instance)
                 if model is not None:

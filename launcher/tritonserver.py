@@ -9,6 +9,7 @@ holding the Python backend and the stub for this interpreter, and the wheel's bu
 libraries on LD_LIBRARY_PATH. PYTHONPATH gets the project root so that the Python
 models can `import captioner`.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -132,8 +133,7 @@ class TritonServer:
         # per-instance hang check; captioner.serving.triton.ExecuteClock).
         self.executing_dir = self._tmp / "executing"
         # None ("-"): tritonserver writes to our stdout (a container's log, `kubectl logs`).
-        self.log_file = (None if str(log_file) == "-" else Path(log_file).resolve() if log_file
-                         else self._tmp / "tritonserver.log")
+        self.log_file = None if str(log_file) == "-" else Path(log_file).resolve() if log_file else self._tmp / "tritonserver.log"
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = tuple(extra_args)
@@ -195,7 +195,7 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         return env
 
-    def start(self, timeout_s: float = 180.0, attempts: int = 3, keep_ports: bool = False) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0, attempts: int = 3, keep_ports: bool = False) -> TritonServer:
         """Launch and wait until ready. keep_ports: a restart, on the ports already in use
         (clients and load balancers know those)."""
         if not (self.repository / "captioner" / "config.pbtxt").is_file():
@@ -211,8 +211,11 @@ class TritonServer:
             except ServerError as e:
                 self.stop()
                 # Another process may have taken a free port between the pick and the bind.
-                if attempt + 1 < attempts and not all(wanted.values()) and (
-                        "already in use" in str(e) or "at the same address and port" in str(e)):
+                if (
+                    attempt + 1 < attempts
+                    and not all(wanted.values())
+                    and ("already in use" in str(e) or "at the same address and port" in str(e))
+                ):
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -308,7 +311,7 @@ class TritonServer:
         shutil.rmtree(self._tmp, ignore_errors=True)
         return exited
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         try:
             return self.start()
         except BaseException:

@@ -1,6 +1,7 @@
 """What the supervisor (launcher/supervisor.py) judges a server by: Triton's metrics per
 model, the hang rule over execution counts and execute clocks, and the deep probe run off
 the supervision loop's thread."""
+
 from __future__ import annotations
 
 import queue
@@ -39,8 +40,9 @@ class HangWatch:
     _last: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # model -> (count, since, cpu then)
     _stamps: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # (kind, instance, pid, stamp) -> (seen, cpu then)
 
-    def update(self, pending: dict[str, float], executions: dict[str, float], now: float,
-               cpu: dict[str, float] | None = None) -> list[str]:
+    def update(
+        self, pending: dict[str, float], executions: dict[str, float], now: float, cpu: dict[str, float] | None = None
+    ) -> list[str]:
         cpu = cpu or {}
         hung = []
         for model, count in executions.items():
@@ -54,8 +56,14 @@ class HangWatch:
                 hung.append(model)
         return hung
 
-    def instances(self, stamps: dict[str, tuple[int, float]], live: dict[str, int], now: float,
-                  cpu: dict[str, float] | None = None, kind: str = "execute") -> list[str]:
+    def instances(
+        self,
+        stamps: dict[str, tuple[int, float]],
+        live: dict[str, int],
+        now: float,
+        cpu: dict[str, float] | None = None,
+        kind: str = "execute",
+    ) -> list[str]:
         """Per stub: an instance whose stamp is older than the bound, the same idle/busy
         rule. `kind` "execute": the stamp is when its current execute began (its own clock,
         captioner.serving.triton.ExecuteClock), which finds one hung instance of a model

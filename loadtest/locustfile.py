@@ -12,6 +12,7 @@ scene's ground truth; that share is reported at the end, but a wrong caption is 
 figure, not a failed request. Each answer's MODEL_VERSION (the model version that made it) is
 counted too: the quality report says how many captions each version returned.
 """
+
 # grpc must run on gevent's loop, not its own threads, or one user blocks all the others;
 # this has to happen before any channel exists.
 import grpc.experimental.gevent as grpc_gevent
@@ -53,28 +54,65 @@ MAX_MESSAGE = 64 * 1024 * 1024
 def _add_arguments(parser):
     g = parser.add_argument_group("captioner")
     g.add_argument("--model-name", default="captioner", env_var="CAPTIONER_MODEL_NAME", help="served model")
-    g.add_argument("--beam-size", type=int, default=None, env_var="LOADTEST_BEAM",
-                   help="beam_size request parameter (default: the server's)")
-    g.add_argument("--max-length", type=int, default=None, env_var="LOADTEST_MAX_LENGTH",
-                   help="max_length request parameter (default: the server's)")
-    g.add_argument("--request-timeout", type=float, default=30.0, env_var="LOADTEST_REQUEST_TIMEOUT",
-                   help="deadline per image request, retries included, seconds (the server gets the time left)")
-    g.add_argument("--attempt-timeout", type=float, default=None, env_var="LOADTEST_ATTEMPT_TIMEOUT",
-                   help="seconds one attempt may take before the request is tried on another endpoint")
-    g.add_argument("--attempts", type=int, default=RetryPolicy.max_attempts, env_var="LOADTEST_ATTEMPTS",
-                   help="attempts per image request while endpoints are unavailable, broken or reloading")
-    g.add_argument("--think-time", type=float, default=0.0, env_var="LOADTEST_THINK_TIME",
-                   help="seconds each user waits between requests (0: closed loop)")
+    g.add_argument(
+        "--beam-size", type=int, default=None, env_var="LOADTEST_BEAM", help="beam_size request parameter (default: the server's)"
+    )
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        env_var="LOADTEST_MAX_LENGTH",
+        help="max_length request parameter (default: the server's)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        env_var="LOADTEST_REQUEST_TIMEOUT",
+        help="deadline per image request, retries included, seconds (the server gets the time left)",
+    )
+    g.add_argument(
+        "--attempt-timeout",
+        type=float,
+        default=None,
+        env_var="LOADTEST_ATTEMPT_TIMEOUT",
+        help="seconds one attempt may take before the request is tried on another endpoint",
+    )
+    g.add_argument(
+        "--attempts",
+        type=int,
+        default=RetryPolicy.max_attempts,
+        env_var="LOADTEST_ATTEMPTS",
+        help="attempts per image request while endpoints are unavailable, broken or reloading",
+    )
+    g.add_argument(
+        "--think-time",
+        type=float,
+        default=0.0,
+        env_var="LOADTEST_THINK_TIME",
+        help="seconds each user waits between requests (0: closed loop)",
+    )
     g.add_argument("--pool-size", type=int, default=48, env_var="LOADTEST_POOL_SIZE", help="scenes in the pool")
     g.add_argument("--pool-seed", type=int, default=1234, env_var="LOADTEST_POOL_SEED")
-    g.add_argument("--pool-sizes", default=",".join(map(str, DEFAULT_SIZES)), env_var="LOADTEST_POOL_SIZES",
-                   help="image sides drawn from, comma separated (default: photo-sized, loadtest/pool.py)")
-    g.add_argument("--jpeg-share", type=float, default=DEFAULT_JPEG_SHARE, env_var="LOADTEST_JPEG_SHARE",
-                   help="share of the pool encoded as JPEG (the rest PNG)")
-    g.add_argument("--quality-out", default="", env_var="LOADTEST_QUALITY_OUT",
-                   help="write the caption-correctness summary here (JSON)")
-    g.add_argument("--endpoints-out", default="", env_var="LOADTEST_ENDPOINTS_OUT",
-                   help="write retries and per-endpoint counts here (JSON)")
+    g.add_argument(
+        "--pool-sizes",
+        default=",".join(map(str, DEFAULT_SIZES)),
+        env_var="LOADTEST_POOL_SIZES",
+        help="image sides drawn from, comma separated (default: photo-sized, loadtest/pool.py)",
+    )
+    g.add_argument(
+        "--jpeg-share",
+        type=float,
+        default=DEFAULT_JPEG_SHARE,
+        env_var="LOADTEST_JPEG_SHARE",
+        help="share of the pool encoded as JPEG (the rest PNG)",
+    )
+    g.add_argument(
+        "--quality-out", default="", env_var="LOADTEST_QUALITY_OUT", help="write the caption-correctness summary here (JSON)"
+    )
+    g.add_argument(
+        "--endpoints-out", default="", env_var="LOADTEST_ENDPOINTS_OUT", help="write retries and per-endpoint counts here (JSON)"
+    )
 
 
 class Pool:
@@ -105,8 +143,13 @@ class Fleet:
 
     @classmethod
     def summary(cls) -> dict:
-        return {"requests": cls.requests, "retried": cls.retried, "failed": cls.lost,
-                "attempt_errors": cls.attempt_errors, "endpoints": cls.pool.stats() if cls.pool else []}
+        return {
+            "requests": cls.requests,
+            "retried": cls.retried,
+            "failed": cls.lost,
+            "attempt_errors": cls.attempt_errors,
+            "endpoints": cls.pool.stats() if cls.pool else [],
+        }
 
 
 def infer_request(model: str, image, params: dict) -> service_pb2.ModelInferRequest:
@@ -148,19 +191,32 @@ def _report_quality(environment, **_kwargs):
         gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
     if Fleet.pool is not None:
         fleet = Fleet.summary()
-        log.info("failover: %d requests, %d retried, %d failed after every attempt; %s", fleet["requests"],
-                 fleet["retried"], fleet["failed"],
-                 "; ".join(f"{e['url']} {e['ok']} ok {e['failed']} failed" for e in fleet["endpoints"]))
+        log.info(
+            "failover: %d requests, %d retried, %d failed after every attempt; %s",
+            fleet["requests"],
+            fleet["retried"],
+            fleet["failed"],
+            "; ".join(f"{e['url']} {e['ok']} ok {e['failed']} failed" for e in fleet["endpoints"]),
+        )
         out = environment.parsed_options.endpoints_out if environment.parsed_options else ""
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(fleet, indent=2) + "\n")
     if not Pool.checked:
         return
-    summary = {"checked": Pool.checked, "correct": Pool.correct, "share_correct": Pool.correct / Pool.checked,
-               "model_versions": dict(sorted(Pool.versions.items()))}
-    log.info("captions correct: %d/%d (%.1f%%); by model version: %s", Pool.correct, Pool.checked,
-             100 * summary["share_correct"], ", ".join(f"{k} {v}" for k, v in summary["model_versions"].items()))
+    summary = {
+        "checked": Pool.checked,
+        "correct": Pool.correct,
+        "share_correct": Pool.correct / Pool.checked,
+        "model_versions": dict(sorted(Pool.versions.items())),
+    }
+    log.info(
+        "captions correct: %d/%d (%.1f%%); by model version: %s",
+        Pool.correct,
+        Pool.checked,
+        100 * summary["share_correct"],
+        ", ".join(f"{k} {v}" for k, v in summary["model_versions"].items()),
+    )
     out = environment.parsed_options.quality_out if environment.parsed_options else ""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +261,14 @@ class TritonGrpcUser(User):
         """ModelInfer with failover within `timeout` seconds (client.retry, as the client
         library does); returns the response or None."""
         start = time.perf_counter()
-        retry = Retry(self.fleet, self.retry, timeout=timeout, attempt_timeout=self.attempt_timeout,
-                      rng=self._retry_rng, probe=lambda ep: gevent.spawn(self._probe, ep, request.model_name))
+        retry = Retry(
+            self.fleet,
+            self.retry,
+            timeout=timeout,
+            attempt_timeout=self.attempt_timeout,
+            rng=self._retry_rng,
+            probe=lambda ep: gevent.spawn(self._probe, ep, request.model_name),
+        )
         outcome = drive(retry, lambda a: self._attempt(request, a), sleep=gevent.sleep)
         Fleet.requests += 1
         Fleet.retried += outcome.attempts > 1

@@ -6,6 +6,7 @@ from DEFAULT_SIZES (6 in 10 images at 1024 px, one each at 768, 512, 256 and 128
 90 % JPEG (quality 75-95), 10 % PNG. The decode such images cost is most of a caption's
 work on CPU (docs/bench.md, photo workloads), so a pool of small images overstates
 what a deployment serves. LOADTEST_POOL_SIZES / LOADTEST_JPEG_SHARE change it."""
+
 from __future__ import annotations
 
 import io

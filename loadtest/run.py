@@ -7,6 +7,7 @@ launcher.tritonserver for the length of the run. Unknown flags go to Locust and 
 is above --max-failure-ratio (default 0), p95 is above --p95-ms, fewer than --min-requests
 calls were made, or a user raised an exception; 2 when no server could be had.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from captioner.cli import env as _env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,30 +28,59 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n")[0],
-                                epilog="Other flags are passed to locust and the locustfile.")
-    p.add_argument("--url", default=_env("CAPTIONER_URL", "localhost:8001"),
-                   help="Triton gRPC address, or several comma separated: users spread over them and fail over "
-                        "[$CAPTIONER_URL]")
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.run",
+        description=__doc__.split("\n")[0],
+        epilog="Other flags are passed to locust and the locustfile.",
+    )
+    p.add_argument(
+        "--url",
+        default=_env("CAPTIONER_URL", "localhost:8001"),
+        help="Triton gRPC address, or several comma separated: users spread over them and fail over [$CAPTIONER_URL]",
+    )
     p.add_argument("--model-name", default=_env("CAPTIONER_MODEL_NAME", "captioner"), help="[$CAPTIONER_MODEL_NAME]")
     p.add_argument("-u", "--users", type=int, default=_env("LOADTEST_USERS", 8, int), help="[$LOADTEST_USERS]")
-    p.add_argument("-r", "--spawn-rate", type=float, default=_env("LOADTEST_SPAWN_RATE", 4.0, float),
-                   help="users started per second [$LOADTEST_SPAWN_RATE]")
-    p.add_argument("-t", "--run-time", default=_env("LOADTEST_RUN_TIME", "60s"),
-                   help="e.g. 30s, 5m, 1h30m [$LOADTEST_RUN_TIME]")
-    p.add_argument("--p95-ms", type=float, default=_env("LOADTEST_P95_MS", 2000.0, float),
-                   help="fail when the overall p95 response time is above this [$LOADTEST_P95_MS]")
-    p.add_argument("--max-failure-ratio", type=float, default=_env("LOADTEST_MAX_FAILURE_RATIO", 0.0, float),
-                   help="fail when failures/requests is above this [$LOADTEST_MAX_FAILURE_RATIO]")
-    p.add_argument("--min-requests", type=int, default=_env("LOADTEST_MIN_REQUESTS", 1, int),
-                   help="fail when fewer calls were made [$LOADTEST_MIN_REQUESTS]")
-    p.add_argument("--reports", type=Path, default=Path(_env("LOADTEST_REPORTS", "reports")),
-                   help="output folder [$LOADTEST_REPORTS]")
+    p.add_argument(
+        "-r",
+        "--spawn-rate",
+        type=float,
+        default=_env("LOADTEST_SPAWN_RATE", 4.0, float),
+        help="users started per second [$LOADTEST_SPAWN_RATE]",
+    )
+    p.add_argument("-t", "--run-time", default=_env("LOADTEST_RUN_TIME", "60s"), help="e.g. 30s, 5m, 1h30m [$LOADTEST_RUN_TIME]")
+    p.add_argument(
+        "--p95-ms",
+        type=float,
+        default=_env("LOADTEST_P95_MS", 2000.0, float),
+        help="fail when the overall p95 response time is above this [$LOADTEST_P95_MS]",
+    )
+    p.add_argument(
+        "--max-failure-ratio",
+        type=float,
+        default=_env("LOADTEST_MAX_FAILURE_RATIO", 0.0, float),
+        help="fail when failures/requests is above this [$LOADTEST_MAX_FAILURE_RATIO]",
+    )
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=_env("LOADTEST_MIN_REQUESTS", 1, int),
+        help="fail when fewer calls were made [$LOADTEST_MIN_REQUESTS]",
+    )
+    p.add_argument(
+        "--reports", type=Path, default=Path(_env("LOADTEST_REPORTS", "reports")), help="output folder [$LOADTEST_REPORTS]"
+    )
     p.add_argument("--prefix", default=_env("LOADTEST_PREFIX", "loadtest"), help="report file prefix [$LOADTEST_PREFIX]")
-    p.add_argument("--start-server", choices=["auto", "never"], default=_env("LOADTEST_START_SERVER", "auto"),
-                   help="auto: start one when nothing answers at --url [$LOADTEST_START_SERVER]")
-    p.add_argument("--repo", default=_env("CAPTIONER_REPO", "model_repository"),
-                   help="model repository for a server started here (make build-engines) [$CAPTIONER_REPO]")
+    p.add_argument(
+        "--start-server",
+        choices=["auto", "never"],
+        default=_env("LOADTEST_START_SERVER", "auto"),
+        help="auto: start one when nothing answers at --url [$LOADTEST_START_SERVER]",
+    )
+    p.add_argument(
+        "--repo",
+        default=_env("CAPTIONER_REPO", "model_repository"),
+        help="model repository for a server started here (make build-engines) [$CAPTIONER_REPO]",
+    )
     return p
 
 
@@ -67,6 +98,7 @@ def parse_duration(text: str) -> float:
 
 # --- server ------------------------------------------------------------------------
 
+
 def server_state(url: str, model: str, timeout: float = 3.0) -> str:
     """'ready', 'not_ready' (a server answers, the model is not loaded) or 'down'. With several
     endpoints: the best of them (the users fail over from the others), and the others are named."""
@@ -81,8 +113,7 @@ def server_state(url: str, model: str, timeout: float = 3.0) -> str:
     if best == "ready" and len(urls) > 1:
         for u, state in states.items():
             if state != "ready":
-                print(f"warning: endpoint {u} is {state.replace('_', ' ')}; the users fail over from it",
-                      file=sys.stderr)
+                print(f"warning: endpoint {u} is {state.replace('_', ' ')}; the users fail over from it", file=sys.stderr)
     return best
 
 
@@ -108,14 +139,39 @@ def start_server(args):
 
 # --- locust ------------------------------------------------------------------------
 
+
 def locust_command(args, url: str, extra: list[str]) -> list[str]:
     prefix = args.reports / args.prefix
     return [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.run_time, "--stop-timeout", "30",
-        "--host", url, "--model-name", args.model_name,
-        "--csv", str(prefix), "--html", f"{prefix}.html", "--logfile", f"{prefix}.log",
-        "--quality-out", f"{prefix}_quality.json", "--endpoints-out", f"{prefix}_endpoints.json",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(args.users),
+        "-r",
+        str(args.spawn_rate),
+        "-t",
+        args.run_time,
+        "--stop-timeout",
+        "30",
+        "--host",
+        url,
+        "--model-name",
+        args.model_name,
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+        "--logfile",
+        f"{prefix}.log",
+        "--quality-out",
+        f"{prefix}_quality.json",
+        "--endpoints-out",
+        f"{prefix}_endpoints.json",
         *extra,
     ]
 
@@ -132,8 +188,9 @@ def run_locust(cmd: list[str], seconds: float, log_path: Path) -> int:
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         start = time.monotonic()
-        with tqdm(total=round(seconds), unit="s", desc="locust", disable=None,
-                  bar_format="{l_bar}{bar}| {n:.0f}/{total}s") as bar:
+        with tqdm(
+            total=round(seconds), unit="s", desc="locust", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s"
+        ) as bar:
             while proc.poll() is None:
                 elapsed = time.monotonic() - start
                 if elapsed > seconds + OVERRUN_S:
@@ -147,6 +204,7 @@ def run_locust(cmd: list[str], seconds: float, log_path: Path) -> int:
 
 
 # --- results -----------------------------------------------------------------------
+
 
 @dataclass
 class Summary:
@@ -259,28 +317,47 @@ def load_test(args, url: str, extra: list[str]) -> int:
         print(f"locust exited with status {code} and left no usable statistics ({e}); last output:", file=sys.stderr)
         print("".join(console.read_text().splitlines(keepends=True)[-30:]), file=sys.stderr)
         return 1
-    plot_history(Path(f"{prefix}_stats_history.csv"), Path(f"{prefix}.png"),
-                 f"captioner over gRPC: {args.users} users, {args.run_time}")
+    plot_history(
+        Path(f"{prefix}_stats_history.csv"), Path(f"{prefix}.png"), f"captioner over gRPC: {args.users} users, {args.run_time}"
+    )
     quality_path = Path(f"{prefix}_quality.json")
     quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
     endpoints_path = Path(f"{prefix}_endpoints.json")
     endpoints = json.loads(endpoints_path.read_text()) if endpoints_path.exists() else None
     problems = verdict(summary, args)
-    Path(f"{prefix}_summary.json").write_text(json.dumps(
-        {"url": url, "users": args.users, "spawn_rate": args.spawn_rate, "run_time": args.run_time,
-         **asdict(summary), "quality": quality, "failover": endpoints, "p95_bound_ms": args.p95_ms,
-         "max_failure_ratio": args.max_failure_ratio, "passed": not problems, "problems": problems},
-        indent=2) + "\n")
-    print(f"requests {summary.requests}, failures {summary.failures} ({summary.failure_ratio:.2%}), "
-          f"{summary.rps:.1f} req/s, p50 {summary.p50_ms:.0f} ms, p95 {summary.p95_ms:.0f} ms, "
-          f"p99 {summary.p99_ms:.0f} ms, max {summary.max_ms:.0f} ms")
+    Path(f"{prefix}_summary.json").write_text(
+        json.dumps(
+            {
+                "url": url,
+                "users": args.users,
+                "spawn_rate": args.spawn_rate,
+                "run_time": args.run_time,
+                **asdict(summary),
+                "quality": quality,
+                "failover": endpoints,
+                "p95_bound_ms": args.p95_ms,
+                "max_failure_ratio": args.max_failure_ratio,
+                "passed": not problems,
+                "problems": problems,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(
+        f"requests {summary.requests}, failures {summary.failures} ({summary.failure_ratio:.2%}), "
+        f"{summary.rps:.1f} req/s, p50 {summary.p50_ms:.0f} ms, p95 {summary.p95_ms:.0f} ms, "
+        f"p99 {summary.p99_ms:.0f} ms, max {summary.max_ms:.0f} ms"
+    )
     if quality:
         print(f"captions correct: {quality['correct']}/{quality['checked']} ({quality['share_correct']:.1%})")
         if quality.get("model_versions"):
             print("captions by model version: " + ", ".join(f"{k}: {v}" for k, v in quality["model_versions"].items()))
     if endpoints and (endpoints["retried"] or len(endpoints["endpoints"]) > 1):
-        print(f"failover: {endpoints['retried']} requests retried; " + "; ".join(
-            f"{e['url']}: {e['ok']} ok, {e['failed']} failed" for e in endpoints["endpoints"]))
+        print(
+            f"failover: {endpoints['retried']} requests retried; "
+            + "; ".join(f"{e['url']}: {e['ok']} ok, {e['failed']} failed" for e in endpoints["endpoints"])
+        )
     print(f"reports: {prefix}.html, {prefix}_stats.csv, {prefix}_stats_history.csv, {prefix}.png")
     for p in problems:
         print(f"FAILED: {p}", file=sys.stderr)

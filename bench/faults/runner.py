@@ -12,15 +12,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from builder import seed_inception
 from builder.command import build_command
 from launcher.tritonserver import PROJECT_ROOT
 
-from ..variants import SEED_MAX_LENGTH
 from .harness import Launcher
 from .report import write
 from .scenarios import SCENARIOS
 
-SEED_PARAMS = {"max_length": SEED_MAX_LENGTH}
+SEED_PARAMS = {"max_length": seed_inception.MAX_LENGTH}
 BUILD_MODEL = {"default": "models/default", "seed-inception": "seed-inception"}  # build_engines --model
 
 

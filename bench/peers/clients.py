@@ -5,6 +5,7 @@ naive clients): each peer's own protocol, plus the batch sizes its batcher forme
 - LitServe: JsonImageClient, base64 image in JSON (LitServe parses the body as JSON);
 - MLServer: loadgen.TritonClient, the V2 gRPC request the Triton stack gets, unchanged.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,8 +26,9 @@ class JsonImageClient(HttpClient):
 
     def __init__(self, url: str, images: Sequence[bytes], parameters: dict | None = None):
         super().__init__(url, images, content_type="application/json")
-        self.images = [json.dumps({"image": base64.b64encode(b).decode(), "parameters": parameters or {}}).encode()
-                       for b in images]
+        self.images = [
+            json.dumps({"image": base64.b64encode(b).decode(), "parameters": parameters or {}}).encode() for b in images
+        ]
 
 
 class BatchStats:
@@ -50,8 +52,16 @@ class BatchStats:
 
     async def model_stats(self) -> dict[str, dict[str, float]]:
         batches, rows, ns = read_batch_logs(self.dir)
-        return {"peer": {"executions": float(batches), "inferences": float(rows), "requests": float(rows),
-                         "queue_ns": math.nan, "exec_compute_ns": float(ns), "request_compute_ns": float(ns)}}
+        return {
+            "peer": {
+                "executions": float(batches),
+                "inferences": float(rows),
+                "requests": float(rows),
+                "queue_ns": math.nan,
+                "exec_compute_ns": float(ns),
+                "request_compute_ns": float(ns),
+            }
+        }
 
 
 def client(name: str, server, images: Sequence[bytes], parameters: dict | None, batch_log_dir: str | Path):

@@ -4,6 +4,7 @@ port, a readiness wait, and teardown of its whole process tree.
 
 The command lines are spelled here once (`server_command`), the frameworks' settings
 in each server module's docstring."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,7 @@ import psutil
 
 from .venv import PEERS, ROOT
 
-MODULES = {"ray": "bench.peers.ray_server", "litserve": "bench.peers.litserve_server",
-           "mlserver": "bench.peers.mlserver_server"}
+MODULES = {"ray": "bench.peers.ray_server", "litserve": "bench.peers.litserve_server", "mlserver": "bench.peers.mlserver_server"}
 PROTOCOL = {"ray": "http", "litserve": "http", "mlserver": "grpc"}
 # The batcher's wait for company: none, the Triton stack's policy (a batch is whatever
 # queued while the last one ran), where the framework allows it; MLServer batches only
@@ -47,15 +47,36 @@ def batch_wait_ms(name: str, cfg: PeerConfig) -> float:
     return DEFAULT_BATCH_WAIT_MS[name] if cfg.batch_wait_ms is None else cfg.batch_wait_ms
 
 
-def server_command(name: str, python: str | Path, spec: str | Path, port: int, cfg: PeerConfig,
-                   batch_log_dir: str | Path | None = None, grpc_port: int | None = None) -> list[str]:
+def server_command(
+    name: str,
+    python: str | Path,
+    spec: str | Path,
+    port: int,
+    cfg: PeerConfig,
+    batch_log_dir: str | Path | None = None,
+    grpc_port: int | None = None,
+) -> list[str]:
     """The peer's command line. MLServer also needs `grpc_port` (it serves V2 over gRPC
     and its REST port, unused, on `port`)."""
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
-    cmd = [str(python), "-m", MODULES[name], "--spec", str(spec), "--port", str(port),
-           "--workers", str(cfg.workers), "--threads", str(cfg.threads),
-           "--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", f"{batch_wait_ms(name, cfg):g}"]
+    cmd = [
+        str(python),
+        "-m",
+        MODULES[name],
+        "--spec",
+        str(spec),
+        "--port",
+        str(port),
+        "--workers",
+        str(cfg.workers),
+        "--threads",
+        str(cfg.threads),
+        "--max-batch-size",
+        str(cfg.max_batch_size),
+        "--batch-wait-ms",
+        f"{batch_wait_ms(name, cfg):g}",
+    ]
     if PROTOCOL[name] == "grpc":
         if grpc_port is None:
             raise ValueError(f"{name} serves gRPC: give grpc_port")
@@ -91,9 +112,16 @@ def free_ports(n: int) -> list[int]:
 class PeerServer:
     """One peer in a subprocess; a context manager. `url` (HTTP peers) or `grpc_url`."""
 
-    def __init__(self, name: str, python: str | Path, spec: str | Path, cfg: PeerConfig = PeerConfig(),
-                 log_path: str | Path | None = None, batch_log_dir: str | Path | None = None,
-                 startup_timeout: float = 240.0):
+    def __init__(
+        self,
+        name: str,
+        python: str | Path,
+        spec: str | Path,
+        cfg: PeerConfig = PeerConfig(),
+        log_path: str | Path | None = None,
+        batch_log_dir: str | Path | None = None,
+        startup_timeout: float = 240.0,
+    ):
         self.name, self.python, self.spec, self.cfg = name, python, spec, cfg
         self.port, self.grpc_port = free_ports(2)
         self.log_path, self.batch_log_dir = log_path, batch_log_dir
@@ -111,15 +139,23 @@ class PeerServer:
 
     @property
     def command(self) -> list[str]:
-        return server_command(self.name, self.python, self.spec, self.port, self.cfg, self.batch_log_dir,
-                              self.grpc_port if PROTOCOL[self.name] == "grpc" else None)
+        return server_command(
+            self.name,
+            self.python,
+            self.spec,
+            self.port,
+            self.cfg,
+            self.batch_log_dir,
+            self.grpc_port if PROTOCOL[self.name] == "grpc" else None,
+        )
 
     def start(self) -> PeerServer:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # A session of its own: the peer's helpers (Ray's raylet and workers, MLServer's
         # pool) are torn down with it, and a Ctrl-C at the bench reaches the bench only.
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=server_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command, cwd=ROOT, env=server_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             self._wait_ready()
         except BaseException:

@@ -17,6 +17,7 @@ travels base64 in JSON: {"image": ..., "parameters": {...}} -> {"caption": ...}.
 batched loop fails a whole batch on an HTTPException, so a rejected image is answered
 in-band with HTTP 200 {"error": reason, "detail": ...}; GET /health is LitServe's own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,7 @@ class CaptionAPI(ls.LitAPI):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    api = CaptionAPI(a.spec, a.threads, a.batch_log_dir, max_batch_size=a.max_batch_size,
-                     batch_timeout=a.batch_wait_ms / 1e3)
+    api = CaptionAPI(a.spec, a.threads, a.batch_log_dir, max_batch_size=a.max_batch_size, batch_timeout=a.batch_wait_ms / 1e3)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=a.workers, timeout=300)
     server.run(host=a.host, port=a.port, log_level="warning", generate_client_file=False)
     return 0

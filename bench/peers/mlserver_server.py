@@ -19,6 +19,7 @@ sends the same parameters with every request. A rejected image is answered in-ba
 empty CAPTION and its reason in the ERROR output (one response per batch is split back
 per request, so one request cannot fail alone).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ class CaptionRuntime(MLModel):
         from bench.peers.pipeline import PeerSpec, Pipeline
 
         extra = self.settings.parameters.extra
-        self.pipe = Pipeline(PeerSpec.read(extra["spec"]), threads=int(extra["threads"]),
-                             batch_log_dir=extra.get("batch_log_dir"))
+        self.pipe = Pipeline(
+            PeerSpec.read(extra["spec"]), threads=int(extra["threads"]), batch_log_dir=extra.get("batch_log_dir")
+        )
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -60,10 +62,13 @@ class CaptionRuntime(MLModel):
         params = {k: v for k, v in given.items() if k in ACCEPTED} or None
         out = self.pipe(data, [params] * len(data))
         captions = np.array([[b"" if isinstance(o, Rejected) else o.encode()] for o in out], dtype=np.object_)
-        errors = np.array([[f"{o.reason}: {o.message}".encode() if isinstance(o, Rejected) else b""] for o in out],
-                          dtype=np.object_)
-        return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("CAPTION", captions),
-                                                                NumpyCodec.encode_output("ERROR", errors)])
+        errors = np.array(
+            [[f"{o.reason}: {o.message}".encode() if isinstance(o, Rejected) else b""] for o in out], dtype=np.object_
+        )
+        return InferenceResponse(
+            model_name=self.name,
+            outputs=[NumpyCodec.encode_output("CAPTION", captions), NumpyCodec.encode_output("ERROR", errors)],
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="parallel_workers (inference processes)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per engine in each worker")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_TIME_MS,
-                   help="max_batch_time in ms (> 0: MLServer does not batch at 0)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=DEFAULT_BATCH_TIME_MS,
+        help="max_batch_time in ms (> 0: MLServer does not batch at 0)",
+    )
     p.add_argument("--batch-log-dir", default=None, help="where each worker logs its batch sizes")
     a = p.parse_args(argv)
     if a.batch_wait_ms <= 0:
@@ -87,14 +96,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(a: argparse.Namespace):
     from mlserver.settings import ModelParameters, ModelSettings, Settings
 
-    server = Settings(host=a.host, http_port=a.port, grpc_port=a.grpc_port, parallel_workers=a.workers,
-                      metrics_endpoint=None, debug=False, load_models_at_startup=False,
-                      model_repository_root=tempfile.mkdtemp(prefix="mlserver-peer-"))
+    server = Settings(
+        host=a.host,
+        http_port=a.port,
+        grpc_port=a.grpc_port,
+        parallel_workers=a.workers,
+        metrics_endpoint=None,
+        debug=False,
+        load_models_at_startup=False,
+        model_repository_root=tempfile.mkdtemp(prefix="mlserver-peer-"),
+    )
     runtime = f"{__spec__.name if __spec__ else __name__}.CaptionRuntime"  # importable by the pool's workers
-    model = ModelSettings(name=MODEL_NAME, implementation=runtime, max_batch_size=a.max_batch_size,
-                          max_batch_time=a.batch_wait_ms / 1e3,
-                          parameters=ModelParameters(extra={"spec": str(Path(a.spec).resolve()), "threads": a.threads,
-                                                            "batch_log_dir": a.batch_log_dir}))
+    model = ModelSettings(
+        name=MODEL_NAME,
+        implementation=runtime,
+        max_batch_size=a.max_batch_size,
+        max_batch_time=a.batch_wait_ms / 1e3,
+        parameters=ModelParameters(
+            extra={"spec": str(Path(a.spec).resolve()), "threads": a.threads, "batch_log_dir": a.batch_log_dir}
+        ),
+    )
     return server, model
 
 
@@ -103,8 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     from mlserver import MLServer
 
     server, model = settings(a)
-    print(json.dumps({"parallel_workers": server.parallel_workers, "max_batch_size": model.max_batch_size,
-                      "max_batch_time": model.max_batch_time}), flush=True)
+    print(
+        json.dumps(
+            {
+                "parallel_workers": server.parallel_workers,
+                "max_batch_size": model.max_batch_size,
+                "max_batch_time": model.max_batch_time,
+            }
+        ),
+        flush=True,
+    )
 
     async def serve() -> None:  # MLServer's inference pool starts tasks: build it inside the loop
         await MLServer(server).start([model])

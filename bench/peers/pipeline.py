@@ -13,6 +13,7 @@ The bench (project venv, torch available) writes a PeerSpec as JSON from the che
 and the variant's built paths; a peer (its own venv: numpy, Pillow and the runtimes, no
 torch) reads it. Nothing here imports a peer framework.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,15 +79,19 @@ class Pipeline:
     framework's max_batch_size; the engines run with `threads` intra-op threads."""
 
     def __init__(self, spec: PeerSpec, threads: int = 1, batch_log_dir: str | Path | None = None):
-        enc_settings = rt.EngineSettings(runtime=spec.runtime, threads=threads,
-                                         inference_precision=spec.inference_precision, cache_dir=spec.cache_dir)
+        enc_settings = rt.EngineSettings(
+            runtime=spec.runtime, threads=threads, inference_precision=spec.inference_precision, cache_dir=spec.cache_dir
+        )
         engine = rt.load(spec.encoder, enc_settings)
         self.defaults = DecodeDefaults(spec.max_length, spec.length_penalty)
-        pre = Preprocessor(cfg=PreprocessConfig.from_dict(spec.preprocess), limits=Limits(), defaults=self.defaults,
-                           normalise=rt.input_dtype(engine, "image") != np.uint8)
+        pre = Preprocessor(
+            cfg=PreprocessConfig.from_dict(spec.preprocess),
+            limits=Limits(),
+            defaults=self.defaults,
+            normalise=rt.input_dtype(engine, "image") != np.uint8,
+        )
         self.encoder = ImageEncoder(pre, engine)
-        step = rt.load(spec.decoder, rt.EngineSettings(runtime=spec.step_runtime, threads=threads,
-                                                       cache_dir=spec.cache_dir))
+        step = rt.load(spec.decoder, rt.EngineSettings(runtime=spec.step_runtime, threads=threads, cache_dir=spec.cache_dir))
         self.step = onnx_step(step)
         self.vocab = Vocabulary(spec.vocab)
         # One line per batch ("rows compute_ns"): what the framework's batcher formed, read by
@@ -96,8 +101,9 @@ class Pipeline:
             Path(batch_log_dir).mkdir(parents=True, exist_ok=True)
             self._log = open(Path(batch_log_dir) / f"batches-{os.getpid()}.log", "a", buffering=1)
 
-    def __call__(self, images: Sequence[bytes], parameters: Sequence[Mapping[str, Any] | None] | None = None
-                 ) -> list[str | Rejected]:
+    def __call__(
+        self, images: Sequence[bytes], parameters: Sequence[Mapping[str, Any] | None] | None = None
+    ) -> list[str | Rejected]:
         parameters = list(parameters) if parameters is not None else [None] * len(images)
         if len(parameters) != len(images):
             raise ValueError(f"{len(images)} images but {len(parameters)} parameter maps")
@@ -135,4 +141,3 @@ def read_batch_logs(batch_log_dir: str | Path) -> tuple[int, int, int]:
             if len(parts) == 2:  # a line being written is skipped until complete
                 batches, rows, ns = batches + 1, rows + int(parts[0]), ns + int(parts[1])
     return batches, rows, ns
-

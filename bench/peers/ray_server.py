@@ -19,6 +19,7 @@ Routes: POST /caption (raw image bytes; query parameters = the request parameter
 e.g. max_length) -> {"caption": ...}, or HTTP 400 {"error": reason, "detail": ...};
 GET /health -> {"ok": true} once a replica answers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,7 @@ def build_app(a: argparse.Namespace):
 
     from captioner.serving import Rejected
 
-    @serve.deployment(num_replicas=a.workers, ray_actor_options={"num_cpus": 1},
-                      max_ongoing_requests=2 * a.max_batch_size)
+    @serve.deployment(num_replicas=a.workers, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * a.max_batch_size)
     class Captioner:
         def __init__(self):
             from bench.peers.pipeline import PeerSpec, Pipeline
@@ -76,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=a.workers, include_dashboard=False, object_store_memory=80 * 2**20,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}, log_to_driver=False)
+    ray.init(
+        num_cpus=a.workers,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+        log_to_driver=False,
+    )
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(build_app(a), name="captioner", route_prefix="/")
     stop = threading.Event()

@@ -1,6 +1,7 @@
 """The side-by-side table and plots of the Triton stack, the peers, the naive server and
 the in-process bound, per model and variant the peers served (reports/bench.md and
 bench_peers_<model>.png)."""
+
 from __future__ import annotations
 
 import math
@@ -44,24 +45,37 @@ def concurrencies(results: dict, model: str, variant: str) -> list[int]:
 
 def side_by_side(results: dict) -> str:
     cores = results.get("cores", 1)
-    head = ("| model | variant | clients | stack | captions/s | p50 ms | p99 ms | server CPU ms/caption | mean batch | "
-            "peak RSS MiB | peak PSS MiB |")
+    head = (
+        "| model | variant | clients | stack | captions/s | p50 ms | p99 ms | server CPU ms/caption | mean batch | "
+        "peak RSS MiB | peak PSS MiB |"
+    )
     lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model, variant in served(results):
         best = inprocess_best(results, model, variant)
         if best:
             cpu_ms = best["cpu"] * cores / best["captions_per_s"] * 1e3 if best.get("cpu") else None
-            lines.append(f"| {model} | {variant} | - | in-process bound (batch {best['batch_size']}) | "
-                         f"{best['captions_per_s']:.1f} | - | - | {_f(cpu_ms, '{:.2f}')} | {best['batch_size']} | - | - |")
+            lines.append(
+                f"| {model} | {variant} | - | in-process bound (batch {best['batch_size']}) | "
+                f"{best['captions_per_s']:.1f} | - | - | {_f(cpu_ms, '{:.2f}')} | {best['batch_size']} | - | - |"
+            )
         for c in concurrencies(results, model, variant):
             rows = [level(results, model, st, variant, c) for st in ("triton", *PEER_STACKS)]
-            rows.append(next((lv for lv in results.get("levels", []) if lv["model"] == model and lv["stack"] == "naive"
-                              and lv["concurrency"] == c), None))
+            rows.append(
+                next(
+                    (
+                        lv
+                        for lv in results.get("levels", [])
+                        if lv["model"] == model and lv["stack"] == "naive" and lv["concurrency"] == c
+                    ),
+                    None,
+                )
+            )
             for lv in filter(None, rows):
                 lines.append(
                     f"| {model} | {variant} | {c} | {STACK_NAMES.get(lv['stack'], lv['stack'])} | {_f(lv['throughput'])} | "
                     f"{_f(lv['p50_ms'])} | {_f(lv['p99_ms'])} | {_f(server_cpu_ms(lv, cores), '{:.2f}')} | "
-                    f"{_f(mean_batch(lv))} | {_f(lv.get('peak_rss_mib'), '{:.0f}')} | {_f(lv.get('peak_pss_mib'), '{:.0f}')} |")
+                    f"{_f(mean_batch(lv))} | {_f(lv.get('peak_rss_mib'), '{:.0f}')} | {_f(lv.get('peak_pss_mib'), '{:.0f}')} |"
+                )
     return "\n".join(lines)
 
 
@@ -88,9 +102,12 @@ def plots(results: dict, out: Path) -> list[Path]:
     for model in dict.fromkeys(m for m, _ in served(results)):
         variants = [v for m, v in served(results) if m == model]
         fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
-        panels = (("captions / s", lambda lv: lv["throughput"]), ("p99 latency (ms)", lambda lv: lv["p99_ms"]),
-                  ("server CPU ms / caption", lambda lv: server_cpu_ms(lv, cores)),
-                  ("peak PSS (MiB)", lambda lv: lv.get("peak_pss_mib")))
+        panels = (
+            ("captions / s", lambda lv: lv["throughput"]),
+            ("p99 latency (ms)", lambda lv: lv["p99_ms"]),
+            ("server CPU ms / caption", lambda lv: server_cpu_ms(lv, cores)),
+            ("peak PSS (MiB)", lambda lv: lv.get("peak_pss_mib")),
+        )
         cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         stacks = ("triton", *PEER_STACKS, "naive")
         for ax, (ylabel, get) in zip(axes, panels):
@@ -99,9 +116,18 @@ def plots(results: dict, out: Path) -> list[Path]:
                 for si, st in enumerate(stacks):
                     pts = []
                     for c in cs:
-                        lv = (level(results, model, st, variant, c) if st != "naive" else
-                              next((x for x in results.get("levels", []) if x["model"] == model and x["stack"] == "naive"
-                                    and x["concurrency"] == c), None))
+                        lv = (
+                            level(results, model, st, variant, c)
+                            if st != "naive"
+                            else next(
+                                (
+                                    x
+                                    for x in results.get("levels", [])
+                                    if x["model"] == model and x["stack"] == "naive" and x["concurrency"] == c
+                                ),
+                                None,
+                            )
+                        )
                         y = get(lv) if lv else None
                         if y is not None and not (isinstance(y, float) and math.isnan(y)):
                             pts.append((c, y))
@@ -110,8 +136,13 @@ def plots(results: dict, out: Path) -> list[Path]:
                         ax.plot(*zip(*pts), ["o-", "s--", "^:"][vi % 3], color=cycle[si % len(cycle)], label=label)
                 best = inprocess_best(results, model, variant)
                 if best and ylabel.startswith("captions"):
-                    ax.axhline(best["captions_per_s"], ls="--", color="grey", alpha=0.6 + 0.2 * vi,
-                               label=f"in-process bound {variant} ({best['captions_per_s']:.0f}/s)")
+                    ax.axhline(
+                        best["captions_per_s"],
+                        ls="--",
+                        color="grey",
+                        alpha=0.6 + 0.2 * vi,
+                        label=f"in-process bound {variant} ({best['captions_per_s']:.0f}/s)",
+                    )
             ax.set_xscale("log", base=2)
             xs = sorted({c for v in variants for c in concurrencies(results, model, v)})
             ax.set_xticks(xs, [str(x) for x in xs])

@@ -3,6 +3,7 @@ use) serves the variant's built graphs (bench.engines.served_paths: the runtime 
 precision the Triton stack serves), is checked against the in-process captions, then
 gets the same closed-loop levels as the Triton stack and the naive server
 (bench.stacks.run_levels over bench/loadgen.py) at --peer-concurrency."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,20 +30,30 @@ def peer_spec(spec: ModelSpec, paths: dict, max_batch_size: int, cache_dir: Path
     from captioner import checkpoint as ckpt_mod
 
     ck = ckpt_mod.load(spec.checkpoint)
-    return PeerSpec(encoder=str(paths["encoder"]), decoder=str(paths["decoder"]), runtime=paths["runtime"],
-                    step_runtime=paths["step_runtime"], inference_precision=paths["inference_precision"],
-                    vocab=ck.vocab.to_list(), preprocess=ck.preprocess.to_dict(), max_length=int(ck.args.max_length),
-                    length_penalty=float(ck.decoding.get("length_penalty", 0.7)), max_batch_size=max_batch_size,
-                    cache_dir=str(cache_dir))
+    return PeerSpec(
+        encoder=str(paths["encoder"]),
+        decoder=str(paths["decoder"]),
+        runtime=paths["runtime"],
+        step_runtime=paths["step_runtime"],
+        inference_precision=paths["inference_precision"],
+        vocab=ck.vocab.to_list(),
+        preprocess=ck.preprocess.to_dict(),
+        max_length=int(ck.args.max_length),
+        length_penalty=float(ck.decoding.get("length_penalty", 0.7)),
+        max_batch_size=max_batch_size,
+        cache_dir=str(cache_dir),
+    )
 
 
 def peer_config(a: argparse.Namespace) -> PeerConfig:
-    return PeerConfig(workers=a.peer_workers, threads=a.peer_threads, max_batch_size=a.max_batch_size,
-                      batch_wait_ms=a.peer_batch_wait_ms)
+    return PeerConfig(
+        workers=a.peer_workers, threads=a.peer_threads, max_batch_size=a.max_batch_size, batch_wait_ms=a.peer_batch_wait_ms
+    )
 
 
-def parity(name: str, server: PeerServer, spec: ModelSpec, variant: str, paths: dict, images: list[bytes],
-           batch_dir: Path, n: int = 8) -> str:
+def parity(
+    name: str, server: PeerServer, spec: ModelSpec, variant: str, paths: dict, images: list[bytes], batch_dir: Path, n: int = 8
+) -> str:
     """The peer must be doing the in-process work: the same captions for a few images."""
     expected = captioner(spec, paths, threads=1).caption_bytes(images[:n])
 
@@ -65,21 +76,24 @@ def run_peer(s: Session, spec: ModelSpec, name: str, variant: str, paths: dict) 
         setups.setdefault(name, {"setup_s": None, "version": env.version})
     d = s.work / spec.name
     spec_path = peer_spec(spec, paths, a.max_batch_size, d / "peer-openvino-cache").write(
-        d / f"peer-{variant.replace(' ', '-')}.json")
+        d / f"peer-{variant.replace(' ', '-')}.json"
+    )
     batch_dir = d / f"peer-batches-{name}-{variant.replace(' ', '-')}"
     shutil.rmtree(batch_dir, ignore_errors=True)
     cfg = peer_config(a)
     s.results["config"].setdefault("peers", {})[name] = (
         f"{env.version}: {cfg.workers} worker processes x {cfg.threads} intra-op thread(s), max batch "
-        f"{cfg.max_batch_size}, batch wait {batch_wait_ms(name, cfg):g} ms; own venv .peers/{name}")
+        f"{cfg.max_batch_size}, batch wait {batch_wait_ms(name, cfg):g} ms; own venv .peers/{name}"
+    )
     log = s.out / f"peer-{name}-{spec.name}-{variant.replace(' ', '-')}.log"
     log.unlink(missing_ok=True)
     s.bar.set_postfix_str(f"{spec.name} {name} {variant}: start")
     with PeerServer(name, env.python, spec_path, cfg, log_path=log, batch_log_dir=batch_dir) as server:
         s.note(parity(name, server, spec, variant, paths, s.images, batch_dir))
         levels = dataclasses.replace(s, a=argparse.Namespace(**{**vars(a), "concurrency": a.peer_concurrency}))
-        run_levels(levels, spec, name, variant, lambda: clients.client(name, server, s.images, spec.params, batch_dir),
-                   server.pids)
+        run_levels(
+            levels, spec, name, variant, lambda: clients.client(name, server, s.images, spec.params, batch_dir), server.pids
+        )
 
 
 def run_peers(s: Session, spec: ModelSpec, variant: str, paths: dict) -> None:
@@ -102,21 +116,43 @@ def add_arguments(p: argparse.ArgumentParser, env=None) -> None:
     def csv(cast):
         return lambda text: [cast(x) for x in text.split(",") if x.strip()]
 
-    p.add_argument("--peers", type=csv(str), default=csv(str)(env("BENCH_PEERS", ",".join(venv.PEERS))),
-                   help=f"peer servers to run beside Triton: any of {','.join(venv.PEERS)}, or 'none' "
-                        "(each gets its own venv under .peers/ on first use)")
-    p.add_argument("--peer-concurrency", type=csv(int),
-                   default=csv(int)(env("BENCH_PEER_CONCURRENCY", ",".join(map(str, DEFAULT_CONCURRENCY)))),
-                   help="client counts for the peers")
-    p.add_argument("--peer-workers", type=int, default=int(env("BENCH_PEER_WORKERS", "2")),
-                   help="worker processes / replicas per peer (default 2: one per core)")
-    p.add_argument("--peer-threads", type=int, default=int(env("BENCH_PEER_THREADS", "1")),
-                   help="intra-op threads per engine in each peer worker")
-    p.add_argument("--peer-batch-wait-ms", type=float, default=float(env("BENCH_PEER_BATCH_WAIT_MS", "-1")),
-                   help="the peers' batch wait (default: none where the framework allows, MLServer 1 ms)")
-    p.add_argument("--peer-variants", default=env("BENCH_PEER_VARIANTS", "auto"),
-                   help="variants the peers serve: auto (the build's fp32 choice and the best in-process "
-                        "variant), fp32, or runtime:precision list")
+    p.add_argument(
+        "--peers",
+        type=csv(str),
+        default=csv(str)(env("BENCH_PEERS", ",".join(venv.PEERS))),
+        help=f"peer servers to run beside Triton: any of {','.join(venv.PEERS)}, or 'none' "
+        "(each gets its own venv under .peers/ on first use)",
+    )
+    p.add_argument(
+        "--peer-concurrency",
+        type=csv(int),
+        default=csv(int)(env("BENCH_PEER_CONCURRENCY", ",".join(map(str, DEFAULT_CONCURRENCY)))),
+        help="client counts for the peers",
+    )
+    p.add_argument(
+        "--peer-workers",
+        type=int,
+        default=int(env("BENCH_PEER_WORKERS", "2")),
+        help="worker processes / replicas per peer (default 2: one per core)",
+    )
+    p.add_argument(
+        "--peer-threads",
+        type=int,
+        default=int(env("BENCH_PEER_THREADS", "1")),
+        help="intra-op threads per engine in each peer worker",
+    )
+    p.add_argument(
+        "--peer-batch-wait-ms",
+        type=float,
+        default=float(env("BENCH_PEER_BATCH_WAIT_MS", "-1")),
+        help="the peers' batch wait (default: none where the framework allows, MLServer 1 ms)",
+    )
+    p.add_argument(
+        "--peer-variants",
+        default=env("BENCH_PEER_VARIANTS", "auto"),
+        help="variants the peers serve: auto (the build's fp32 choice and the best in-process "
+        "variant), fp32, or runtime:precision list",
+    )
 
 
 def check_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -143,8 +179,13 @@ def chosen_variants(results: dict, model: str, labels: list[str], choice: str) -
     fp32 = [x for x in labels if x.split()[-1] == "fp32"]
     picked = [x for x in fp32 if info.get(f"{model} {x}", {}).get("auto_choice")][:1] or fp32[:1]
     if choice == "auto":
-        bounds = {x: max((r["captions_per_s"] for r in results.get("inprocess", [])
-                          if r["model"] == model and r["variant"] == x), default=None) for x in labels}
+        bounds = {
+            x: max(
+                (r["captions_per_s"] for r in results.get("inprocess", []) if r["model"] == model and r["variant"] == x),
+                default=None,
+            )
+            for x in labels
+        }
         measured = {x: b for x, b in bounds.items() if b is not None}
         if measured:
             best = max(measured, key=measured.__getitem__)

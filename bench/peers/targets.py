@@ -10,6 +10,7 @@ T2 at 1 client, for each model and variant: the Triton stack's p50 <= 1.2 x the 
 
 The table beside them: per model, variant and client count, each stack's throughput,
 p50, p99, server CPU-ms per caption and peak memory (bench/peers/report.py)."""
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,16 @@ def level(results: dict, model: str, stack: str, variant: str, concurrency: int)
     return None
 
 
-def best_peer(results: dict, model: str, variant: str, concurrency: int, key: str = "throughput",
-              lowest: bool = False) -> dict | None:
-    rows = [lv for lv in peer_levels(results) if (lv["model"], lv["variant"], lv["concurrency"]) ==
-            (model, variant, concurrency) and _ok(lv.get(key)) and lv.get("completed", 1) > 0]
+def best_peer(
+    results: dict, model: str, variant: str, concurrency: int, key: str = "throughput", lowest: bool = False
+) -> dict | None:
+    rows = [
+        lv
+        for lv in peer_levels(results)
+        if (lv["model"], lv["variant"], lv["concurrency"]) == (model, variant, concurrency)
+        and _ok(lv.get(key))
+        and lv.get("completed", 1) > 0
+    ]
     if not rows:
         return None
     return (min if lowest else max)(rows, key=lambda lv: lv[key])
@@ -86,8 +93,13 @@ def t1(results: dict, bound_of) -> list[PeerTarget]:
     """`bound_of(model, variant)` -> the in-process bound (captions/s) or None."""
     out = []
     for model, variant in served(results):
-        cs = sorted({lv["concurrency"] for lv in peer_levels(results) if (lv["model"], lv["variant"]) == (model, variant)
-                     and lv["concurrency"] >= T1_MIN_CONCURRENCY})
+        cs = sorted(
+            {
+                lv["concurrency"]
+                for lv in peer_levels(results)
+                if (lv["model"], lv["variant"]) == (model, variant) and lv["concurrency"] >= T1_MIN_CONCURRENCY
+            }
+        )
         for c in cs:
             name = f"T1 {model} {variant} at {c} clients"
             peer = best_peer(results, model, variant, c)
@@ -99,10 +111,17 @@ def t1(results: dict, bound_of) -> list[PeerTarget]:
             goal, why = t1_goal(peer["throughput"], bound)
             fast = tri["throughput"] >= goal
             tail = _ok(tri["p99_ms"]) and tri["p99_ms"] <= peer["p99_ms"]
-            out.append(PeerTarget(name, fast and tail, (
-                f"Triton {tri['throughput']:.1f}/s vs goal {goal:.1f}/s ({why}; best peer {peer['stack']} "
-                f"{peer['throughput']:.1f}/s, bound {'-' if bound is None else f'{bound:.1f}/s'}); "
-                f"p99 {tri['p99_ms']:.0f} vs {peer['p99_ms']:.0f} ms{_others(tri, peer)}")))
+            out.append(
+                PeerTarget(
+                    name,
+                    fast and tail,
+                    (
+                        f"Triton {tri['throughput']:.1f}/s vs goal {goal:.1f}/s ({why}; best peer {peer['stack']} "
+                        f"{peer['throughput']:.1f}/s, bound {'-' if bound is None else f'{bound:.1f}/s'}); "
+                        f"p99 {tri['p99_ms']:.0f} vs {peer['p99_ms']:.0f} ms{_others(tri, peer)}"
+                    ),
+                )
+            )
     return out
 
 
@@ -116,7 +135,14 @@ def t2(results: dict) -> list[PeerTarget]:
             out.append(PeerTarget(name, None, "Triton or every peer missing at 1 client"))
             continue
         goal = T2_FACTOR * peer["p50_ms"]
-        out.append(PeerTarget(name, _ok(tri["p50_ms"]) and tri["p50_ms"] <= goal, (
-            f"Triton p50 {tri['p50_ms']:.1f} ms vs goal <= {goal:.1f} ms ({T2_FACTOR:g} x {peer['stack']} "
-            f"{peer['p50_ms']:.1f} ms){_others(tri, peer)}")))
+        out.append(
+            PeerTarget(
+                name,
+                _ok(tri["p50_ms"]) and tri["p50_ms"] <= goal,
+                (
+                    f"Triton p50 {tri['p50_ms']:.1f} ms vs goal <= {goal:.1f} ms ({T2_FACTOR:g} x {peer['stack']} "
+                    f"{peer['p50_ms']:.1f} ms){_others(tri, peer)}"
+                ),
+            )
+        )
     return out

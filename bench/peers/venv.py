@@ -10,6 +10,7 @@ test` must not install a distributed runtime to test a captioner.
 
     python -m bench.peers.venv ray litserve mlserver   # make (or check) the three venvs
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,7 @@ def requirements_file(name: str) -> Path:
 
 
 def _pins(path: Path) -> list[str]:
-    return [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()
-            if line.split("#", 1)[0].strip()]
+    return [line.split("#", 1)[0].strip() for line in path.read_text().splitlines() if line.split("#", 1)[0].strip()]
 
 
 def shared_pins(project_requirements: Path = ROOT / "requirements.txt") -> list[str]:
@@ -123,14 +123,16 @@ def ensure(name: str, root: Path = VENV_ROOT, log: Path | None = None) -> Venv:
         for cmd in create_commands(name, root):
             rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
             if rc != 0:
-                raise RuntimeError(f"peer venv {name}: {' '.join(cmd[:6])} ... exited {rc}"
-                                   + (f"; its log: {log}" if log else ""))
+                raise RuntimeError(
+                    f"peer venv {name}: {' '.join(cmd[:6])} ... exited {rc}" + (f"; its log: {log}" if log else "")
+                )
     finally:
         if out:
             out.close()
     setup_s = round(time.monotonic() - t0, 1)
-    (venv_dir(name, root) / STAMP).write_text(json.dumps({"fingerprint": fingerprint(name), "setup_s": setup_s,
-                                                          "requirements": requirements(name)}, indent=1))
+    (venv_dir(name, root) / STAMP).write_text(
+        json.dumps({"fingerprint": fingerprint(name), "setup_s": setup_s, "requirements": requirements(name)}, indent=1)
+    )
     return Venv(name, python(name, root), setup_s)
 
 

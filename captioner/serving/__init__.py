@@ -4,6 +4,7 @@ Each model.py only moves tensors between Triton and these functions, so everythi
 that decides an answer (parameter validation, decoding images, batching, decoding
 captions, error messages) is reachable by unit tests without a server.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

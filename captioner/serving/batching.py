@@ -1,7 +1,8 @@
 """Stack the rows of many requests into one batch and split results back."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

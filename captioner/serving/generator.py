@@ -6,10 +6,11 @@ captioner.decoding.decode (the reference's own loop), so the server produces exa
 what the in-process reference produces. Requests with different parameters (beam
 size, max length, temperature) decode in separate groups within the same execution.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

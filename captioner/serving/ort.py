@@ -1,9 +1,10 @@
 """onnxruntime sessions for the Python-backend models, tuned from the model config."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class OrtSettings:
     spinning: bool = False
 
     @classmethod
-    def from_config(cls, params: Mapping[str, str]) -> "OrtSettings":
+    def from_config(cls, params: Mapping[str, str]) -> OrtSettings:
         return cls(
             intra_op_threads=int(params.get("intra_op_threads", cls.intra_op_threads)),
             spinning=str(params.get("allow_spinning", "0")).lower() in ("1", "true", "yes"),

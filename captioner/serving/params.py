@@ -5,12 +5,14 @@ Triton hands every composing Python model the same JSON map. `preprocess` reject
 bad one before any work is done and `caption_generator` parses the same map again
 with the same function, so both always agree.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..decoding import DecodeParams
 
@@ -29,7 +31,7 @@ class DecodeDefaults:
     length_penalty: float = 0.7
 
     @classmethod
-    def from_config(cls, params: Mapping[str, str]) -> "DecodeDefaults":
+    def from_config(cls, params: Mapping[str, str]) -> DecodeDefaults:
         return cls(int(params["max_length"]), float(params["length_penalty"]))
 
 
@@ -92,9 +94,7 @@ def decode_params(raw: str | Mapping[str, Any] | None, defaults: DecodeDefaults)
     beam = _as_int("beam_size", given["beam_size"]) if "beam_size" in given else 1
     length = _as_int("max_length", given["max_length"]) if "max_length" in given else defaults.max_length
     temperature = _as_float("temperature", given["temperature"]) if "temperature" in given else None
-    params = DecodeParams(
-        beam_size=beam, max_length=length, temperature=temperature, length_penalty=defaults.length_penalty
-    )
+    params = DecodeParams(beam_size=beam, max_length=length, temperature=temperature, length_penalty=defaults.length_penalty)
     try:
         return params.validate()
     except ValueError as e:

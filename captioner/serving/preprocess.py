@@ -4,10 +4,12 @@ Decoding goes through captioner.preprocess (the function training uses), one ima
 a time because each may fail on its own; normalisation then runs once over every good
 image of the whole Triton batch, and the result is split back per request.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

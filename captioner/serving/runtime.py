@@ -13,15 +13,16 @@ chosen at build time and named in config.pbtxt parameters.
 `choose` picks the faster runtime from timings taken on the build machine; nothing here
 imports Triton, so all of it is unit-tested without a server.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class EngineSettings:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     @classmethod
-    def from_config(cls, params: Mapping[str, str], version_dir: str | Path | None = None) -> "EngineSettings":
+    def from_config(cls, params: Mapping[str, str], version_dir: str | Path | None = None) -> EngineSettings:
         """From config.pbtxt parameters: `runtime`, `intra_op_threads`, `inference_precision`,
         `allow_spinning`; the OpenVINO cache lives in the model's version directory unless
         `cache_dir` names another (an absolute path, e.g. when the repository is read-only)."""
@@ -73,8 +74,7 @@ class EngineSettings:
 
     def config_parameters(self) -> dict[str, str]:
         """The inverse of from_config (cache_dir excluded: it follows the repository)."""
-        return {"runtime": self.runtime, "intra_op_threads": str(self.threads),
-                "inference_precision": self.inference_precision}
+        return {"runtime": self.runtime, "intra_op_threads": str(self.threads), "inference_precision": self.inference_precision}
 
 
 def cpu_flags() -> set[str]:
@@ -122,7 +122,7 @@ def writable_cache_dir(wanted: str | Path) -> str | None:
         base.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    for blob in (wanted.iterdir() if wanted.is_dir() else ()):
+    for blob in wanted.iterdir() if wanted.is_dir() else ():
         target = base / blob.name
         if blob.is_file() and not target.exists():
             partial = base / f".{blob.name}.{os.getpid()}"
@@ -208,8 +208,14 @@ def input_dtype(engine, name: str) -> np.dtype:
 # --- choosing at build time ---------------------------------------------------------------
 
 
-def throughput(engine, feed: Mapping[str, np.ndarray], rows: int, min_seconds: float = 0.5, min_runs: int = 3,
-               clock: Callable[[], float] = time.perf_counter) -> float:
+def throughput(
+    engine,
+    feed: Mapping[str, np.ndarray],
+    rows: int,
+    min_seconds: float = 0.5,
+    min_runs: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Rows per second of `engine.run(None, feed)` after one warm-up run."""
     engine.run(None, feed)
     runs, t0 = 0, clock()

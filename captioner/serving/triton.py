@@ -1,6 +1,7 @@
 """Glue shared by the Python-backend models. The Triton module
 `triton_python_backend_utils` is passed in (it exists only inside the stub), which
 keeps this file importable and testable anywhere."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from . import Rejected
 from .batching import run_batched
@@ -51,8 +53,9 @@ class ExecuteClock:
             (Path(folder) / ALIVE_DIR).mkdir(exist_ok=True)
             beat_fd = os.open(Path(folder) / ALIVE_DIR / instance, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(beat_fd, _stamp(os.getpid()), 0)  # never an empty file, even before the thread runs
-            self._beating = threading.Thread(target=self._beat, args=(beat_fd, heartbeat_s),
-                                             name=f"heartbeat-{instance}", daemon=True)
+            self._beating = threading.Thread(
+                target=self._beat, args=(beat_fd, heartbeat_s), name=f"heartbeat-{instance}", daemon=True
+            )
             self._beating.start()
 
     def _beat(self, fd: int, every_s: float) -> None:
@@ -64,10 +67,10 @@ class ExecuteClock:
             os.close(fd)
 
     @classmethod
-    def from_args(cls, args: Mapping[str, str]) -> "ExecuteClock":
+    def from_args(cls, args: Mapping[str, str]) -> ExecuteClock:
         return cls(args["model_instance_name"])
 
-    def __enter__(self) -> "ExecuteClock":
+    def __enter__(self) -> ExecuteClock:
         if self._fd is not None:
             os.pwrite(self._fd, _stamp(os.getpid()), 0)
         return self
@@ -179,7 +182,7 @@ def _batched(pb_utils, requests, run, inputs: list[str], outputs: list[str], mod
     ]
 
 
-def image_responses(pb_utils, requests, run, outputs: tuple[str, ...], metrics: "RejectMetrics", model: str) -> list:
+def image_responses(pb_utils, requests, run, outputs: tuple[str, ...], metrics: RejectMetrics, model: str) -> list:
     """The front model's execute (split or fused layout): every request's IMAGE through
     `run(images, parameters)`, which gives per request its output arrays (one array or a
     tuple, in `outputs` order) or a Rejected; rejections are counted and answered

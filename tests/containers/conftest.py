@@ -1,6 +1,7 @@
 """The container tests run the built images (make image) as the pod runs them. They take
 minutes, so `make test` leaves them out and `make test-containers` runs them (it sets
 CAPTIONER_CONTAINER_TESTS=1 and builds the images first)."""
+
 from __future__ import annotations
 
 import os

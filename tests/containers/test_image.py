@@ -8,6 +8,7 @@ captions over gRPC, bad input refused, the pod's probes, a killed stub repaired,
 reaped by PID 1, and `podman stop` draining with nothing accepted lost. The tests run in
 file order on one container; the last one stops it.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ from launcher.tritonserver import PROJECT_ROOT, free_ports
 
 DEPLOYMENT = PROJECT_ROOT / "deploy" / "k8s" / "base" / "deployment.yaml"
 START_TIMEOUT_S = 180
-PS = ("import json, psutil; print(json.dumps([p.info for p in psutil.process_iter("
-      "['pid', 'ppid', 'status', 'cmdline', 'uids', 'gids'])]))")
+PS = (
+    "import json, psutil; print(json.dumps([p.info for p in psutil.process_iter("
+    "['pid', 'ppid', 'status', 'cmdline', 'uids', 'gids'])]))"
+)
 
 
 def _pod_container() -> dict:
@@ -48,9 +51,14 @@ class Served:
         # args and environment, as the kubelet would start it.
         pod = _pod_container()
         env = {e["name"]: e["value"] for e in pod.get("env", [])}
-        self.run = (self.podman + ["run", "-d", "--entrypoint", json.dumps(pod["command"][:1])]
-                    + pod_run_args(None, name=name, publish=self.ports, shm=shm, memory=memory, volume=volume, env=env)
-                    + [image] + pod["command"][1:] + pod["args"])
+        self.run = (
+            self.podman
+            + ["run", "-d", "--entrypoint", json.dumps(pod["command"][:1])]
+            + pod_run_args(None, name=name, publish=self.ports, shm=shm, memory=memory, volume=volume, env=env)
+            + [image]
+            + pod["command"][1:]
+            + pod["args"]
+        )
 
     def start(self) -> Served:
         subprocess.run(self.podman + ["rm", "-f", "-t", "0", self.name], capture_output=True)
@@ -77,8 +85,9 @@ class Served:
             return False
 
     def inspect(self, fmt: str) -> str:
-        return subprocess.run(self.podman + ["inspect", "--format", fmt, self.name], capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            self.podman + ["inspect", "--format", fmt, self.name], capture_output=True, text=True
+        ).stdout.strip()
 
     def running(self) -> bool:
         return self.inspect("{{.State.Running}}") == "true"
@@ -100,8 +109,12 @@ class Served:
 
 
 def _stubs(procs: list[dict], model: str = "") -> list[dict]:
-    return [p for p in procs if "triton_python_backend_stub" in " ".join(p["cmdline"] or [])
-            and f"{MODELS_DIR}/{model}" in " ".join(p["cmdline"] or [])]
+    return [
+        p
+        for p in procs
+        if "triton_python_backend_stub" in " ".join(p["cmdline"] or [])
+        and f"{MODELS_DIR}/{model}" in " ".join(p["cmdline"] or [])
+    ]
 
 
 def _tritonserver(procs: list[dict]) -> dict:
@@ -173,10 +186,10 @@ print(json.dumps({p: writable(p) for p in ("/", "/opt/captioner", "/tmp", "/dev/
     fs = json.loads(checks)
     assert fs["/"] == fs["/opt/captioner"] == fs["/mnt/models"] == "EROFS"  # read-only root and repository
     assert fs["/tmp"] == fs["/dev/shm"] == "yes"
-    assert fs["mounts"]["/tmp"][0] == "tmpfs" and fs["tmp_bytes"] == 256 * 2 ** 20
+    assert fs["mounts"]["/tmp"][0] == "tmpfs" and fs["tmp_bytes"] == 256 * 2**20
     assert fs["mounts"]["/mnt/models"][1].startswith("ro")
     assert fs["shm_bytes"] == volume[1]["shm"]["bytes"]
-    assert int(served.inspect("{{.HostConfig.Memory}}")) == int(POD_MEMORY.rstrip("g")) * 2 ** 30
+    assert int(served.inspect("{{.HostConfig.Memory}}")) == int(POD_MEMORY.rstrip("g")) * 2**30
 
 
 def test_captions_are_correct_over_grpc_from_the_host(served):
@@ -184,8 +197,7 @@ def test_captions_are_correct_over_grpc_from_the_host(served):
     with CaptionClient(served.grpc_url, concurrency=4, timeout=60) as client:
         results = client.caption([data for data, _ in scenes])
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
-    assert all(caption_is_correct(r.caption, scene) for r, (_, scene) in zip(results, scenes)), \
-        [r.caption for r in results]
+    assert all(caption_is_correct(r.caption, scene) for r, (_, scene) in zip(results, scenes)), [r.caption for r in results]
 
 
 @pytest.mark.parametrize("data, message", [(b"", "image is empty"), (b"not an image", "not a decodable image")])
@@ -283,8 +295,9 @@ def test_podman_stop_drains_with_nothing_accepted_lost_and_exits_0(served):
         t.start()
     time.sleep(3)
     signalled = time.monotonic()
-    stopped = subprocess.run(served.podman + ["stop", "-t", str(POD_GRACE_S), served.name], capture_output=True,
-                             text=True, timeout=POD_GRACE_S + 30)
+    stopped = subprocess.run(
+        served.podman + ["stop", "-t", str(POD_GRACE_S), served.name], capture_output=True, text=True, timeout=POD_GRACE_S + 30
+    )
     took = time.monotonic() - signalled
     time.sleep(1)
     stop.set()
@@ -296,9 +309,11 @@ def test_podman_stop_drains_with_nothing_accepted_lost_and_exits_0(served):
     assert took < POD_GRACE_S, took
     assert len(before) > 50 and not lost, lost[:5]
     after = [o for s, _, o in outcomes if s >= signalled]
-    print(f"\npodman stop: exit 0 after {took:.1f} s; sent before the signal {len(before)} (all captioned), after "
-          f"{len(after)} ({sum(isinstance(o, str) for o in after)} captioned, "
-          f"{sum(not isinstance(o, str) for o in after)} refused)")
+    print(
+        f"\npodman stop: exit 0 after {took:.1f} s; sent before the signal {len(before)} (all captioned), after "
+        f"{len(after)} ({sum(isinstance(o, str) for o in after)} captioned, "
+        f"{sum(not isinstance(o, str) for o in after)} refused)"
+    )
     assert all(isinstance(o, str) or _refused(o) for o in after), [str(o) for o in after if not _refused(o)][:5]
     logs = served.logs()
     assert "every accepted request finished" in logs and "Stopped." in logs
@@ -311,9 +326,11 @@ def _refused(outcome: object) -> bool:
     if not isinstance(outcome, InferenceServerException):
         return False
     status = outcome.status()
-    return (status == "StatusCode.NOT_FOUND" and "has no available versions" in outcome.message()) or \
-        (status == "StatusCode.UNAVAILABLE" and "failed to connect" in outcome.message().lower()) or \
-        status == "StatusCode.CANCELLED"
+    return (
+        (status == "StatusCode.NOT_FOUND" and "has no available versions" in outcome.message())
+        or (status == "StatusCode.UNAVAILABLE" and "failed to connect" in outcome.message().lower())
+        or status == "StatusCode.CANCELLED"
+    )
 
 
 # -- too little /dev/shm ----------------------------------------------------------------------
@@ -326,7 +343,7 @@ def test_with_too_little_dev_shm_the_launcher_says_so_and_a_batch_that_does_not_
     from bench.shm import largest_images
 
     manifest = volume[1]
-    small = Served("captioner-test-small-shm", images[0], volume[0], shm=64 * 2 ** 20)
+    small = Served("captioner-test-small-shm", images[0], volume[0], shm=64 * 2**20)
     try:
         small.start()
         assert f"--shm-size={manifest['shm']['bytes']}" in small.logs()
@@ -339,7 +356,7 @@ def test_with_too_little_dev_shm_the_launcher_says_so_and_a_batch_that_does_not_
         assert "shared memory" in e.value.message() and "--shm-size" in e.value.message()
         client.close()
         assert small.ready() and small.running()
-        (data, scene), = _scenes(1, seed=21)
+        ((data, scene),) = _scenes(1, seed=21)
         with CaptionClient(small.grpc_url, timeout=60, retry=RetryPolicy(max_attempts=1)) as c:
             r = c.caption_one(data)
         assert r.ok and caption_is_correct(r.caption, scene)

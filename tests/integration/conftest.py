@@ -8,6 +8,7 @@ skips. CAPTIONER_TEST_MODEL overrides the choice. The checkpoint is copied first
 running training may replace runs/default while the session runs, and the server and
 the in-process reference must read the same weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,8 +91,6 @@ def triton_server(tmp_path_factory) -> ServedModel:
     server = TritonServer(repo, log_file=work / "tritonserver.log")
     server.start()
     try:
-        yield ServedModel(
-            server.grpc_url, server.http_url, server.metrics_url, ck_dir, repo, server.log_file, shipped, server
-        )
+        yield ServedModel(server.grpc_url, server.http_url, server.metrics_url, ck_dir, repo, server.log_file, shipped, server)
     finally:
         server.close()

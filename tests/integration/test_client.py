@@ -1,4 +1,5 @@
 """The client library and CLI against a real tritonserver (the `triton_server` fixture)."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,8 @@ from PIL import Image
 
 from captioner.checkpoint import file_sha256
 from captioner.scenes import random_scene, render
-from launcher.tritonserver import free_port
 from client import AsyncCaptionClient, CaptionClient, CaptionError, RetryPolicy, caption
+from launcher.tritonserver import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,8 +130,7 @@ def test_async_client_directly(triton_server, scenes):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_captions_a_folder_and_reports_the_bad_file(triton_server, scenes, tmp_path):
@@ -144,8 +144,7 @@ def test_cli_captions_a_folder_and_reports_the_bad_file(triton_server, scenes, t
     proc = run_cli(str(folder), "--url", triton_server.grpc_url, "--beam", "2", "--concurrency", "2")
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
-    assert [ln.split("\t")[0] for ln in lines] == [str(folder / "a.jpg"), str(folder / "b.png"),
-                                                  str(folder / "nested" / "c.png")]
+    assert [ln.split("\t")[0] for ln in lines] == [str(folder / "a.jpg"), str(folder / "b.png"), str(folder / "nested" / "c.png")]
     assert all(len(ln.split("\t")) == 2 for ln in lines)
     assert f"{folder / 'broken.png'}: rejected by the server:" in proc.stderr
     assert "1 of 4 images failed" in proc.stderr

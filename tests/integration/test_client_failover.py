@@ -1,6 +1,7 @@
 """Failover against real tritonservers: a replica of the session's repository next to the
 session's own server, the replica broken while the CLI captions 1,000 images over both;
 no image may be lost. (The session server only takes traffic, so other tests can share it.)"""
+
 from __future__ import annotations
 
 import os
@@ -55,14 +56,17 @@ def stub_pids(server_pid: int, model: str) -> list[int]:
             args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if args and args[0].endswith(b"triton_python_backend_stub") and str(server_pid).encode() in args \
-                and any(f"{model}_".encode() in a for a in args):
+        if (
+            args
+            and args[0].endswith(b"triton_python_backend_stub")
+            and str(server_pid).encode() in args
+            and any(f"{model}_".encode() in a for a in args)
+        ):
             found.append(int(entry))
     return found
 
 
-def caption_while(urls: str, image_dir: Path, fault, after: int,
-                  *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def caption_while(urls: str, image_dir: Path, fault, after: int, *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run the CLI over every image; call `fault()` once `after` captions have been printed."""
     cmd = [sys.executable, "-m", "client", str(image_dir), "--url", urls, "--concurrency", "16", "--stats", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,8 +84,13 @@ def caption_while(urls: str, image_dir: Path, fault, after: int,
 
 
 def health(urls: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", "health", "--url", urls, "--timeout", "10"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "client", "health", "--url", urls, "--timeout", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def check_all_captioned(proc, lines, image_dir):
@@ -104,7 +113,9 @@ def test_sigkill_of_one_replica_loses_no_image(triton_server, image_dir, tmp_pat
         urls = f"{a.grpc_url},{b.grpc_url}"
         ok = health(urls)  # also warms both replicas up
         assert ok.returncode == 0 and [ln.split()[:2] for ln in ok.stdout.splitlines()] == [
-            ["ok", a.grpc_url], ["ok", b.grpc_url]], ok.stdout + ok.stderr
+            ["ok", a.grpc_url],
+            ["ok", b.grpc_url],
+        ], ok.stdout + ok.stderr
         a_pid = a.process.pid
         t0 = time.monotonic()
         proc, lines = caption_while(urls, image_dir, lambda: os.kill(a_pid, signal.SIGKILL), after=300)
@@ -180,8 +191,9 @@ def test_stopped_replica_costs_one_attempt_timeout(triton_server, image_dir, tmp
         urls = f"{a.grpc_url},{triton_server.grpc_url}"
         assert health(urls).returncode == 0
         t0 = time.monotonic()
-        proc, lines = caption_while(urls, image_dir, lambda: os.kill(a.process.pid, signal.SIGSTOP), 300,
-                                    "--timeout", "30", "--attempt-timeout", "1")
+        proc, lines = caption_while(
+            urls, image_dir, lambda: os.kill(a.process.pid, signal.SIGSTOP), 300, "--timeout", "30", "--attempt-timeout", "1"
+        )
         took = time.monotonic() - t0
         print(f"{took:.1f} s\n{proc.stderr}")
         check_all_captioned(proc, lines, image_dir)

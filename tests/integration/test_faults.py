@@ -1,6 +1,7 @@
 """`make faults` in its quick mode, against real supervised servers: asserted outcomes
 (recovered, nothing lost, refused fast), never timings that flake. The full mode with
 its figures is the report (`make faults`, reports/faults.md)."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """`python -m loadtest.run` (Locust, headless) against the real server: a short clean run
 with reports and plot, and a run whose every request the server rejects."""
+
 from __future__ import annotations
 
 import csv
@@ -16,14 +17,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def loadtest(url: str, reports: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "loadtest.run", "--url", url, "--start-server", "never",
-           "--reports", str(reports), "--pool-size", "16", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.run",
+        "--url",
+        url,
+        "--start-server",
+        "never",
+        "--reports",
+        str(reports),
+        "--pool-size",
+        "16",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_headless_run_has_no_failures_and_leaves_reports(triton_server, tmp_path):
-    proc = loadtest(triton_server.grpc_url, tmp_path, "-u", "4", "-r", "4", "-t", "15s",
-                    "--min-requests", "30", "--p95-ms", "10000")
+    proc = loadtest(
+        triton_server.grpc_url, tmp_path, "-u", "4", "-r", "4", "-t", "15s", "--min-requests", "30", "--p95-ms", "10000"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "loadtest_summary.json").read_text())
     assert summary["passed"] and summary["problems"] == []
@@ -74,8 +88,20 @@ def test_users_fail_over_when_a_replica_is_killed(triton_server, tmp_path):
         replica.start()
         killer = threading.Timer(6.0, os.kill, (replica.process.pid, signal.SIGKILL))
         killer.start()
-        proc = loadtest(f"{replica.grpc_url},{triton_server.grpc_url}", tmp_path, "-u", "4", "-r", "4", "-t", "12s",
-                        "--p95-ms", "10000", "--min-requests", "30")
+        proc = loadtest(
+            f"{replica.grpc_url},{triton_server.grpc_url}",
+            tmp_path,
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "12s",
+            "--p95-ms",
+            "10000",
+            "--min-requests",
+            "30",
+        )
         killer.join()
     finally:
         replica.close()  # ends the killed server's Python stubs too

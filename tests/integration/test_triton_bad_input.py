@@ -1,5 +1,6 @@
 """Every bad input gets INVALID_ARGUMENT naming the problem, for that request alone:
 good requests batched with it still get their captions and the server stays ready."""
+
 from __future__ import annotations
 
 import io
@@ -10,10 +11,10 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from triton_requests import ask_all, encode
 
 from captioner.preprocess import DEFAULT_MAX_BYTES
 from captioner.scenes import random_scene, render
-from triton_requests import ask_all, encode
 
 pytestmark = pytest.mark.integration
 INVALID = "StatusCode.INVALID_ARGUMENT"

@@ -1,4 +1,5 @@
 """Triton's own metrics and the captioner counters on the metrics port."""
+
 from __future__ import annotations
 
 import random
@@ -7,10 +8,10 @@ import urllib.request
 
 import numpy as np
 import pytest
+from triton_requests import ask_all, encode
 
 from captioner.inference import Captioner
 from captioner.scenes import random_scene, render
-from triton_requests import ask_all, encode
 
 pytestmark = pytest.mark.integration
 _LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")

@@ -4,9 +4,12 @@ bench.inprocess) captions: fp32 in the split layout with uint8 encoder input, an
 int8 QDQ graph in the fused layout (decode + encoder in one Python model). Bad input
 is still refused per request in the fused layout, and the shipped model's captions stay
 correct by the scene spec."""
+
 from __future__ import annotations
 
 import pytest
+from conftest import default_checkpoint
+from triton_requests import ask_all
 
 from bench.inprocess import InProcessCaptioner
 from builder.export import export_decoder_step, export_encoder
@@ -15,13 +18,10 @@ from builder.repository import assemble, check_repository
 from builder.runtime_choice import warm_cache
 from builder.uint8_input import with_uint8_input
 from captioner.scenes import caption_is_correct, encoded_scenes
-from launcher.tritonserver import TritonServer
 from captioner.serving import runtime as rt
-from conftest import default_checkpoint
-from triton_requests import ask_all
+from launcher.tritonserver import TritonServer
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(rt.openvino_version() is None, reason="openvino is not installed")]
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(rt.openvino_version() is None, reason="openvino is not installed")]
 N_SCENES = 64
 
 
@@ -31,17 +31,31 @@ def graphs(tmp_path_factory):
     ck, shipped = default_checkpoint(work / "checkpoint")
     enc = export_encoder(ck, work / "encoder.onnx")
     int8 = quantize_int8(enc, work / "encoder.int8.onnx", calibration_images(ck, 32))
-    return work, shipped, ck, {
-        "fp32": with_uint8_input(enc, work / "encoder.uint8.onnx", ck.preprocess),
-        "int8": with_uint8_input(int8, work / "encoder.int8.uint8.onnx", ck.preprocess),
-    }, export_decoder_step(ck, work / "decoder_step.onnx")
+    return (
+        work,
+        shipped,
+        ck,
+        {
+            "fp32": with_uint8_input(enc, work / "encoder.uint8.onnx", ck.preprocess),
+            "int8": with_uint8_input(int8, work / "encoder.int8.uint8.onnx", ck.preprocess),
+        },
+        export_decoder_step(ck, work / "decoder_step.onnx"),
+    )
 
 
 @pytest.mark.parametrize("precision,layout", [("fp32", "split"), ("int8", "fused")])
 def test_openvino_repository_captions_equal_the_inprocess_reference(graphs, precision, layout):
     work, shipped, ck, encoders, dec = graphs
-    repo = assemble(ck, work / f"repo-{precision}-{layout}", "cpu", {"encoder_onnx": encoders[precision], "decoder_onnx": dec},
-                    precision=precision, runtimes={"encoder": "openvino"}, encoder_input="uint8", layout=layout)
+    repo = assemble(
+        ck,
+        work / f"repo-{precision}-{layout}",
+        "cpu",
+        {"encoder_onnx": encoders[precision], "decoder_onnx": dec},
+        precision=precision,
+        runtimes={"encoder": "openvino"},
+        encoder_input="uint8",
+        layout=layout,
+    )
     configs = check_repository(repo)
     assert ("encoder" in configs) == (layout == "split")
     warmed = warm_cache(repo)

@@ -1,5 +1,6 @@
 """The server captions exactly what the in-process reference (captioner.inference)
 captions, for 200 spec scenes, greedy and beam 3, as PNG, JPEG and resized."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from triton_requests import ask_all, encode
 
 from captioner.inference import Captioner
 from captioner.scenes import Scene, caption_is_correct, generate_split
-from triton_requests import ask_all, encode
 
 pytestmark = pytest.mark.integration
 N_SCENES = 200

@@ -1,4 +1,5 @@
 """`python -m launcher` (make serve): comes up, shows three captions, stops on Ctrl-C."""
+
 from __future__ import annotations
 
 import signal

@@ -1,4 +1,5 @@
 """Plain tritonclient calls to the `captioner` ensemble, as any user would make them."""
+
 from __future__ import annotations
 
 import asyncio

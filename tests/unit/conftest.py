@@ -1,5 +1,6 @@
 """Shared fixtures for the unit room: a small shapes-v1 dataset and a model trained
 on it (once per session; the training test asserts how well it learned)."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,28 @@ MEMO_REPEAT = 64
 # with the DistributedSampler order and per-epoch caption draws (issue 12): seed 0: 11, seed 1: 16,
 # seed 2: 16 (the earlier sampler gave 14, 14, 14). test_train asserts at least 12 (0.75).
 MEMO_TRAIN_ARGS = [
-    "--image-size", "32", "--batch-size", "32", "--lr", "3e-3", "--epochs", "12",
-    "--augment-share", "0", "--val-decode", str(MEMO_SCENES), "--threads", "1", "--min-count", "1", "--seed", "1",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--lr",
+    "3e-3",
+    "--epochs",
+    "12",
+    "--augment-share",
+    "0",
+    "--val-decode",
+    str(MEMO_SCENES),
+    "--threads",
+    "1",
+    "--min-count",
+    "1",
+    "--seed",
+    "1",
     # The CPU run these figures are from, on a GPU machine too (`auto` would pick CUDA and bf16);
     # tests/unit/test_cuda.py trains the same way with --device cuda appended.
-    "--device", "cpu",
+    "--device",
+    "cpu",
 ]
 
 
@@ -52,7 +70,9 @@ def memo_data(shapes_data) -> tuple[Path, Path]:
         for im in images:
             new_id = (k + 1) * 100_000 + im["id"]
             rep_images.append({**im, "id": new_id})
-            rep_anns += [{"id": len(rep_anns), "image_id": new_id, "caption": a["caption"]} for a in anns if a["image_id"] == im["id"]]
+            rep_anns += [
+                {"id": len(rep_anns), "image_id": new_id, "caption": a["caption"]} for a in anns if a["image_id"] == im["id"]
+            ]
     (shapes_data / "memo_train.json").write_text(json.dumps({"images": rep_images, "annotations": rep_anns}))
     return shapes_data / "memo_train.json", shapes_data / "memo_val.json"
 

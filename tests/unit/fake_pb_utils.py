@@ -10,13 +10,15 @@ from it. Using anything the fake does not mirror fails with AttributeError.
 Metrics are `unittest.mock.create_autospec` objects over the mirror class: a call the
 real API would refuse fails, and tests can read both values and calls.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import json
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -80,7 +82,7 @@ class InferenceRequest:
     """Both kinds: the requests Triton hands to execute(), and BLS requests a model builds.
     A BLS request's exec() goes to the module's `bls_handler(request) -> InferenceResponse`."""
 
-    handler: Callable[["InferenceRequest"], InferenceResponse] | None = None
+    handler: Callable[[InferenceRequest], InferenceResponse] | None = None
 
     def __init__(
         self,
@@ -142,7 +144,7 @@ class Metric:
 
 class MetricFamily:
     COUNTER, GAUGE, HISTOGRAM = range(3)
-    registry: dict[str, "MetricFamily"] = {}
+    registry: dict[str, MetricFamily] = {}
 
     def __init__(self, name: str, description: str, kind: int):
         self.name, self.description, self.kind = name, description, kind

@@ -2,6 +2,7 @@
 (Builder, network, OnnxParser, builder config, optimisation profile, timing cache),
 recording what it was asked. Any other attribute is missing, as it would be on a
 TensorRT that lacks it: `weak_typing=False` removes the precision flags as 11.x did."""
+
 from __future__ import annotations
 
 import types

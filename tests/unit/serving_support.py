@@ -1,5 +1,6 @@
 """Small real artifacts for the serving unit tests: a random-weights checkpoint with
 the shipped architecture scaled down, its ONNX exports and an assembled repository."""
+
 from __future__ import annotations
 
 import importlib.util

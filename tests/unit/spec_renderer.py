@@ -10,6 +10,7 @@ this is where it would show.
 `spec_violations` is an independent reading of the spec's geometric and colour rules,
 used to check both programs' scenes.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """The load generator counts every request once, times only successes, and computes
 percentiles the textbook way; checked against a tiny local aiohttp server."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,6 @@
 """The bench's in-process bound and naive peer caption with the same model as the
 reference `Captioner`: same preprocessing, same decoding, same words."""
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """bench/overload.py against a fake server: each request is counted once, in the right
 column, and refused callers retry as the client library's do (client.retry)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,7 @@ def fake_server(monkeypatch, answer):
 
 
 def overload(retry=None):
-    return asyncio.run(run_overload("fake:1", [b"png"], clients=4, duration_s=0.3, deadline_s=1.0, warmup_s=0.05,
-                                    retry=retry))
+    return asyncio.run(run_overload("fake:1", [b"png"], clients=4, duration_s=0.3, deadline_s=1.0, warmup_s=0.05, retry=retry))
 
 
 def test_answered_requests_are_good(monkeypatch):

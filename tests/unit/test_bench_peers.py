@@ -1,6 +1,7 @@
 """The bench's peers without their frameworks: the pipeline every peer runs (same captions
 as the in-process bound), the launcher's command lines and venv pins, the T1/T2 verdicts,
 the side-by-side table and plots."""
+
 from __future__ import annotations
 
 import sys
@@ -30,8 +31,7 @@ def graphs(tmp_path_factory):
 
 
 def _paths(enc, dec, runtime="onnxruntime"):
-    return {"encoder": enc, "decoder": dec, "runtime": runtime, "step_runtime": "onnxruntime",
-            "inference_precision": "fp32"}
+    return {"encoder": enc, "decoder": dec, "runtime": runtime, "step_runtime": "onnxruntime", "inference_precision": "fp32"}
 
 
 def test_the_peer_pipeline_captions_like_the_inprocess_bound_and_refuses_per_request(graphs, tmp_path):
@@ -65,8 +65,15 @@ def test_server_commands_run_the_peer_module_in_its_venv_with_its_sizing():
     ray = launch.server_command("ray", "/v/ray/bin/python", "s.json", 8000, cfg, "/tmp/b")
     assert ray[:3] == ["/v/ray/bin/python", "-m", "bench.peers.ray_server"]
     flags = dict(zip(ray[3::2], ray[4::2]))
-    assert flags == {"--spec": "s.json", "--port": "8000", "--workers": "2", "--threads": "1",
-                     "--max-batch-size": "32", "--batch-wait-ms": "0", "--batch-log-dir": "/tmp/b"}
+    assert flags == {
+        "--spec": "s.json",
+        "--port": "8000",
+        "--workers": "2",
+        "--threads": "1",
+        "--max-batch-size": "32",
+        "--batch-wait-ms": "0",
+        "--batch-log-dir": "/tmp/b",
+    }
     ml = launch.server_command("mlserver", "py", "s.json", 8000, cfg, grpc_port=8001)
     assert ml[2] == "bench.peers.mlserver_server" and ml[ml.index("--grpc-port") + 1] == "8001"
     assert ml[ml.index("--batch-wait-ms") + 1] == "1"  # MLServer does not batch without a wait
@@ -83,15 +90,18 @@ def test_server_commands_run_the_peer_module_in_its_venv_with_its_sizing():
 
 
 def test_peer_venvs_pin_the_framework_and_the_projects_runtime_versions(tmp_path):
-    project = {line.split("==")[0].lower(): line.strip() for line in (venv.ROOT / "requirements.txt").read_text().splitlines()
-               if "==" in line and not line.startswith("#")}
+    project = {
+        line.split("==")[0].lower(): line.strip()
+        for line in (venv.ROOT / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     for name in venv.PEERS:
         reqs = venv.requirements(name)
         assert all("==" in r for r in reqs)
-        assert {p: project[p] for p in venv.SHARED} == {r.split("==")[0].lower(): r for r in reqs[-len(venv.SHARED):]}
+        assert {p: project[p] for p in venv.SHARED} == {r.split("==")[0].lower(): r for r in reqs[-len(venv.SHARED) :]}
         cmds = venv.create_commands(name, tmp_path, base_python="/usr/bin/python3.11")
         assert cmds[0] == ["/usr/bin/python3.11", "-m", "venv", "--clear", str(tmp_path / name)]
-        assert cmds[-1][0] == str(tmp_path / name / "bin" / "python") and cmds[-1][-len(reqs):] == reqs
+        assert cmds[-1][0] == str(tmp_path / name / "bin" / "python") and cmds[-1][-len(reqs) :] == reqs
         assert not venv.ready(name, tmp_path)
     loose = tmp_path / "requirements.txt"
     loose.write_text("numpy>=1\nonnxruntime==1\nopenvino==2\npillow==3\n")
@@ -103,9 +113,23 @@ def test_peer_venvs_pin_the_framework_and_the_projects_runtime_versions(tmp_path
 
 
 def _lv(stack, c, tput, p50=10.0, p99=50.0, variant="openvino fp32", model="default"):
-    return dict(model=model, stack=stack, variant=variant, concurrency=c, throughput=tput, completed=100, errors=0,
-                p50_ms=p50, p95_ms=p99, p99_ms=p99, client_cpu=0.1, server_cpu=0.8, peak_rss_mib=900.0,
-                peak_pss_mib=600.0, models={"peer": {"batch": 7.5}} if stack != "triton" else {"preprocess": {"batch": 9.0}})
+    return dict(
+        model=model,
+        stack=stack,
+        variant=variant,
+        concurrency=c,
+        throughput=tput,
+        completed=100,
+        errors=0,
+        p50_ms=p50,
+        p95_ms=p99,
+        p99_ms=p99,
+        client_cpu=0.1,
+        server_cpu=0.8,
+        peak_rss_mib=900.0,
+        peak_pss_mib=600.0,
+        models={"peer": {"batch": 7.5}} if stack != "triton" else {"preprocess": {"batch": 9.0}},
+    )
 
 
 def test_t1_goal_is_1_3x_the_peer_capped_by_the_bound_and_never_below_the_peer():
@@ -117,20 +141,32 @@ def test_t1_goal_is_1_3x_the_peer_capped_by_the_bound_and_never_below_the_peer()
 
 
 def test_t1_and_t2_verdicts_against_the_best_peer():
-    results = {"levels": [
-        _lv("triton", 1, 90.0, p50=11.0), _lv("ray", 1, 80.0, p50=20.0), _lv("mlserver", 1, 85.0, p50=10.0),
-        _lv("triton", 16, 300.0, p99=40.0), _lv("ray", 16, 200.0, p99=45.0), _lv("litserve", 16, 220.0, p99=30.0),
-        _lv("triton", 64, 310.0, p99=90.0), _lv("ray", 64, 100.0, p99=200.0),
-        _lv("ray", 16, 999.0, variant="openvino int8"),  # no Triton level for this variant
-    ]}
+    results = {
+        "levels": [
+            _lv("triton", 1, 90.0, p50=11.0),
+            _lv("ray", 1, 80.0, p50=20.0),
+            _lv("mlserver", 1, 85.0, p50=10.0),
+            _lv("triton", 16, 300.0, p99=40.0),
+            _lv("ray", 16, 200.0, p99=45.0),
+            _lv("litserve", 16, 220.0, p99=30.0),
+            _lv("triton", 64, 310.0, p99=90.0),
+            _lv("ray", 64, 100.0, p99=200.0),
+            _lv("ray", 16, 999.0, variant="openvino int8"),  # no Triton level for this variant
+        ]
+    }
     t1 = {t.name: t for t in targets.t1(results, lambda m, v: 1000.0)}
-    assert set(t1) == {"T1 default openvino fp32 at 16 clients", "T1 default openvino fp32 at 64 clients",
-                       "T1 default openvino int8 at 16 clients"}
+    assert set(t1) == {
+        "T1 default openvino fp32 at 16 clients",
+        "T1 default openvino fp32 at 64 clients",
+        "T1 default openvino int8 at 16 clients",
+    }
     at16 = t1["T1 default openvino fp32 at 16 clients"]  # 300 >= 1.3 x 220 = 286, but p99 40 > litserve's 30
     assert at16.met is False and "litserve" in at16.detail and "286.0" in at16.detail
     assert t1["T1 default openvino fp32 at 64 clients"].met is True
-    assert t1["T1 default openvino int8 at 16 clients"].met is None and "not measured" in t1[
-        "T1 default openvino int8 at 16 clients"].line()
+    assert (
+        t1["T1 default openvino int8 at 16 clients"].met is None
+        and "not measured" in t1["T1 default openvino int8 at 16 clients"].line()
+    )
     results["levels"][3]["other_cpu"], results["levels"][5]["other_cpu"] = 0.4, 0.02  # a busy machine under Triton
     assert "others' CPU 40% during Triton, 2% during litserve" in targets.t1(results, lambda m, v: 1000.0)[0].detail
     capped = targets.t1(results, lambda m, v: 250.0)  # 1.3 x 220 > 250: goal max(0.9 x 250, 220) = 225
@@ -142,9 +178,13 @@ def test_t1_and_t2_verdicts_against_the_best_peer():
 
 
 def test_chosen_variants_are_the_builds_fp32_pick_and_the_best_bound():
-    results = {"variants": {"m onnxruntime fp32": {"auto_choice": False}, "m openvino fp32": {"auto_choice": True}},
-               "inprocess": [dict(model="m", variant="openvino int8", captions_per_s=200.0),
-                             dict(model="m", variant="openvino fp32", captions_per_s=100.0)]}
+    results = {
+        "variants": {"m onnxruntime fp32": {"auto_choice": False}, "m openvino fp32": {"auto_choice": True}},
+        "inprocess": [
+            dict(model="m", variant="openvino int8", captions_per_s=200.0),
+            dict(model="m", variant="openvino fp32", captions_per_s=100.0),
+        ],
+    }
     labels = ["onnxruntime fp32", "openvino fp32", "openvino int8"]
     assert chosen_variants(results, "m", labels, "auto") == ["openvino fp32", "openvino int8"]
     assert chosen_variants(results, "m", labels, "fp32") == ["openvino fp32"]
@@ -152,10 +192,12 @@ def test_chosen_variants_are_the_builds_fp32_pick_and_the_best_bound():
 
 
 def test_side_by_side_table_and_plot(tmp_path):
-    results = {"cores": 2, "inprocess": [dict(model="default", variant="openvino fp32", batch_size=32,
-                                              captions_per_s=400.0, cpu=0.5)],
-               "levels": [_lv("triton", 16, 300.0), _lv("ray", 16, 200.0), _lv("naive", 16, 20.0, variant="torch fp32")],
-               "peer_setup": {"ray": {"setup_s": 101.0, "version": "ray[serve]==2.60.0"}}}
+    results = {
+        "cores": 2,
+        "inprocess": [dict(model="default", variant="openvino fp32", batch_size=32, captions_per_s=400.0, cpu=0.5)],
+        "levels": [_lv("triton", 16, 300.0), _lv("ray", 16, 200.0), _lv("naive", 16, 20.0, variant="torch fp32")],
+        "peer_setup": {"ray": {"setup_s": 101.0, "version": "ray[serve]==2.60.0"}},
+    }
     table = peers_report.side_by_side(results)
     assert "| default | openvino fp32 | 16 | Ray Serve | 200.0 | 10.0 | 50.0 | 8.00 | 7.5 | 900 | 600 |" in table
     assert "in-process bound (batch 32) | 400.0" in table and "naive" in table and "| 9.0 |" in table

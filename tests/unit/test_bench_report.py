@@ -1,4 +1,5 @@
 """Ratios, target verdicts and plots of a bench run, from a hand-made results dict."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,23 @@ from bench.run import _kv, parse_args
 
 
 def _level(model, stack, variant, c, tput):
-    return dict(model=model, stack=stack, variant=variant, concurrency=c, throughput=tput, completed=10, errors=0,
-                elapsed_s=1.0, p50_ms=10.0 * c, p95_ms=12.0 * c, p99_ms=13.0 * c, mean_ms=10.0, client_cpu=0.05, server_cpu=0.9, other_cpu=0.0)
+    return dict(
+        model=model,
+        stack=stack,
+        variant=variant,
+        concurrency=c,
+        throughput=tput,
+        completed=10,
+        errors=0,
+        elapsed_s=1.0,
+        p50_ms=10.0 * c,
+        p95_ms=12.0 * c,
+        p99_ms=13.0 * c,
+        mean_ms=10.0,
+        client_cpu=0.05,
+        server_cpu=0.9,
+        other_cpu=0.0,
+    )
 
 
 @pytest.fixture
@@ -66,7 +82,15 @@ def test_r1_takes_the_best_variant_over_the_onnxruntime_fp32_bound(results):
 
 def test_markdown_holds_every_table_and_the_config(results):
     md = report.markdown(results, "default")
-    for needle in ("## Ratios", "## Targets", "## In-process bound", "## Load levels", "triton.seed fp32: encoder (2 inst)", "0.95x", "3.80x"):
+    for needle in (
+        "## Ratios",
+        "## Targets",
+        "## In-process bound",
+        "## Load levels",
+        "triton.seed fp32: encoder (2 inst)",
+        "0.95x",
+        "3.80x",
+    ):
         assert needle in md
 
 
@@ -78,17 +102,11 @@ def test_plots_are_png_files(results, tmp_path):
 
 def test_cli_parses_tuning_and_refuses_unknown_names():
     assert _kv("encoder=2, preprocess=1") == {"encoder": 2, "preprocess": 1}
-    a = parse_args(["--quick", "--models", "seed-inception", "--instances", "encoder=2",
-                    "--variants", "openvino:int8,onnxruntime:fp32"])
+    a = parse_args(
+        ["--quick", "--models", "seed-inception", "--instances", "encoder=2", "--variants", "openvino:int8,onnxruntime:fp32"]
+    )
     assert a.models == ["seed-inception"] and a.instances == {"encoder": 2} and a.duration < 6
     assert a.variants == [("openvino", "int8"), ("onnxruntime", "fp32")]
     for bad in (["--models", "resnet"], ["--variants", "tensorrt:fp32"], ["--variants", "openvino:fp8"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
-
-
-def test_the_investigation_section_is_lifted_from_the_docs(tmp_path):
-    doc = tmp_path / "bench.md"
-    doc.write_text("# Bench\n\n## Investigation\n### 1. encoder threads\nprediction: x2\n\n## Caveats\nnoise\n")
-    assert report.investigation(doc) == "### 1. encoder threads\nprediction: x2"
-    assert report.investigation(tmp_path / "missing.md") is None

@@ -2,6 +2,7 @@
 a manifest, the GPU target refused cleanly without CUDA (and built through a fake
 TensorRT where a device is pretended), failures that stop the build with their exit
 codes."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_tensorrt import fake_tensorrt
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -22,8 +24,6 @@ from captioner.checkpoint import Checkpoint, file_sha256
 from captioner.model import CaptionModel, ModelArgs
 from captioner.preprocess import PreprocessConfig
 from captioner.vocab import SPECIALS, Vocabulary
-from fake_tensorrt import fake_tensorrt
-
 
 
 def tiny_checkpoint(seed: int = 0) -> Checkpoint:
@@ -43,8 +43,9 @@ def model_dir(tmp_path_factory):
 def run(model_dir, tmp_path, *extra):
     repo, out = tmp_path / "repo", tmp_path / "out"
     # the split layout, whose encoder model these tests inspect (test_serving_runtime covers fused)
-    rc = be.main(["--model", str(model_dir), "--repo", str(repo), "--out", str(out), "--parity-scenes", "40",
-                  "--layout", "split", *extra])
+    rc = be.main(
+        ["--model", str(model_dir), "--repo", str(repo), "--out", str(out), "--parity-scenes", "40", "--layout", "split", *extra]
+    )
     return rc, repo, out
 
 
@@ -170,12 +171,23 @@ def test_a_refused_int8_variant_writes_no_repository(model_dir, tmp_path, no_cud
     def low_agreement(ck, enc, dec, out_dir, evalset, **kw):
         assert len(evalset.images) == 20 and len(evalset.scenes) == 20
         int8 = quantize.Candidate("int8", enc, True, "", {1: 2.0, 32: 2.0})
-        return quantize.CpuVariantReport({1: 1.0, 32: 1.0}, [int8], int8, quantize.Agreement(100, 90), evalset.source,
-                                         kw["min_agreement"])
+        return quantize.CpuVariantReport(
+            {1: 1.0, 32: 1.0}, [int8], int8, quantize.Agreement(100, 90), evalset.source, kw["min_agreement"]
+        )
 
     monkeypatch.setattr(quantize, "build_cpu_variant", low_agreement)
-    rc, repo, _ = run(model_dir, tmp_path, "--target", "cpu", "--precision", "int8", "--data", str(tmp_path / "none"),
-                      "--agreement-images", "20")
+    rc, repo, _ = run(
+        model_dir,
+        tmp_path,
+        "--target",
+        "cpu",
+        "--precision",
+        "int8",
+        "--data",
+        str(tmp_path / "none"),
+        "--agreement-images",
+        "20",
+    )
     log = capsys.readouterr().out
     assert rc == be.EXIT_REFUSED
     assert "90/100 = 90.00%  REFUSED" in log and "below 98%" in log

@@ -1,6 +1,7 @@
 """The exported graphs compute what the checkpoint computes: onnxruntime against torch at
 batch 1 and 7 on random inputs and real scenes (max |diff| <= 1e-4), identical greedy
 captions on 200 scenes, any batch size, and a wrong graph is caught."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -2,6 +2,7 @@
 weights, dense head kept fp32), symmetric for TensorRT, timed against fp32, and on the
 trained model the build serves it only when its greedy captions agree with fp32's on at
 least 98% of scenes."""
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,9 @@ def _initializers(model):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int8_graph_is_static_qdq_with_per_channel_weights(tiny, symmetric):
     ck, enc, _, d = tiny
-    out = quantize.quantize_int8(enc, d / f"int8_{symmetric}.onnx", quantize.calibration_images(ck, 16),
-                                 symmetric_activations=symmetric)
+    out = quantize.quantize_int8(
+        enc, d / f"int8_{symmetric}.onnx", quantize.calibration_images(ck, 16), symmetric_activations=symmetric
+    )
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
@@ -59,8 +61,7 @@ def test_int8_graph_is_static_qdq_with_per_channel_weights(tiny, symmetric):
     assert len(gemms) == 2
     for g in gemms:  # the dense head stays fp32: float weights straight from the initializers
         assert g.input[1] not in dequantized and inits[g.input[1]].dtype == np.float32
-    act_zero_points = [inits[n.input[2]] for n in model.graph.node
-                       if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    act_zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert act_zero_points
     for zp in act_zero_points:
         if symmetric:  # what TensorRT's explicit quantization requires
@@ -72,8 +73,16 @@ def test_int8_graph_is_static_qdq_with_per_channel_weights(tiny, symmetric):
 def test_cpu_variant_is_timed_against_fp32_and_checked_for_agreement(tiny):
     ck, enc, dec, d = tiny
     images, drawn = parity.scene_batch(24, ck.preprocess, seed=11)
-    report = quantize.build_cpu_variant(ck, enc, dec, d / "variant", quantize.EvalSet(images, "24 scenes", drawn),
-                                        batch_sizes=(1, 8), calibration_scenes=16, log=lambda m: None)
+    report = quantize.build_cpu_variant(
+        ck,
+        enc,
+        dec,
+        d / "variant",
+        quantize.EvalSet(images, "24 scenes", drawn),
+        batch_sizes=(1, 8),
+        calibration_scenes=16,
+        log=lambda m: None,
+    )
     assert set(report.fp32_images_per_s) == {1, 8} and min(report.fp32_images_per_s.values()) > 0
     names = {c.name: c for c in report.candidates}
     assert set(names) == {"int8", "bf16"}
@@ -104,9 +113,26 @@ def test_int8_build_follows_the_agreement_rule_on_the_trained_model(tmp_path, ca
 
     monkeypatch.setattr(te, "cuda_available", lambda: False)
     repo = tmp_path / "repo"
-    rc = be.main(["--model", str(trained_dir_or_skip()), "--target", "cpu", "--precision", "int8",
-                  "--repo", str(repo), "--out", str(tmp_path / "out"), "--parity-scenes", "20",
-                  "--data", str(tmp_path / "no-data"), "--agreement-images", "400"])
+    rc = be.main(
+        [
+            "--model",
+            str(trained_dir_or_skip()),
+            "--target",
+            "cpu",
+            "--precision",
+            "int8",
+            "--repo",
+            str(repo),
+            "--out",
+            str(tmp_path / "out"),
+            "--parity-scenes",
+            "20",
+            "--data",
+            str(tmp_path / "no-data"),
+            "--agreement-images",
+            "400",
+        ]
+    )
     log = capsys.readouterr().out
     m = re.search(r"greedy captions int8 == fp32 on .*: (\d+)/(\d+) = [\d.]+%  (accepted|REFUSED)", log)
     assert m, log

@@ -1,5 +1,6 @@
 """seed-inception: the seed's sizes on InceptionV3 with random weights, labelled
 speed-only, exportable and numerically sane (so parity figures mean something)."""
+
 from __future__ import annotations
 
 import numpy as np

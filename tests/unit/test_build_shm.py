@@ -1,5 +1,6 @@
 """builder.shm: /dev/shm for full batches of the largest images, read from a repository's
 configs as the build writes them, and what it rounds to."""
+
 from __future__ import annotations
 
 from google.protobuf import text_format
@@ -23,8 +24,7 @@ def test_the_front_models_full_batches_size_dev_shm(tmp_path):
     _model(tmp_path, "decoder_step", "python", 1)
     _model(tmp_path, "captioner", "", 0, platform="ensemble")
     limits = repository_limits(tmp_path)
-    assert limits == ShmLimits(max_batch_size=32, max_image_bytes=8 * MIB, front_instances=2, python_instances=4,
-                               layout="fused")
+    assert limits == ShmLimits(max_batch_size=32, max_image_bytes=8 * MIB, front_instances=2, python_instances=4, layout="fused")
     need = required_bytes(limits)
     assert need >= 2 * 32 * 8 * MIB and need % ROUND_TO == 0
     assert need - ROUND_TO < 2 * (32 * (8 * MIB + 4) + 5 * MIB) + 2 * MIB  # rounded up by less than one step

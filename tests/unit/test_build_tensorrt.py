@@ -3,6 +3,7 @@
 1 / 8 / max batch, timing cache on disk). The builder is a fake `tensorrt` module with
 only the API surface the code calls; the one thing not run here is executing the
 engine on a GPU (`open_engine`), which the orchestration tests replace."""
+
 from __future__ import annotations
 
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fake_tensorrt import fake_tensorrt
 
 from builder import parity
 from builder import tensorrt_engine as te
@@ -20,7 +22,6 @@ from captioner.checkpoint import Checkpoint
 from captioner.model import CaptionModel, ModelArgs
 from captioner.preprocess import PreprocessConfig
 from captioner.vocab import SPECIALS, Vocabulary
-from fake_tensorrt import fake_tensorrt
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,7 @@ def test_build_errors_are_reported_with_the_parser_message(encoder_onnx, tmp_pat
         te.build_engine(bad, encoder_onnx, te.BuildRecipe("fp32", "fp32", True), 32, tmp_path / "c")
     failing = fake_tensorrt("11.4.0", False, build_fails=True)
     with pytest.raises(te.EngineBuildError, match="failed to build"):
-        te.build_engine(failing, encoder_onnx, te.BuildRecipe("fp32", "fp32", True), 32, tmp_path / "c",
-                        log=lambda m: None)
+        te.build_engine(failing, encoder_onnx, te.BuildRecipe("fp32", "fp32", True), 32, tmp_path / "c", log=lambda m: None)
     assert not (tmp_path / "c").exists(), "a failed build must not leave a timing cache claiming success"
 
 
@@ -152,8 +152,7 @@ def test_encoder_plan_orchestration_with_a_fake_gpu(ck, encoder_onnx, tmp_path, 
 
     monkeypatch.setattr(te, "open_engine", open_engine)
     precision = "fp32" if kind == "fp32" else "fp16"
-    result = te.build_encoder_plan(ck, onnx_for, tmp_path, 16, precision, expected_version=version[:4],
-                                   log=lambda m: None)
+    result = te.build_encoder_plan(ck, onnx_for, tmp_path, 16, precision, expected_version=version[:4], log=lambda m: None)
     assert list(made) == [kind]
     assert result.plan_path.read_bytes() == b"ENGINE-" + version.encode()
     assert result.passed and {d.batch for d in result.diffs} == {1, 7, 16}

@@ -1,5 +1,6 @@
 """`python -m captioner caption` as a user runs it (a subprocess), on the model the
 session fixture trained."""
+
 import os
 import subprocess
 import sys
@@ -17,8 +18,14 @@ REPO = Path(__file__).resolve().parents[2]
 def run_cli(*args, env=None):
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     full_env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "captioner", "caption", *map(str, args)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,8 @@ def test_beam_and_environment_defaults(memorised_run, scenes):
     r = run_cli("--beam", "3", *paths, env={"CAPTIONER_MODEL": str(memorised_run)})
     assert r.returncode == 0, r.stderr
     assert [ln.split("\t")[1] for ln in r.stdout.splitlines()] == [
-        c.text for c in Captioner(memorised_run).caption_images(paths, beam_size=3)]
+        c.text for c in Captioner(memorised_run).caption_images(paths, beam_size=3)
+    ]
 
 
 def test_bad_arguments_are_one_line_errors(memorised_run, scenes, tmp_path):

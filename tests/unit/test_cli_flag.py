@@ -1,5 +1,6 @@
 """captioner.cli: the one parser of environment flags. The strict reading won over the
 lenient one: a typo must not silently switch a flag off."""
+
 from __future__ import annotations
 
 import pytest

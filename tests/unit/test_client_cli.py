@@ -1,4 +1,5 @@
 """`python -m client` argument handling and output, with a fake client (no server)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +14,17 @@ from client.core import Caption, CaptionError
 class FakeClient:
     """AsyncCaptionClient's surface used by the CLI; fails images whose name contains 'bad'."""
 
-    instances: list["FakeClient"] = []
+    instances: list[FakeClient] = []
 
     def __init__(self, url, model, *, concurrency, timeout, attempt_timeout, retry, tls):
-        self.settings = dict(url=url, model=model, concurrency=concurrency, timeout=timeout,
-                             attempt_timeout=attempt_timeout, attempts=retry.max_attempts)
+        self.settings = dict(
+            url=url,
+            model=model,
+            concurrency=concurrency,
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+            attempts=retry.max_attempts,
+        )
         self.tls = tls
         self.requests = []
         FakeClient.instances.append(self)
@@ -35,12 +42,19 @@ class FakeClient:
             if "bad" in name:
                 yield Caption(image=name, error=CaptionError(name, "rejected by the server: not an image"))
             else:
-                yield Caption(image=name, caption=f"a red circle {i}", score=-1.25 * i, attempts=1 + ("retry" in name),
-                              model_version=None if "old" in name else f"{i + 1}:0123abcd")
+                yield Caption(
+                    image=name,
+                    caption=f"a red circle {i}",
+                    score=-1.25 * i,
+                    attempts=1 + ("retry" in name),
+                    model_version=None if "old" in name else f"{i + 1}:0123abcd",
+                )
 
     def stats(self):
-        return [{"url": u, "sent": 3, "ok": 2, "failed": 1, "set_aside": 1, "up": False,
-                 "last_error": "Socket closed"} for u in self.settings["url"].split(",")]
+        return [
+            {"url": u, "sent": 3, "ok": 2, "failed": 1, "set_aside": 1, "up": False, "last_error": "Socket closed"}
+            for u in self.settings["url"].split(",")
+        ]
 
 
 @pytest.fixture(autouse=True)
@@ -87,15 +101,35 @@ def test_show_version_adds_the_model_that_answered(tmp_path):
     make_tree(tmp_path, ["1.png", "2_old.png"])
     code, out, _ = run_cli([str(tmp_path), "--scores", "--show-version"])
     assert code == 0
-    assert out.splitlines() == [f"{tmp_path}/1.png\ta red circle 0\t-0.0000\t1:0123abcd",
-                                f"{tmp_path}/2_old.png\ta red circle 1\t-1.2500\t-"]
+    assert out.splitlines() == [
+        f"{tmp_path}/1.png\ta red circle 0\t-0.0000\t1:0123abcd",
+        f"{tmp_path}/2_old.png\ta red circle 1\t-1.2500\t-",
+    ]
 
 
 def test_flags_reach_the_client(tmp_path):
     make_tree(tmp_path, ["x.png"])
-    code, _, _ = run_cli([str(tmp_path / "x.png"), "--url", "h:1", "--beam", "4", "--concurrency", "2",
-                          "--timeout", "3.5", "--max-length", "12", "--retries", "2", "--model-name", "m",
-                          "--attempt-timeout", "1.5"])
+    code, _, _ = run_cli(
+        [
+            str(tmp_path / "x.png"),
+            "--url",
+            "h:1",
+            "--beam",
+            "4",
+            "--concurrency",
+            "2",
+            "--timeout",
+            "3.5",
+            "--max-length",
+            "12",
+            "--retries",
+            "2",
+            "--model-name",
+            "m",
+            "--attempt-timeout",
+            "1.5",
+        ]
+    )
     assert code == 0
     (c,) = FakeClient.instances
     assert c.settings == dict(url="h:1", model="m", concurrency=2, timeout=3.5, attempt_timeout=1.5, attempts=2)
@@ -125,9 +159,16 @@ def test_empty_directory_is_a_usage_error(tmp_path):
     assert code == 2 and out == "" and "no images found" in err
 
 
-@pytest.mark.parametrize("argv", [[], ["a.png", "--concurrency", "0"], ["a.png", "--timeout", "0"],
-                                  ["a.png", "--attempt-timeout", "0"],
-                                  ["a.png", "--beam", "two"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["a.png", "--concurrency", "0"],
+        ["a.png", "--timeout", "0"],
+        ["a.png", "--attempt-timeout", "0"],
+        ["a.png", "--beam", "two"],
+    ],
+)
 def test_bad_usage_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -140,8 +181,7 @@ def test_several_endpoints_and_stats(tmp_path):
     assert code == 0 and len(out.splitlines()) == 2
     assert FakeClient.instances[0].settings["url"] == "h1:8001,h2:8001"
     assert "stats: 2 of 2 images captioned, 1 needed more than one attempt" in err
-    assert ("stats: h2:8001: 3 attempts, 2 ok, 1 failed, set aside 1 times, set aside now; "
-            "last error: Socket closed") in err
+    assert ("stats: h2:8001: 3 attempts, 2 ok, 1 failed, set aside 1 times, set aside now; last error: Socket closed") in err
 
 
 @pytest.mark.parametrize("url", ["h1:8001,,h2:8001", "h1", "h1:8001,h2"])
@@ -161,8 +201,7 @@ def test_tls_flags_and_environment_reach_the_client(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONER_TLS_CLIENT_CERT", str(tmp_path / "c.pem"))
     code, _, _ = run_cli([str(tmp_path / "x.png"), "--tls-client-key", str(tmp_path / "c.key")])
     assert code == 0
-    assert FakeClient.instances[-1].tls == TLSConfig(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"),
-                                                     str(tmp_path / "c.key"))
+    assert FakeClient.instances[-1].tls == TLSConfig(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
     monkeypatch.delenv("CAPTIONER_TLS_ROOT_CERT")
     monkeypatch.delenv("CAPTIONER_TLS_CLIENT_CERT")
     monkeypatch.setenv("CAPTIONER_TLS", "true")

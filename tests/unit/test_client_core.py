@@ -1,5 +1,6 @@
 """client.core without a server: image loading, retry/backoff, ordering, concurrency bound,
 error messages. The Triton aio client is replaced by a fake with its call signature."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +21,11 @@ _real_sleep = asyncio.sleep  # the `sleeps` fixture patches asyncio.sleep; the f
 
 class FakeResult:
     def __init__(self, caption: str, score: float, model_version: str = "3:0123abcd"):
-        self._out = {"CAPTION": np.array([[caption.encode()]], dtype=np.object_),
-                     "SCORE": np.array([[score]], dtype=np.float32),
-                     "MODEL_VERSION": np.array([[model_version.encode()]], dtype=np.object_)}
+        self._out = {
+            "CAPTION": np.array([[caption.encode()]], dtype=np.object_),
+            "SCORE": np.array([[score]], dtype=np.float32),
+            "MODEL_VERSION": np.array([[model_version.encode()]], dtype=np.object_),
+        }
 
     def as_numpy(self, name):
         return self._out.get(name)
@@ -42,8 +45,16 @@ class FakeTriton:
         (inp,) = inputs
         assert (inp.name(), inp.datatype(), inp.shape()) == ("IMAGE", "BYTES", [1, 1])
         data = deserialize_bytes_tensor(inp._raw_content)[0]
-        self.calls.append(dict(model=model_name, data=data, timeout=client_timeout, server_timeout_us=timeout,
-                               parameters=parameters, outputs=[o.name() for o in outputs or []]))
+        self.calls.append(
+            dict(
+                model=model_name,
+                data=data,
+                timeout=client_timeout,
+                server_timeout_us=timeout,
+                parameters=parameters,
+                outputs=[o.name() for o in outputs or []],
+            )
+        )
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -81,6 +92,7 @@ def run(coro):
 
 
 # --- image loading ---------------------------------------------------------------
+
 
 def test_encode_image_reads_paths_and_passes_bytes(tmp_path):
     f = tmp_path / "a.png"
@@ -132,6 +144,7 @@ def test_find_images_walks_dirs_sorted_and_keeps_explicit_files(tmp_path):
 
 # --- retry policy ------------------------------------------------------------------
 
+
 def test_backoff_grows_exponentially_with_jitter_and_is_capped():
     pol = RetryPolicy(max_attempts=10, initial_backoff=0.1, max_backoff=1.0, multiplier=2.0)
     rng = random.Random(0)
@@ -172,7 +185,11 @@ def test_unavailable_gives_up_after_max_attempts(sleeps):
 @pytest.mark.parametrize(
     "status, message, expected",
     [
-        ("StatusCode.INVALID_ARGUMENT", "bytes are not a decodable image", "rejected by the server: bytes are not a decodable image"),
+        (
+            "StatusCode.INVALID_ARGUMENT",
+            "bytes are not a decodable image",
+            "rejected by the server: bytes are not a decodable image",
+        ),
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", "timed out after 2.5 s"),
         ("StatusCode.INTERNAL", "boom", "INTERNAL: boom"),
         ("StatusCode.NOT_FOUND", "no model", "NOT_FOUND: no model"),
@@ -189,6 +206,7 @@ def test_other_statuses_are_not_retried(sleeps, status, message, expected):
 
 
 # --- requests ------------------------------------------------------------------------
+
 
 def test_parameters_and_timeout_reach_the_request():
     fake = FakeTriton()
@@ -293,8 +311,7 @@ def test_sync_client_wraps_async_and_closes():
     with CaptionClient(triton_client=fake, concurrency=2) as c:
         assert c.is_ready()
         assert c.caption_one(b"q").caption == "caption of q"
-        assert [r.caption for r in c.caption([b"1", b"2", b"3"], beam_size=2)] == [
-            "caption of 1", "caption of 2", "caption of 3"]
+        assert [r.caption for r in c.caption([b"1", b"2", b"3"], beam_size=2)] == ["caption of 1", "caption of 2", "caption of 3"]
     assert fake.closed
     assert fake.calls[-1]["parameters"] == {"beam_size": 2}
     with pytest.raises(RuntimeError, match="closed"):
@@ -308,6 +325,7 @@ def test_client_rejects_bad_settings(kwargs):
 
 
 # --- call_without_cancel (the Locust users' raw gRPC calls) ---------------------------------
+
 
 @pytest.fixture
 def slow_grpc_server():
@@ -324,8 +342,7 @@ def slow_grpc_server():
         seen["alive_at_end"].append(context.is_active())
         return request
 
-    handler = grpc.method_handlers_generic_handler(
-        "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(handle)})
+    handler = grpc.method_handlers_generic_handler("test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(handle)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

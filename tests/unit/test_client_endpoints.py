@@ -1,5 +1,6 @@
 """Several endpoints, failover, deadlines, TLS and the health check, without a server:
 every endpoint is a FakeTriton (test_client_core) whose failures are scripted."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,14 +9,17 @@ import time
 
 import pytest
 from PIL import Image
+from test_client_core import FakeTriton, run, sleeps  # noqa: F401  (sleeps is a fixture)
 
 from client import core, health
 from client.core import AsyncCaptionClient, CaptionClient, RetryPolicy, TLSConfig
 from client.endpoints import EndpointPool, Failure, classify, parse_endpoints
-from test_client_core import FakeTriton, run, sleeps  # noqa: F401  (sleeps is a fixture)
 
-UNAVAILABLE = ("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: "
-               "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
+UNAVAILABLE = (
+    "StatusCode.UNAVAILABLE",
+    "failed to connect to all addresses; last error: UNKNOWN: "
+    "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused",
+)
 SOCKET_CLOSED = ("StatusCode.UNAVAILABLE", "Stream removed (Socket closed)")
 STUB_DEAD = ("StatusCode.INTERNAL", "in ensemble 'captioner', Stub process 'encoder_0_0' is not healthy.")
 RELOADING = ("StatusCode.NOT_FOUND", "Request for unknown model: 'captioner' has no available versions")
@@ -59,6 +63,7 @@ def _data(inputs):
 
 # --- endpoints -------------------------------------------------------------------------
 
+
 def test_parse_endpoints():
     assert parse_endpoints("localhost:8001") == ["localhost:8001"]
     assert parse_endpoints(" h1:8001 , grpc://h2:9001,h1:8001") == ["h1:8001", "h2:9001"]
@@ -72,18 +77,21 @@ def test_parse_endpoints_rejects(bad):
         parse_endpoints(bad)
 
 
-@pytest.mark.parametrize("error, expected", [
-    (UNAVAILABLE, Failure.BROKEN),
-    (SOCKET_CLOSED, Failure.BROKEN),
-    (STUB_DEAD, Failure.BROKEN),
-    (RELOADING, Failure.BROKEN),
-    (QUEUE_FULL, Failure.OVERLOADED),
-    (("StatusCode.UNAVAILABLE", "Request timeout expired"), Failure.OVERLOADED),
-    (INVALID, Failure.FINAL),
-    (("StatusCode.NOT_FOUND", "Request for unknown model: 'captioner2' is not found"), Failure.FINAL),
-    (("StatusCode.INTERNAL", "onnxruntime exploded"), Failure.FINAL),
-    (("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded"), Failure.FINAL),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (UNAVAILABLE, Failure.BROKEN),
+        (SOCKET_CLOSED, Failure.BROKEN),
+        (STUB_DEAD, Failure.BROKEN),
+        (RELOADING, Failure.BROKEN),
+        (QUEUE_FULL, Failure.OVERLOADED),
+        (("StatusCode.UNAVAILABLE", "Request timeout expired"), Failure.OVERLOADED),
+        (INVALID, Failure.FINAL),
+        (("StatusCode.NOT_FOUND", "Request for unknown model: 'captioner2' is not found"), Failure.FINAL),
+        (("StatusCode.INTERNAL", "onnxruntime exploded"), Failure.FINAL),
+        (("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded"), Failure.FINAL),
+    ],
+)
 def test_classify(error, expected):
     assert classify(*error) is expected
 
@@ -133,8 +141,7 @@ def test_pool_sets_aside_doubling_and_probes_before_traffic():
     pool.probe_result(a, True)
     assert a.up and a.strikes == 0
     assert {pool.pick().url for _ in range(2)} == {"a:1", "b:1"}
-    assert a.stats() == {"url": "a:1", "sent": 1, "ok": 0, "failed": 1, "set_aside": 3, "up": True,
-                         "last_error": "still refused"}
+    assert a.stats() == {"url": "a:1", "sent": 1, "ok": 0, "failed": 1, "set_aside": 3, "up": True, "last_error": "still refused"}
 
 
 def test_pool_in_flight_failures_of_one_outage_count_once():
@@ -187,6 +194,7 @@ def test_overloaded_endpoint_is_not_set_aside():
 
 # --- the client over several endpoints -------------------------------------------------
 
+
 def test_requests_are_spread_over_endpoints():
     fleet = Fleet(delay=0.005)
     client = AsyncCaptionClient("a:1,b:2", client_factory=fleet, concurrency=4)
@@ -197,8 +205,11 @@ def test_requests_are_spread_over_endpoints():
     assert [s["ok"] for s in client.stats()] == [20, 20]
 
 
-@pytest.mark.parametrize("error", [UNAVAILABLE, SOCKET_CLOSED, STUB_DEAD, RELOADING], ids=[
-    "refused", "connection-lost", "stub-crash", "model-reloading"])
+@pytest.mark.parametrize(
+    "error",
+    [UNAVAILABLE, SOCKET_CLOSED, STUB_DEAD, RELOADING],
+    ids=["refused", "connection-lost", "stub-crash", "model-reloading"],
+)
 def test_broken_endpoint_fails_over_without_losing_images(sleeps, error):
     fleet = Fleet()
     client = AsyncCaptionClient("a:1,b:2", client_factory=fleet, concurrency=4, retry=RetryPolicy(max_attempts=2))
@@ -284,6 +295,7 @@ def test_all_endpoints_down_gives_up_after_max_attempts(sleeps):
 
 # --- deadlines -------------------------------------------------------------------------
 
+
 def test_a_retry_sends_the_time_left():
     fake = FakeTriton(plan={b"img": [UNAVAILABLE]}, delay=lambda data: 0.2)
     client = AsyncCaptionClient(triton_client=fake, timeout=2.0, retry=RetryPolicy(initial_backoff=0.0))
@@ -299,8 +311,9 @@ def test_a_retry_sends_the_time_left():
 
 def test_retries_stay_within_the_images_deadline():
     fake = FakeTriton(plan={b"img": [UNAVAILABLE] * 100})
-    client = AsyncCaptionClient(triton_client=fake, timeout=0.3,
-                                retry=RetryPolicy(max_attempts=100, initial_backoff=0.1, max_backoff=0.1))
+    client = AsyncCaptionClient(
+        triton_client=fake, timeout=0.3, retry=RetryPolicy(max_attempts=100, initial_backoff=0.1, max_backoff=0.1)
+    )
     t0 = time.monotonic()
     with pytest.raises(core.CaptionError) as e:
         run(client.caption_one(b"img", name="slow.png"))
@@ -349,6 +362,7 @@ def test_without_attempt_timeout_a_deadline_is_final(sleeps):
 
 # --- TLS -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def pems(tmp_path):
     paths = {}
@@ -374,8 +388,12 @@ def test_tls_files_reach_tritonclient(monkeypatch, pems):
     tls = TLSConfig(pems["ca.pem"], pems["client.pem"], pems["client.key"])
     with CaptionClient("a:1,b:2", tls=tls):
         pass
-    want = dict(ssl=True, root_certificates=str(pems["ca.pem"]), private_key=str(pems["client.key"]),
-                certificate_chain=str(pems["client.pem"]))
+    want = dict(
+        ssl=True,
+        root_certificates=str(pems["ca.pem"]),
+        private_key=str(pems["client.key"]),
+        certificate_chain=str(pems["client.pem"]),
+    )
     assert made == [("a:1", want), ("b:2", want)]
     made.clear()
     with CaptionClient("a:1"):
@@ -396,6 +414,7 @@ def test_tls_config_rejects_half_pairs_and_missing_files(pems, tmp_path):
 
 # --- health ------------------------------------------------------------------------------
 
+
 def health_main(argv, fleet):
     out = io.StringIO()
     code = health.main(argv, out=out, client_factory=fleet)
@@ -409,15 +428,20 @@ def test_health_ok_sends_a_real_image_and_exits_0():
     assert out.startswith("ok a:1 ") and " ms caption=" in out and "caption of" in out and out.count("\n") == 1
     (call,) = fleet.fakes["a:1"].calls
     assert Image.open(io.BytesIO(call["data"])).format == "PNG"  # a valid image through the whole ensemble
-    assert call["model"] == "captioner" and 1.99 <= call["timeout"] <= 2.0 and call["server_timeout_us"] == 1_600_000  # Triton gives up first: no cancellation
+    assert (
+        call["model"] == "captioner" and 1.99 <= call["timeout"] <= 2.0 and call["server_timeout_us"] == 1_600_000
+    )  # Triton gives up first: no cancellation
     assert fleet.fakes["a:1"].closed
 
 
-@pytest.mark.parametrize("error, reason", [
-    (UNAVAILABLE, "UNAVAILABLE: failed to connect"),
-    (STUB_DEAD, "INTERNAL: in ensemble 'captioner', Stub process 'encoder_0_0' is not healthy."),
-    (RELOADING, "NOT_FOUND: Request for unknown model"),
-])
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (UNAVAILABLE, "UNAVAILABLE: failed to connect"),
+        (STUB_DEAD, "INTERNAL: in ensemble 'captioner', Stub process 'encoder_0_0' is not healthy."),
+        (RELOADING, "NOT_FOUND: Request for unknown model"),
+    ],
+)
 def test_health_failure_exits_1_with_the_reason(error, reason):
     fleet = Fleet()
     fleet.down["a:1"] = error
@@ -463,8 +487,9 @@ def test_health_bad_usage_exits_2(argv):
 def test_health_tls_flags_and_environment(monkeypatch, pems):
     fleet = Fleet()
     monkeypatch.setenv("CAPTIONER_TLS_ROOT_CERT", str(pems["ca.pem"]))
-    code, _ = health_main(["--url", "a:1", "--tls-client-cert", str(pems["client.pem"]),
-                           "--tls-client-key", str(pems["client.key"])], fleet)
+    code, _ = health_main(
+        ["--url", "a:1", "--tls-client-cert", str(pems["client.pem"]), "--tls-client-key", str(pems["client.key"])], fleet
+    )
     assert code == 0
     assert fleet.tls["a:1"] == TLSConfig(str(pems["ca.pem"]), str(pems["client.pem"]), str(pems["client.key"]))
 

@@ -1,6 +1,7 @@
 """loadtest without a server: the image pool, run-time parsing, reading Locust's CSVs,
 the pass/fail verdict and the plot. (The locustfile itself imports locust, which
 monkey-patches the process, so it is exercised in tests/integration/test_loadtest.py.)"""
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,51 @@ from captioner.scenes import Scene
 from loadtest import run
 from loadtest.pool import build_pool, parse_sizes
 
-STATS_COLUMNS = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
-                 "Min Response Time", "Max Response Time", "Average Content Size", "Requests/s", "Failures/s",
-                 "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
-HISTORY_COLUMNS = ["Timestamp", "User Count", "Type", "Name", "Requests/s", "Failures/s", "50%", "66%", "75%", "80%",
-                   "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%", "Total Request Count", "Total Failure Count"]
+STATS_COLUMNS = [
+    "Type",
+    "Name",
+    "Request Count",
+    "Failure Count",
+    "Median Response Time",
+    "Average Response Time",
+    "Min Response Time",
+    "Max Response Time",
+    "Average Content Size",
+    "Requests/s",
+    "Failures/s",
+    "50%",
+    "66%",
+    "75%",
+    "80%",
+    "90%",
+    "95%",
+    "98%",
+    "99%",
+    "99.9%",
+    "99.99%",
+    "100%",
+]
+HISTORY_COLUMNS = [
+    "Timestamp",
+    "User Count",
+    "Type",
+    "Name",
+    "Requests/s",
+    "Failures/s",
+    "50%",
+    "66%",
+    "75%",
+    "80%",
+    "90%",
+    "95%",
+    "98%",
+    "99%",
+    "99.9%",
+    "99.99%",
+    "100%",
+    "Total Request Count",
+    "Total Failure Count",
+]
 
 
 def test_pool_mixes_formats_and_sizes_and_decodes():
@@ -72,8 +113,32 @@ def write_stats(prefix, rows, exceptions=0):
         w = csv.writer(f)
         w.writerow(STATS_COLUMNS)
         for name, n, fails, p95 in rows:
-            w.writerow(["grpc" if name != "Aggregated" else "", name, n, fails, 40, 45.5, 10, 900, 88, 50.0, 0.0,
-                        40, 50, 60, 70, 80, p95, 300, 400, 800, 900, 900])
+            w.writerow(
+                [
+                    "grpc" if name != "Aggregated" else "",
+                    name,
+                    n,
+                    fails,
+                    40,
+                    45.5,
+                    10,
+                    900,
+                    88,
+                    50.0,
+                    0.0,
+                    40,
+                    50,
+                    60,
+                    70,
+                    80,
+                    p95,
+                    300,
+                    400,
+                    800,
+                    900,
+                    900,
+                ]
+            )
     with open(f"{prefix}_exceptions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Count", "Message", "Traceback", "Nodes"])
@@ -142,11 +207,20 @@ def test_plot_refuses_empty_history(tmp_path):
 
 def test_locust_command_carries_settings_and_extra_flags(tmp_path):
     args, extra = run.build_parser().parse_known_args(
-        ["-u", "6", "-r", "3", "-t", "20s", "--reports", str(tmp_path), "--beam-size", "3"])
+        ["-u", "6", "-r", "3", "-t", "20s", "--reports", str(tmp_path), "--beam-size", "3"]
+    )
     cmd = run.locust_command(args, "h:1", extra)
     joined = " ".join(cmd)
-    for part in ["--headless", "-u 6", "-r 3.0", "-t 20s", "--host h:1", f"--csv {tmp_path}/loadtest",
-                 f"--html {tmp_path}/loadtest.html", "--beam-size 3"]:
+    for part in [
+        "--headless",
+        "-u 6",
+        "-r 3.0",
+        "-t 20s",
+        "--host h:1",
+        f"--csv {tmp_path}/loadtest",
+        f"--html {tmp_path}/loadtest.html",
+        "--beam-size 3",
+    ]:
         assert part in joined
     assert cmd[cmd.index("-f") + 1].endswith("loadtest/locustfile.py")
 
@@ -171,8 +245,7 @@ def test_no_server_and_no_start_exits_2(capsys):
 def test_missing_repository_exits_2_with_reason(tmp_path, capsys):
     from launcher.tritonserver import free_port
 
-    code = run.main(["--url", f"127.0.0.1:{free_port()}", "--repo", str(tmp_path / "empty"),
-                     "--reports", str(tmp_path / "r")])
+    code = run.main(["--url", f"127.0.0.1:{free_port()}", "--repo", str(tmp_path / "empty"), "--reports", str(tmp_path / "r")])
     assert code == 2
     assert "holds no captioner model repository" in capsys.readouterr().err
 

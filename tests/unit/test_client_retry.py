@@ -2,6 +2,7 @@
 fake clock whose sleeps advance time, no gRPC. What it must decide: where each attempt
 goes, when it waits, how long an attempt may take, when it gives up and why, and what
 the endpoint pool learns."""
+
 from __future__ import annotations
 
 import asyncio
@@ -76,8 +77,7 @@ def test_an_answer_at_once_is_one_attempt_with_the_whole_deadline():
     assert out.ok and out.value == "ok a:1" and out.attempts == 1 and out.endpoint.url == "a:1"
     assert script.calls == [("a:1", 7.0, False)] and clock.sleeps == []
     assert out.last.server_timeout_us == 7_000_000
-    assert pool.stats() == [{"url": "a:1", "sent": 1, "ok": 1, "failed": 0, "set_aside": 0, "up": True,
-                             "last_error": ""}]
+    assert pool.stats() == [{"url": "a:1", "sent": 1, "ok": 1, "failed": 0, "set_aside": 0, "up": True, "last_error": ""}]
 
 
 def test_a_retry_goes_to_a_fresh_endpoint_at_once_and_back_to_a_tried_one_after_a_backoff():
@@ -218,6 +218,7 @@ def test_the_async_driver_records_a_cancelled_attempt_as_abandoned():
 
 # --- probes ----------------------------------------------------------------------------
 
+
 def probed_pool():
     clock = Clock()
     pool = EndpointPool(["a:1", "b:1"], clock=clock)
@@ -234,11 +235,14 @@ def test_a_probe_answered_well_brings_the_endpoint_back():
     assert a.up and not a.probing
 
 
-@pytest.mark.parametrize("error, reason", [
-    (REFUSED, REFUSED.message),
-    (AttemptFailed("StatusCode.UNAVAILABLE", None), "UNAVAILABLE"),
-    (RuntimeError("channel closed"), "probe failed: RuntimeError('channel closed')"),
-])
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (REFUSED, REFUSED.message),
+        (AttemptFailed("StatusCode.UNAVAILABLE", None), "UNAVAILABLE"),
+        (RuntimeError("channel closed"), "probe failed: RuntimeError('channel closed')"),
+    ],
+)
 def test_a_failed_probe_keeps_the_endpoint_aside_with_the_reason(error, reason):
     pool, a = probed_pool()
 
@@ -262,6 +266,7 @@ def test_a_cancelled_probe_gives_no_verdict_and_can_run_again():
 
 
 # --- what a caller is told -------------------------------------------------------------
+
 
 def test_a_deadline_the_server_ran_out_of_without_a_client_deadline_is_reported():
     from test_client_core import FakeTriton

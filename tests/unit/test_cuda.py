@@ -5,6 +5,7 @@ captioning and `eval` on a GPU against the CPU, and torchrun/NCCL on one GPU.
 Every test here is skipped without a CUDA device (CI has none): `bash scripts/gpu_check.sh`
 runs them on a GPU machine. Measured figures (loss differences, shares correct, feature
 agreement) are recorded with `record_property`, so `pytest --junitxml` keeps them."""
+
 import json
 import os
 import random
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MEMO_SCENES, MEMO_TRAIN_ARGS
+from test_train import MEMO_SHARE_CORRECT
 
 from captioner import distributed as D
 from captioner import evaluate as ev
@@ -27,15 +30,13 @@ from captioner.model import CaptionModel
 from captioner.preprocess import PreprocessConfig, normalize, normalize_tensor, prepare
 from captioner.scenes import Scene, caption_is_correct
 from captioner.train import main as train_main
-from conftest import MEMO_SCENES, MEMO_TRAIN_ARGS
-from test_train import MEMO_SHARE_CORRECT
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason=f"needs a CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
-           f"built for CUDA {torch.version.cuda or 'none'}); run scripts/gpu_check.sh on a GPU machine",
+    f"built for CUDA {torch.version.cuda or 'none'}); run scripts/gpu_check.sh on a GPU machine",
 )
 
 # The first step, CUDA vs CPU on the same images and initial weights (--max-steps 1):
@@ -57,8 +58,12 @@ DEFAULT_MODEL_SHARE = 0.98  # the default model's bar on unseen scenes (test_def
 def fresh_process_flags():
     """Each test starts from the global torch flags a new process has: training calls
     D.tune_for (cuDNN autotuning, TF32 matmuls) and --threads, which stay set in-process."""
-    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    saved = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_num_threads(),
+    )
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, True
     yield
@@ -89,8 +94,25 @@ def clean_env(**extra) -> dict:
 
 def small_run(shapes_data, out, *extra):
     """test_train_devices.small_run's run (320 images, 32 px, seed 5)."""
-    return ["--data", str(shapes_data), "--out", str(out), "--image-size", "32", "--batch-size", "32", "--min-count", "1",
-            "--val-decode", "20", "--limit", "320", "--seed", "5", *extra]
+    return [
+        "--data",
+        str(shapes_data),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--min-count",
+        "1",
+        "--val-decode",
+        "20",
+        "--limit",
+        "320",
+        "--seed",
+        "5",
+        *extra,
+    ]
 
 
 def test_device_choices_on_a_cuda_machine():
@@ -131,8 +153,21 @@ def test_cuda_training_memorises_the_scenes_and_saves_a_cpu_checkpoint(amp, memo
         pytest.skip(f"{torch.cuda.get_device_name()} has no bfloat16")
     train_ann, val_ann = memo_data
     out = tmp_path / amp
-    train_main(["--train-ann", str(train_ann), "--val-ann", str(val_ann), "--out", str(out),
-                *MEMO_TRAIN_ARGS, "--device", "cuda", "--amp", amp])
+    train_main(
+        [
+            "--train-ann",
+            str(train_ann),
+            "--val-ann",
+            str(val_ann),
+            "--out",
+            str(out),
+            *MEMO_TRAIN_ARGS,
+            "--device",
+            "cuda",
+            "--amp",
+            amp,
+        ]
+    )
     log = capsys.readouterr().out
     assert "world size 1, device cuda:0 (" in log and f"amp {amp}, channels_last on" in log, log[:2000]
 
@@ -149,8 +184,9 @@ def test_cuda_training_memorises_the_scenes_and_saves_a_cpu_checkpoint(amp, memo
     # No map_location: tensors saved from the GPU would come back on it.
     model_pt = torch.load(out / "model.pt", weights_only=False)
     state = model_pt["state_dict"]
-    assert all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64) and t.is_contiguous()
-               for t in state.values()), {k: (t.device, t.dtype) for k, t in state.items()}
+    assert all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64) and t.is_contiguous() for t in state.values()
+    ), {k: (t.device, t.dtype) for k, t in state.items()}
     assert model_pt["meta"]["device"] == "cuda" and model_pt["meta"]["amp"] == amp
     last = torch.load(out / "last.pt", weights_only=False)
     assert all(t.device.type == "cpu" for t in tensors(last)), "last.pt (optimizer moments too) loads without CUDA"
@@ -164,12 +200,20 @@ def test_cuda_training_memorises_the_scenes_and_saves_a_cpu_checkpoint(amp, memo
     data = CocoCaptions(val_ann)
     assert len(data) == MEMO_SCENES
     paths = [it.path for it in data.items]
-    r = subprocess.run([sys.executable, "-m", "captioner", "caption", "--model", str(out), *map(str, paths)], cwd=REPO,
-                       env=clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", "--model", str(out), *map(str, paths)],
+        cwd=REPO,
+        env=clean_env(CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     texts = [ln.split("\t", 1)[1] for ln in r.stdout.splitlines()]
     assert texts == [c.text for c in Captioner(out, device="cpu").caption_images(paths)]
-    cpu_share = sum(caption_is_correct(t, Scene.from_json(data.scenes[it.image_id])) for t, it in zip(texts, data.items)) / MEMO_SCENES
+    cpu_share = (
+        sum(caption_is_correct(t, Scene.from_json(data.scenes[it.image_id])) for t, it in zip(texts, data.items)) / MEMO_SCENES
+    )
     record_property(f"{amp}_best_val_share_correct", best)
     record_property(f"{amp}_cpu_share_correct", cpu_share)
     # Validation decoded under autocast picked model.pt; the CPU decodes it in float32:
@@ -203,8 +247,22 @@ def cpu_step1(shapes_data, tmp_path_factory) -> tuple[float, dict]:
     out = tmp_path_factory.mktemp("step1-cpu")
     threads = torch.get_num_threads()
     try:
-        train_main(small_run(shapes_data, out, "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--threads", "1",
-                             "--augment-share", "0.5"))
+        train_main(
+            small_run(
+                shapes_data,
+                out,
+                "--epochs",
+                "1",
+                "--max-steps",
+                "1",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--augment-share",
+                "0.5",
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     loss, update = first_step(out)
@@ -214,13 +272,16 @@ def cpu_step1(shapes_data, tmp_path_factory) -> tuple[float, dict]:
     return loss, update
 
 
-@pytest.mark.parametrize("precision, extra", [
-    ("tf32", []),  # --amp off as a user gets it: D.tune_for allows TF32
-    ("fp32", []),
-    ("fp32", ["--cache", "none", "--workers", "2"]),  # decoded by worker processes every epoch, pinned
-], ids=["amp-off-tf32", "strict-fp32", "strict-fp32-streamed"])
-def test_first_step_on_cuda_is_the_cpus(precision, extra, cpu_step1, shapes_data, tmp_path, monkeypatch, capsys,
-                                       record_property):
+@pytest.mark.parametrize(
+    "precision, extra",
+    [
+        ("tf32", []),  # --amp off as a user gets it: D.tune_for allows TF32
+        ("fp32", []),
+        ("fp32", ["--cache", "none", "--workers", "2"]),  # decoded by worker processes every epoch, pinned
+    ],
+    ids=["amp-off-tf32", "strict-fp32", "strict-fp32-streamed"],
+)
+def test_first_step_on_cuda_is_the_cpus(precision, extra, cpu_step1, shapes_data, tmp_path, monkeypatch, capsys, record_property):
     """Same seed, same images (augmented), same initial weights: the GPU's first step has
     the CPU's loss and moves the weights the same way, up to float rounding, so the GPU
     trains the model the CPU would."""
@@ -234,8 +295,23 @@ def test_first_step_on_cuda_is_the_cpus(precision, extra, cpu_step1, shapes_data
 
         monkeypatch.setattr(D, "tune_for", strict)
     out = tmp_path / "cuda"
-    train_main(small_run(shapes_data, out, "--epochs", "1", "--max-steps", "1", "--device", "cuda", "--amp", "off",
-                         "--augment-share", "0.5", *extra))
+    train_main(
+        small_run(
+            shapes_data,
+            out,
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--device",
+            "cuda",
+            "--amp",
+            "off",
+            "--augment-share",
+            "0.5",
+            *extra,
+        )
+    )
     log = capsys.readouterr().out
     assert "device cuda:0 (" in log and "amp off" in log
     cpu_loss, cpu_update = cpu_step1
@@ -293,6 +369,7 @@ def test_eval_on_cuda_reports_what_the_cpu_does(shapes_data, tmp_path, monkeypat
 
     reports = {}
     for device in ("cpu", "cuda"):
+
         def recording(gts, res, meteor, meteor_timeout, device=device):
             scored[device] = {k: v[0]["caption"] for k, v in res.items()}
             if have_coco:
@@ -301,8 +378,23 @@ def test_eval_on_cuda_reports_what_the_cpu_does(shapes_data, tmp_path, monkeypat
 
         monkeypatch.setattr(ev, "text_metrics", recording)
         out = tmp_path / f"{device}.json"
-        rc = ev.main(["--ann", str(shapes_data / "captions_test.json"), "--limit", "60", "--robustness", "--no-meteor",
-                      "--no-progress", "--batch-size", "32", "--device", device, "--out", str(out)])
+        rc = ev.main(
+            [
+                "--ann",
+                str(shapes_data / "captions_test.json"),
+                "--limit",
+                "60",
+                "--robustness",
+                "--no-meteor",
+                "--no-progress",
+                "--batch-size",
+                "32",
+                "--device",
+                device,
+                "--out",
+                str(out),
+            ]
+        )
         assert rc == 0
         reports[device] = json.loads(out.read_text())
     assert reports["cuda"]["model"] == str(DEFAULT_MODEL_DIR / "model.pt")
@@ -319,8 +411,28 @@ def test_frozen_features_are_computed_on_the_gpu_and_reused(shapes_data, tmp_pat
     (bf16 by default), cached, reused on resume, and agree with the CPU's float32 features
     of the saved backbone."""
     out = tmp_path / "frozen"
-    args = ["--data", str(shapes_data), "--out", str(out), "--backbone", "resnet50", "--mode", "frozen", "--image-size", "64",
-            "--limit", "96", "--batch-size", "32", "--augment-share", "0", "--val-decode", "0", "--device", "cuda"]
+    args = [
+        "--data",
+        str(shapes_data),
+        "--out",
+        str(out),
+        "--backbone",
+        "resnet50",
+        "--mode",
+        "frozen",
+        "--image-size",
+        "64",
+        "--limit",
+        "96",
+        "--batch-size",
+        "32",
+        "--augment-share",
+        "0",
+        "--val-decode",
+        "0",
+        "--device",
+        "cuda",
+    ]
     with pytest.warns(UserWarning, match="RANDOM weights"):
         train_main([*args, "--epochs", "1"])
     feats = np.load(out / "features_train.npy")
@@ -344,15 +456,23 @@ def test_frozen_features_are_computed_on_the_gpu_and_reused(shapes_data, tmp_pat
 
 
 def torchrun(*args, timeout=150) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_torchrun_with_one_gpu_trains_as_one_process(shapes_data, tmp_path):
     """`torchrun --nproc_per_node 1 ... --device cuda`: LOCAL_RANK 0 picks GPU 0. With one
     process there is no process group (distributed.setup starts NCCL only for world > 1)."""
     out = tmp_path / "torchrun"
-    r = torchrun("-m", "captioner", "train", *small_run(shapes_data, out, "--epochs", "1", "--max-steps", "3", "--device", "cuda"))
+    r = torchrun(
+        "-m", "captioner", "train", *small_run(shapes_data, out, "--epochs", "1", "--max-steps", "3", "--device", "cuda")
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "world size 1, device cuda:0 (" in r.stdout and "global batch 32 = 1 x 32" in r.stdout
     h = history(out)

@@ -1,4 +1,5 @@
 """The COCO captions loader on a tiny COCO-2014-style fixture (real layout, made-up images)."""
+
 import json
 
 import numpy as np
@@ -58,10 +59,13 @@ def test_default_image_root_is_the_annotation_folder(tmp_path):
 
 
 def test_captions_naming_unknown_images_are_an_error(tmp_path):
-    ann, img_dir = coco_fixture(tmp_path, annotations=[
-        {"image_id": 42, "id": 1, "caption": "a red wall"},
-        {"image_id": 1234, "id": 2, "caption": "an orphan"},
-    ])
+    ann, img_dir = coco_fixture(
+        tmp_path,
+        annotations=[
+            {"image_id": 42, "id": 1, "caption": "a red wall"},
+            {"image_id": 1234, "id": 2, "caption": "an orphan"},
+        ],
+    )
     with pytest.raises(ValueError, match="unknown image ids.*1234"):
         CocoCaptions(ann, img_dir)
 

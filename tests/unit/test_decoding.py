@@ -2,13 +2,24 @@
 
 Toy language models make the right answer known: the state carried in `h` is the
 prefix generated so far, and a table gives the next-token distribution per prefix."""
+
 import numpy as np
 import pytest
 import torch
 
 from captioner.checkpoint import load
-from captioner.decoding import (MAX_BEAM, MAX_LENGTH, DecodeParams, Hypothesis, beam_search, decode, greedy, sample,
-                                texts, torch_step)
+from captioner.decoding import (
+    MAX_BEAM,
+    MAX_LENGTH,
+    DecodeParams,
+    Hypothesis,
+    beam_search,
+    decode,
+    greedy,
+    sample,
+    texts,
+    torch_step,
+)
 from captioner.model import CaptionModel, ModelArgs
 
 START, END, A, B, C, D = range(6)
@@ -128,7 +139,7 @@ def test_beam_search_batches_images_and_matches_one_at_a_time():
     together = beam_search(counting, h0, h0, 1, 2, 3, 12, 0.7)
     assert calls[0] == 5 and max(calls) <= 15 and len(calls) <= 12
     for i in range(5):
-        alone = beam_search(step, h0[i:i + 1], h0[i:i + 1], 1, 2, 3, 12, 0.7)[0]
+        alone = beam_search(step, h0[i : i + 1], h0[i : i + 1], 1, 2, 3, 12, 0.7)[0]
         assert alone.tokens == together[i].tokens
         assert alone.logprob == pytest.approx(together[i].logprob, abs=1e-4)
 
@@ -183,17 +194,20 @@ def test_sampling_is_reproducible_with_a_seed_and_follows_the_distribution():
     assert {h.tokens for h in cold} == {(A, C)}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(beam_size=0), "beam_size must be in 1..10"),
-    (dict(beam_size=MAX_BEAM + 1), "beam_size"),
-    (dict(max_length=0), "max_length must be in 1..50"),
-    (dict(max_length=MAX_LENGTH + 1), "max_length"),
-    (dict(temperature=0.0), "temperature must be in"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(temperature=float("inf")), "temperature"),
-    (dict(temperature=0.5, beam_size=3), "cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(beam_size=0), "beam_size must be in 1..10"),
+        (dict(beam_size=MAX_BEAM + 1), "beam_size"),
+        (dict(max_length=0), "max_length must be in 1..50"),
+        (dict(max_length=MAX_LENGTH + 1), "max_length"),
+        (dict(temperature=0.0), "temperature must be in"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=0.5, beam_size=3), "cannot be combined"),
+    ],
+)
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DecodeParams(**kwargs).validate()

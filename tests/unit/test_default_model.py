@@ -5,6 +5,7 @@ palette PNG. The bar is the issue's: >= 98% of greedy captions correct by the sp
 
 CAPTIONER_TEST_MODEL=DIR points these tests at another checkpoint (e.g. runs/default
 while training)."""
+
 import io
 import os
 import random
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from spec_renderer import SpecRenderer
 
 from captioner import scenes as sc
 from captioner.checkpoint import DEFAULT_MODEL_DIR, FILENAME
 from captioner.evaluate import variant_bytes
 from captioner.preprocess import decode_image, prepare
 from captioner.scenes import caption_is_correct
-from spec_renderer import SpecRenderer
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDE = os.environ.get("CAPTIONER_TEST_MODEL")
@@ -36,8 +37,10 @@ CASES = [(s, v) for s in SOURCES for v in VARIANTS] + [("spec_renderer", v) for 
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (MODEL / FILENAME).is_file(),
-                       reason=f"no default model at {MODEL / FILENAME} yet (it ships from `make default-model`)"),
+    pytest.mark.skipif(
+        not (MODEL / FILENAME).is_file(),
+        reason=f"no default model at {MODEL / FILENAME} yet (it ships from `make default-model`)",
+    ),
 ]
 
 
@@ -77,7 +80,7 @@ def results():
         arrays = [prepare(decode_image(encode(img, variant)), cap.cfg) for img, _ in subset]
         texts = []
         for i in range(0, len(arrays), 200):
-            texts += [c.text for c in cap.caption_arrays(np.stack(arrays[i:i + 200]))]
+            texts += [c.text for c in cap.caption_arrays(np.stack(arrays[i : i + 200]))]
         wrong = [(t, s) for t, (_, s) in zip(texts, subset) if not caption_is_correct(t, s)]
         out[source, variant] = (len(subset) - len(wrong), len(subset), wrong[:5])
     return out
@@ -106,8 +109,9 @@ def test_the_cli_without_model_flag_on_another_programs_files(tmp_path):
     env["PYTHONPATH"] = str(REPO)
     if OVERRIDE:
         env["CAPTIONER_MODEL"] = OVERRIDE
-    proc = subprocess.run([sys.executable, "-m", "captioner", "caption", *truth], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", *truth], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [ln.split("\t") for ln in proc.stdout.splitlines()]
     assert [p for p, _ in lines] == list(truth)

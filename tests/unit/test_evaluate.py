@@ -1,4 +1,5 @@
 """python -m captioner eval: COCO caption metrics, share correct, robustness variants."""
+
 import json
 import time
 
@@ -17,8 +18,22 @@ JAVA = ev.java_status() is None
 def test_eval_on_a_trained_model(memorised_run, shapes_data, tmp_path, capsys):
     out = tmp_path / "eval.json"
     ann = shapes_data / "memo_val.json"
-    rc = cli_main(["eval", "--model", str(memorised_run), "--ann", str(ann), "--robustness", "--out", str(out),
-                   "--batch-size", "5", "--no-progress"] + ([] if JAVA else ["--no-meteor"]))
+    rc = cli_main(
+        [
+            "eval",
+            "--model",
+            str(memorised_run),
+            "--ann",
+            str(ann),
+            "--robustness",
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+            "--no-progress",
+        ]
+        + ([] if JAVA else ["--no-meteor"])
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
@@ -46,8 +61,10 @@ def test_eval_on_a_trained_model(memorised_run, shapes_data, tmp_path, capsys):
 
 
 def test_perfect_and_wrong_captions():
-    gts = {i: [{"caption": f"a {c} circle"}, {"caption": f"a small {c} circle"}, {"caption": f"one small {c} circle"}]
-           for i, c in enumerate(["red", "blue", "green", "black"])}
+    gts = {
+        i: [{"caption": f"a {c} circle"}, {"caption": f"a small {c} circle"}, {"caption": f"one small {c} circle"}]
+        for i, c in enumerate(["red", "blue", "green", "black"])
+    }
     perfect = {i: [{"caption": refs[1]["caption"]}] for i, refs in gts.items()}
     wrong = {i: [{"caption": "a large yellow square above a purple triangle"}] for i in gts}
     good, skipped, _ = ev.text_metrics(gts, perfect, meteor=False, meteor_timeout=60)
@@ -71,8 +88,10 @@ def test_without_java_metrics_fall_back_and_say_so(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not JAVA, reason="METEOR needs a working java")
 def test_meteor_with_java():
-    gts = {i: [{"caption": "a red circle to the left of a blue square"}, {"caption": "a red circle and a blue square"}]
-           for i in range(3)}
+    gts = {
+        i: [{"caption": "a red circle to the left of a blue square"}, {"caption": "a red circle and a blue square"}]
+        for i in range(3)
+    }
     same = {i: [{"caption": "A red circle and a blue square."}] for i in range(3)}
     g, r, tok = ev.tokenize_all(gts, same, None, 60)
     assert tok.startswith("ptb") and r[0] == ["a red circle and a blue square"]
@@ -124,8 +143,21 @@ def test_split_without_scenes_and_with_an_unreadable_image(memorised_run, shapes
     ann = tmp_path / "captions_coco.json"
     ann.write_text(json.dumps(raw))
     out = tmp_path / "r.json"
-    rc = ev.main(["--model", str(memorised_run), "--ann", str(ann), "--images", str(shapes_data), "--robustness",
-                  "--no-meteor", "--no-progress", "--out", str(out)])
+    rc = ev.main(
+        [
+            "--model",
+            str(memorised_run),
+            "--ann",
+            str(ann),
+            "--images",
+            str(shapes_data),
+            "--robustness",
+            "--no-meteor",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["images"] == 5 and report["share_correct"] is None
@@ -135,9 +167,24 @@ def test_split_without_scenes_and_with_an_unreadable_image(memorised_run, shapes
 
 
 def test_bad_model_or_beam_is_an_error(shapes_data, memorised_run, tmp_path, capsys):
-    assert ev.main(["--model", str(tmp_path), "--ann", str(shapes_data / "memo_val.json"), "--out", str(tmp_path / "x.json")]) == 2
-    assert ev.main(["--model", str(memorised_run), "--ann", str(shapes_data / "memo_val.json"), "--beam", "11",
-                    "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        ev.main(["--model", str(tmp_path), "--ann", str(shapes_data / "memo_val.json"), "--out", str(tmp_path / "x.json")]) == 2
+    )
+    assert (
+        ev.main(
+            [
+                "--model",
+                str(memorised_run),
+                "--ann",
+                str(shapes_data / "memo_val.json"),
+                "--beam",
+                "11",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "beam_size must be in 1..10" in err
     assert not (tmp_path / "x.json").exists()

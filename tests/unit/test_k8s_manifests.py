@@ -4,6 +4,7 @@ of a built-in kind passes the Kubernetes 1.30 JSON schemas in strict mode
 paths, the ensemble and the launcher's flags agrees with the code that serves it:
 launcher.tritonserver.DEFAULT_PORTS, builder.repository.ENSEMBLE/MODELS and
 launcher.parse_args. No cluster, no container engine."""
+
 from __future__ import annotations
 
 import copy
@@ -18,15 +19,19 @@ import pytest
 import yaml
 
 from builder.repository import ENSEMBLE, MODELS
-from launcher.cli import parse_args
 from client.health import build_parser as health_parser
+from launcher.cli import parse_args
 from launcher.tritonserver import DEFAULT_PORTS, PROJECT_ROOT
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.30"
-OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "kserve": K8S / "kserve",
-            "kserve-canary": K8S / "kserve" / "canary"}
+OVERLAYS = {
+    "cpu": K8S / "overlays" / "cpu",
+    "gpu": K8S / "overlays" / "gpu",
+    "kserve": K8S / "kserve",
+    "kserve-canary": K8S / "kserve" / "canary",
+}
 BUILT_IN = {
     ("v1", "Service"),
     ("apps/v1", "Deployment"),
@@ -311,7 +316,10 @@ def test_the_adapter_rule_measures_queue_time_per_ensemble_request():
     # The composing models' queues (the ensemble has none of its own), over 30 s ...
     assert f'increase(nv_inference_queue_duration_us{{<<.LabelMatchers>>,model!="{ENSEMBLE}"}}[30s])' in q
     # ... per successful request of the ensemble, over the same 30 s.
-    assert f'/ (1 + sum by (<<.GroupBy>>) (increase(nv_inference_request_success{{<<.LabelMatchers>>,model="{ENSEMBLE}"}}[30s])))' in q
+    assert (
+        f'/ (1 + sum by (<<.GroupBy>>) (increase(nv_inference_request_success{{<<.LabelMatchers>>,model="{ENSEMBLE}"}}[30s])))'
+        in q
+    )
     assert rule["resources"]["overrides"]["pod"]["resource"] == "pod"
 
 
@@ -338,7 +346,9 @@ def test_the_service_monitor_scrapes_the_metrics_port_often_enough_for_the_rule(
     docs = rendered[overlay]
     sm = _one(docs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
-    scraped = [d for d in docs if d["kind"] == "Service" and _matches(sm["spec"]["selector"]["matchLabels"], d["metadata"]["labels"])]
+    scraped = [
+        d for d in docs if d["kind"] == "Service" and _matches(sm["spec"]["selector"]["matchLabels"], d["metadata"]["labels"])
+    ]
     assert [s["metadata"]["name"] for s in scraped] == ["captioner-metrics"]  # each pod scraped once
     (endpoint,) = sm["spec"]["endpoints"]
     port = next(p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"])
@@ -391,8 +401,9 @@ def test_the_kserve_canary_sends_a_share_of_the_traffic_to_a_new_repository_imag
     assert 0 < predictor["canaryTrafficPercent"] < 100
     new_uri, old_uri = predictor["model"]["storageUri"], old["spec"]["predictor"]["model"]["storageUri"]
     assert new_uri != old_uri and new_uri.rsplit(":", 1)[0] == old_uri.rsplit(":", 1)[0]  # another tag of the image
-    assert {k: v for k, v in predictor["model"].items() if k != "storageUri"} == \
-        {k: v for k, v in old["spec"]["predictor"]["model"].items() if k != "storageUri"}
+    assert {k: v for k, v in predictor["model"].items() if k != "storageUri"} == {
+        k: v for k, v in old["spec"]["predictor"]["model"].items() if k != "storageUri"
+    }
     (container,) = canary["ServingRuntime"]["spec"]["containers"]
     (port,) = container["ports"]
     assert "startupProbe" not in container
@@ -443,12 +454,22 @@ def _shm_for_default_builds() -> int:
     from builder.shm import ShmLimits, required_bytes
     from captioner.preprocess import DEFAULT_MAX_BYTES
 
-    python_models = {("cpu", "fused"): (PREPROCESS, DECODER_STEP, GENERATOR),
-                     ("cpu", "split"): (PREPROCESS, ENCODER, DECODER_STEP, GENERATOR),
-                     ("gpu", "split"): (PREPROCESS, GENERATOR)}  # TensorRT encoder, onnxruntime step
-    return max(required_bytes(ShmLimits(DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, DEFAULT_INSTANCES[target][PREPROCESS],
-                                        sum(DEFAULT_INSTANCES[target][m] for m in models)))
-               for (target, _), models in python_models.items())
+    python_models = {
+        ("cpu", "fused"): (PREPROCESS, DECODER_STEP, GENERATOR),
+        ("cpu", "split"): (PREPROCESS, ENCODER, DECODER_STEP, GENERATOR),
+        ("gpu", "split"): (PREPROCESS, GENERATOR),
+    }  # TensorRT encoder, onnxruntime step
+    return max(
+        required_bytes(
+            ShmLimits(
+                DEFAULT_MAX_BATCH,
+                DEFAULT_MAX_BYTES,
+                DEFAULT_INSTANCES[target][PREPROCESS],
+                sum(DEFAULT_INSTANCES[target][m] for m in models),
+            )
+        )
+        for (target, _), models in python_models.items()
+    )
 
 
 def _volume(volumes: list[dict], mounts: list[dict], path: str) -> dict:
@@ -483,8 +504,12 @@ def test_the_documented_run_lines_give_the_same_dev_shm():
     from builder.shm import MIB
 
     want = f"{_shm_for_default_builds() // MIB}m"
-    lines = [line for f in ("README.md", "Dockerfile", "Dockerfile.cpu") for line in _dockerfile(f).splitlines()
-             if re.search(r"\b(docker|podman) run\b", line) and "captioner-server" in line]
+    lines = [
+        line
+        for f in ("README.md", "Dockerfile", "Dockerfile.cpu")
+        for line in _dockerfile(f).splitlines()
+        if re.search(r"\b(docker|podman) run\b", line) and "captioner-server" in line
+    ]
     assert len(lines) >= 3
     for line in lines:
         assert re.search(rf"--shm-size[= ]{want}\b", line), line
@@ -521,10 +546,16 @@ def test_podman_runs_the_container_with_the_pods_constraints(rendered, monkeypat
     assert containers.MODELS_DIR == _launcher_args(server, monkeypatch).repo
     assert containers.CONTAINER_PORTS == {p["name"]: p["containerPort"] for p in server["ports"]}
     args = containers.pod_run_args(PROJECT_ROOT, name="x", shm=123)
-    for flag in (["--user", containers.POD_USER], ["--read-only"], ["--cap-drop", "ALL"],
-                 ["--security-opt", "no-new-privileges"], ["--memory", containers.POD_MEMORY], ["--shm-size", "123"],
-                 ["--volume", f"{PROJECT_ROOT}:{containers.MODELS_DIR}:ro"]):
-        assert any(args[i:i + len(flag)] == flag for i in range(len(args))), flag
+    for flag in (
+        ["--user", containers.POD_USER],
+        ["--read-only"],
+        ["--cap-drop", "ALL"],
+        ["--security-opt", "no-new-privileges"],
+        ["--memory", containers.POD_MEMORY],
+        ["--shm-size", "123"],
+        ["--volume", f"{PROJECT_ROOT}:{containers.MODELS_DIR}:ro"],
+    ):
+        assert any(args[i : i + len(flag)] == flag for i in range(len(args))), flag
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -541,8 +572,9 @@ def test_the_serving_images_pin_the_same_versions_as_the_project():
     serving, project = _pins(DEPLOY / "requirements-serving.txt"), _pins(PROJECT_ROOT / "requirements.txt")
     assert "torch" not in serving
     for name, version in serving.items():
-        assert project.get(name) == version, f"{name}: {version} in deploy/requirements-serving.txt, {project.get(name)} in requirements.txt"
-
+        assert project.get(name) == version, (
+            f"{name}: {version} in deploy/requirements-serving.txt, {project.get(name)} in requirements.txt"
+        )
 
 
 def test_queue_time_per_caption_request_is_what_the_rule_computes():

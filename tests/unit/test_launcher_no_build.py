@@ -1,6 +1,7 @@
 """The serving images ship captioner/, client/ and launcher/, not builder/: what
 `python -m launcher --no-build` runs (the images' and pods' command) must not import
 builder. Run here with builder made unimportable, against a stand-in tritonserver."""
+
 import ast
 import os
 import signal
@@ -23,8 +24,13 @@ def _builder_imports_outside_the_build_path() -> list[str]:
     for top in tree.body:
         name = getattr(top, "name", None)
         for node in ast.walk(top):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             if any(m == "builder" or m.startswith("builder.") for m in modules) and name not in BUILD_PATH:
                 found.append(f"{name or 'module level'}: line {node.lineno}")
     return found
@@ -61,11 +67,27 @@ def test_no_build_serves_and_stops_without_the_builder_package(tmp_path):
     exe = _fake_triton(tmp_path / "bin", HEALTHY)
     env = {**os.environ, "PATH": f"{exe.parent}{os.pathsep}{os.environ['PATH']}"}
     code = SERVE_WITHOUT_BUILDER.format(build_path=BUILD_PATH)
-    args = ["--no-build", "--model", str(tmp_path / "no-checkpoint-here"), "--repo", str(repo), "--samples", "0",
-            "--no-supervise", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
-            "--log-file", str(tmp_path / "triton.log")]
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = [
+        "--no-build",
+        "--model",
+        str(tmp_path / "no-checkpoint-here"),
+        "--repo",
+        str(repo),
+        "--samples",
+        "0",
+        "--no-supervise",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--log-file",
+        str(tmp_path / "triton.log"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     lines = []
     try:
         for line in proc.stdout:

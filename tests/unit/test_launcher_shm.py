@@ -1,5 +1,6 @@
 """launcher.shm: the launcher warns at start when /dev/shm is smaller than the build sized
 it (build_manifest.json "shm"), naming the size to give the container."""
+
 from __future__ import annotations
 
 import json

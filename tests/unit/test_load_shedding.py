@@ -1,9 +1,11 @@
 """Load shedding: queue policies derived from measured rates (builder/capacity.py), written
 into the repository's configs, and the launcher's hardening flags (launcher/cli.py)."""
+
 from __future__ import annotations
 
 import pytest
 from google.protobuf import text_format
+from serving_support import tiny_checkpoint
 from tritonclient.grpc import model_config_pb2 as mc
 
 from builder import capacity
@@ -12,11 +14,10 @@ from builder.export import export_decoder_step, export_encoder
 from builder.repository import assemble
 from captioner import checkpoint
 from launcher import cli as serve
-from serving_support import tiny_checkpoint
 
-
-SEED_LIKE = Capacity(preprocess_per_s=200.0, encoder_per_s=30.0, decode_per_s=400.0, pipeline_per_s=24.0,
-                     encoder_batch=32, threads=2, cores=2)
+SEED_LIKE = Capacity(
+    preprocess_per_s=200.0, encoder_per_s=30.0, decode_per_s=400.0, pipeline_per_s=24.0, encoder_batch=32, threads=2, cores=2
+)
 SMALL = Capacity(1500.0, 1200.0, 2000.0, 900.0, 32, 2, 2)
 
 
@@ -104,9 +105,13 @@ def test_tls_flags(tmp_path):
     assert serve.server_args(a) == ("--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}")
     a = serve.parse_args(["--grpc-ssl-cert", str(cert), "--grpc-ssl-key", str(key), "--grpc-ssl-root-cert", str(ca)])
     assert "--grpc-use-ssl-mutual=true" in serve.server_args(a) and f"--grpc-root-cert={ca}" in serve.server_args(a)
-    for bad in (["--grpc-ssl-cert", str(cert)], ["--grpc-ssl-root-cert", str(ca)],
-                ["--grpc-ssl-cert", str(tmp_path / "missing.pem"), "--grpc-ssl-key", str(key)],
-                ["--restricted-key", "novalue"], ["--replicas", "0"]):
+    for bad in (
+        ["--grpc-ssl-cert", str(cert)],
+        ["--grpc-ssl-root-cert", str(ca)],
+        ["--grpc-ssl-cert", str(tmp_path / "missing.pem"), "--grpc-ssl-key", str(key)],
+        ["--restricted-key", "novalue"],
+        ["--replicas", "0"],
+    ):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)
 

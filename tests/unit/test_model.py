@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner import checkpoint
-from captioner.model import (CaptionModel, DecoderStepExport, EncoderExport, ModelArgs, default_preprocess,
-                             masked_cross_entropy)
+from captioner.model import CaptionModel, DecoderStepExport, EncoderExport, ModelArgs, default_preprocess, masked_cross_entropy
 from captioner.preprocess import IMAGENET
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -66,8 +65,9 @@ def test_loss_ignores_padding():
     logits = torch.randn(2, 5, V)
     targets = torch.tensor([[4, 5, 6, 2, pad], [7, 2, pad, pad, pad]])
     loss = masked_cross_entropy(logits, targets, pad)
-    by_hand = np.mean([-F.log_softmax(logits[i, t], -1)[targets[i, t]].item()
-                       for i in range(2) for t in range(5) if targets[i, t] != pad])
+    by_hand = np.mean(
+        [-F.log_softmax(logits[i, t], -1)[targets[i, t]].item() for i in range(2) for t in range(5) if targets[i, t] != pad]
+    )
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     # training sums and divides by the global batch's token count itself
     summed = masked_cross_entropy(logits, targets, pad, reduction="sum")
@@ -77,7 +77,9 @@ def test_loss_ignores_padding():
     changed[1, 2:] = torch.randn(3, V) * 10
     assert masked_cross_entropy(changed, targets, pad).item() == pytest.approx(loss.item(), rel=1e-6)
     longer = torch.cat([targets, torch.full((2, 3), pad)], 1)  # more padding, same loss
-    assert masked_cross_entropy(torch.cat([logits, torch.randn(2, 3, V)], 1), longer, pad).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert masked_cross_entropy(torch.cat([logits, torch.randn(2, 3, V)], 1), longer, pad).item() == pytest.approx(
+        loss.item(), rel=1e-6
+    )
 
 
 def test_resnet50_shapes_and_random_weights_warning():

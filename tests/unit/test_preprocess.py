@@ -1,5 +1,6 @@
 """captioner.preprocess: every way an image can be refused, and the conversions that must
 happen before the model sees it."""
+
 import io
 import struct
 import zlib
@@ -8,8 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.preprocess import (DEFAULT_MAX_BYTES, ImageError, Limits, PreprocessConfig, decode_image, load_path,
-                                  normalize, prepare, preprocess_bytes)
+from captioner.preprocess import (
+    DEFAULT_MAX_BYTES,
+    ImageError,
+    Limits,
+    PreprocessConfig,
+    decode_image,
+    load_path,
+    normalize,
+    prepare,
+    preprocess_bytes,
+)
 
 
 def encode(img, fmt="PNG", **kw):
@@ -68,7 +78,7 @@ def test_truncated(fmt):
 def test_corrupt_png_payload():
     data = bytearray(encode(noisy(), "PNG"))
     i = data.index(b"IDAT") + 40
-    data[i: i + 16] = b"\xff" * 16  # damages the deflate stream and the CRC
+    data[i : i + 16] = b"\xff" * 16  # damages the deflate stream and the CRC
     assert reason(bytes(data)) in ("corrupt", "not_an_image")
 
 

@@ -1,6 +1,7 @@
 """deploy/proxy: the nginx and Envoy gRPC balancers as `make serve-containers` renders them.
 nginx's is checked by nginx itself (`nginx -t`, Debian's package); Envoy's structure only
 (Envoy is not in Debian 12 and was not run here)."""
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,7 @@ import yaml
 from deploy.serve_containers import BODY_MARGIN_BYTES, MAX_FAILS, render, render_envoy
 
 UPSTREAMS = ["127.0.0.1:18001", "127.0.0.1:18011", "127.0.0.1:18021"]
-MAX_BODY = 32 * (20 * 2 ** 20 + 4) + BODY_MARGIN_BYTES
+MAX_BODY = 32 * (20 * 2**20 + 4) + BODY_MARGIN_BYTES
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -42,8 +43,9 @@ def test_nginx_balances_each_call_over_every_replica_and_retries_only_inference(
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / "tmp" / d).mkdir(parents=True)
     (tmp_path / "nginx.conf").write_text(conf)
-    out = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
 
 

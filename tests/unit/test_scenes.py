@@ -1,5 +1,6 @@
 """The generator against the spec (docs/shapes-v1.md), read independently here
 and in spec_renderer.py, and the spec's correctness rule."""
+
 import json
 import random
 from collections import Counter
@@ -7,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from spec_renderer import PALETTE, SpecRenderer, spec_violations
 
 from captioner import scenes as sc
 from captioner.scenes import Scene, SceneObject, all_captions, caption_is_correct, parse_caption
-from spec_renderer import PALETTE, SpecRenderer, spec_violations
 
 N_SCENES = 3000
 
@@ -57,8 +58,11 @@ def test_attributes_are_drawn_evenly(generated):
     objects = [o for s in generated for o in s.objects]
     singles = [s.objects[0] for s in generated if len(s.objects) == 1]
     # Placement rejects more large second objects, so sizes are even only before it.
-    for attr, values, pool in (("shape", sc.SHAPES, objects), ("colour", list(PALETTE), objects),
-                               ("size", ("small", "large"), singles)):
+    for attr, values, pool in (
+        ("shape", sc.SHAPES, objects),
+        ("colour", list(PALETTE), objects),
+        ("size", ("small", "large"), singles),
+    ):
         seen = Counter(getattr(o, attr) for o in pool)
         assert set(seen) == set(values)
         share = min(seen.values()) / max(seen.values())
@@ -73,10 +77,12 @@ def test_both_axes_and_tight_pairs_occur(generated):
     pairs = [s for s in generated if len(s.objects) == 2]
     rels = Counter(sc.relation(s)[2] for s in pairs)
     assert rels["to the left of"] > 0.3 * len(pairs) and rels["above"] > 0.3 * len(pairs)
+
     # The rules bind: some pairs sit close to the limits.
     def gap(s):
         a, b = (o.box for o in s.objects)
         return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+
     assert min(gap(s) for s in pairs) <= 8
 
 
@@ -144,7 +150,7 @@ def test_split_file_is_coco_captions_with_scenes(tmp_path):
 
 def patch_mean(arr, cx, cy, half):
     cx, cy = int(cx), int(cy)
-    return arr[cy - half: cy + half + 1, cx - half: cx + half + 1].reshape(-1, 3).mean(0)
+    return arr[cy - half : cy + half + 1, cx - half : cx + half + 1].reshape(-1, 3).mean(0)
 
 
 @pytest.mark.parametrize("source", ["generator", "spec_renderer"])
@@ -180,7 +186,7 @@ def test_rendered_pixels_match_the_scene(source):
             expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[o.shape]
             assert abs(area - expected) < 0.12, (source, o.shape, side, area)
             if o.shape == "triangle":  # apex at the top, base at the bottom
-                assert mine[: side // 4].mean() < 0.25 and mine[-max(2, side // 8):].mean() > 0.8
+                assert mine[: side // 4].mean() < 0.25 and mine[-max(2, side // 8) :].mean() > 0.8
         bg = arr[~covered]
         assert np.all(np.abs(bg.mean(0) - np.asarray(s.background)) < 2.5)
         # Flat background + N(0, 6) noise; clipping at 255 only lowers the spread.
@@ -221,30 +227,36 @@ def pair():
     return Scene((obj("circle", "red", "small", 10, 50), obj("square", "blue", "large", 60, 40, 40)), (220, 220, 220))
 
 
-@pytest.mark.parametrize("caption", [
-    "a red circle to the left of a blue square",
-    "a blue square to the right of a red circle",
-    "a small red circle to the left of a large blue square",
-    "a blue square and a red circle",
-    "a red circle and a large blue square",
-])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a red circle to the left of a blue square",
+        "a blue square to the right of a red circle",
+        "a small red circle to the left of a large blue square",
+        "a blue square and a red circle",
+        "a red circle and a large blue square",
+    ],
+)
 def test_checker_accepts_right_captions(pair, caption):
     assert caption_is_correct(caption, pair)
 
 
-@pytest.mark.parametrize("caption, why", [
-    ("a green circle to the left of a blue square", "wrong colour"),
-    ("a red triangle and a blue square", "wrong shape"),
-    ("a large red circle to the left of a blue square", "wrong size"),
-    ("a red circle to the right of a blue square", "wrong relation"),
-    ("a red circle above a blue square", "wrong axis"),
-    ("a red circle", "an object left out"),
-    ("two red circles", "one red circle, not two"),
-    ("a red circle and a blue square and a red circle", "extra object"),
-    ("a red circle to the left of", "unfinished"),
-    ("red circle blue square", "not a caption"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "caption, why",
+    [
+        ("a green circle to the left of a blue square", "wrong colour"),
+        ("a red triangle and a blue square", "wrong shape"),
+        ("a large red circle to the left of a blue square", "wrong size"),
+        ("a red circle to the right of a blue square", "wrong relation"),
+        ("a red circle above a blue square", "wrong axis"),
+        ("a red circle", "an object left out"),
+        ("two red circles", "one red circle, not two"),
+        ("a red circle and a blue square and a red circle", "extra object"),
+        ("a red circle to the left of", "unfinished"),
+        ("red circle blue square", "not a caption"),
+        ("", "empty"),
+    ],
+)
 def test_checker_rejects_wrong_captions(pair, caption, why):
     assert not caption_is_correct(caption, pair), why
 

@@ -1,5 +1,6 @@
 """launcher.tritonserver (the tritonserver launcher) and launcher's staleness check,
 against stand-in binaries: no real server here (tests/integration starts one)."""
+
 import os
 import stat
 import sys
@@ -85,8 +86,13 @@ def test_log_file_dash_sends_the_server_log_to_standard_output(tmp_path, repo, m
             assert server.log_file is None and server.is_ready()
             print("tail:", server.log_tail())
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert out.returncode == 0, out.stderr
     assert f"--model-repository={repo}" in out.stdout  # the server's own output
     assert "got SIGTERM" in out.stdout
@@ -147,11 +153,12 @@ def test_free_ports_are_bindable():
 
 
 def test_stale_reason(tmp_path):
+    from serving_support import tiny_checkpoint
+
     from builder.export import export_decoder_step, export_encoder
     from builder.repository import assemble
     from captioner import checkpoint
     from launcher.cli import stale_reason
-    from serving_support import tiny_checkpoint
 
     ck_path = tiny_checkpoint(tmp_path / "ck")
     ck = checkpoint.load(ck_path)
@@ -177,17 +184,23 @@ def test_a_versioned_repository_holding_the_checkpoint_is_served_as_it_is(tmp_pa
     rollout left it (version 2); it rebuilds only for a checkpoint none of its versions has."""
     import json
 
+    from serving_support import tiny_checkpoint
+
     from builder import versions
     from builder.export import export_decoder_step, export_encoder
     from builder.repository import assemble
     from captioner import checkpoint
     from launcher.cli import stale_reason
-    from serving_support import tiny_checkpoint
 
     paths = [tiny_checkpoint(tmp_path / f"ck{i}", seed=i) for i in range(3)]
     cks = [checkpoint.load(p) for p in paths]
-    arts = [{"encoder_onnx": export_encoder(ck, tmp_path / f"e{i}.onnx"),
-             "decoder_onnx": export_decoder_step(ck, tmp_path / f"d{i}.onnx")} for i, ck in enumerate(cks[:2])]
+    arts = [
+        {
+            "encoder_onnx": export_encoder(ck, tmp_path / f"e{i}.onnx"),
+            "decoder_onnx": export_decoder_step(ck, tmp_path / f"d{i}.onnx"),
+        }
+        for i, ck in enumerate(cks[:2])
+    ]
     repo = assemble(cks[0], tmp_path / "repo", "cpu", arts[0])
     versions.add_version(assemble(cks[1], versions.staging_dir(repo), "cpu", arts[1]), repo)
     records = {str(v): {"checkpoint_sha256": ck.sha256} for v, ck in ((1, cks[0]), (2, cks[1]))}
@@ -199,7 +212,7 @@ def test_a_versioned_repository_holding_the_checkpoint_is_served_as_it_is(tmp_pa
     assert "another checkpoint" in stale_reason(repo, paths[2], "auto")
 
 
-STUCK_UNLOADING = HEALTHY.replace('threading.Thread(target=httpd.shutdown).start()', 'pass  # unloads forever')
+STUCK_UNLOADING = HEALTHY.replace("threading.Thread(target=httpd.shutdown).start()", "pass  # unloads forever")
 
 
 def test_stop_kills_a_server_still_unloading_after_wait_s(tmp_path, repo, monkeypatch):

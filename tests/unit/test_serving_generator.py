@@ -1,12 +1,13 @@
 """caption_generator's logic: merged batches decode exactly like the reference, per request."""
-import numpy as np
-import pytest
 
 import fake_pb_utils
+import numpy as np
+import pytest
+from serving_support import tiny_checkpoint
+
 from captioner import checkpoint
 from captioner.decoding import DecodeParams, decode, torch_step
 from captioner.serving.generator import GenRequest, bls_step, generate
-from serving_support import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,10 @@ def test_requests_with_mixed_parameters_get_what_each_would_get_alone(ck):
     u = ck.args.lstm_units
     greedy, beam3 = DecodeParams(max_length=12), DecodeParams(beam_size=3, max_length=12)
     short = DecodeParams(max_length=2)
-    reqs = [GenRequest(*_states(n, u, i), p) for i, (n, p) in enumerate([(2, greedy), (1, beam3), (3, greedy), (2, short), (1, beam3)])]
+    reqs = [
+        GenRequest(*_states(n, u, i), p)
+        for i, (n, p) in enumerate([(2, greedy), (1, beam3), (3, greedy), (2, short), (1, beam3)])
+    ]
     calls = []
     step = torch_step(ck.model.decoder)
 

@@ -1,18 +1,19 @@
 """The Triton model.py files, run against a fake triton_python_backend_utils on a real
 assembled repository: per-request responses, batching, errors and metrics."""
+
 import json
 
+import fake_pb_utils
 import numpy as np
 import pytest
+from fake_pb_utils import outputs, request
+from serving_support import initialize, load_model_py, scene_png, tiny_checkpoint
 
-import fake_pb_utils
 from builder.export import export_decoder_step, export_encoder
 from builder.repository import assemble
 from captioner import checkpoint
 from captioner.decoding import DecodeParams, decode, torch_step
 from captioner.preprocess import preprocess_bytes
-from fake_pb_utils import outputs, request
-from serving_support import initialize, load_model_py, scene_png, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,7 @@ def _pipeline(pb, repo_dir, requests):
     responses = pre.execute(requests)
     alive = [i for i, r in enumerate(responses) if not r.has_error()]
     enc_out = enc.execute([request({"image": outputs(responses[i])["image"]}) for i in alive])
-    gen_req = [
-        request(outputs(e), json.loads(requests[i].parameters())) for i, e in zip(alive, enc_out)
-    ]
+    gen_req = [request(outputs(e), json.loads(requests[i].parameters())) for i, e in zip(alive, enc_out)]
     final = list(responses)
     for i, r in zip(alive, gen.execute(gen_req)):
         final[i] = r
@@ -184,8 +183,11 @@ def test_a_request_whose_client_gave_up_is_answered_cancelled_and_the_others_ser
     prepared = [outputs(r)["image"] for r in pre.execute([request(_image(x)) for x in images])]
     enc = _model(pb, d / "inprocess", "encoder")
     encoded = [outputs(r) for r in enc.execute([request({"image": x}) for x in prepared])]
-    make = {"preprocess": lambda i: request(_image(images[i])), "encoder": lambda i: request({"image": prepared[i]}),
-            "caption_generator": lambda i: request(encoded[i])}[model]
+    make = {
+        "preprocess": lambda i: request(_image(images[i])),
+        "encoder": lambda i: request({"image": prepared[i]}),
+        "caption_generator": lambda i: request(encoded[i]),
+    }[model]
     alone = [outputs(r) for r in _model(pb, d / "inprocess", model).execute([make(0), make(2)])]
     reqs = [make(i) for i in range(3)]
     reqs[1].cancelled = True

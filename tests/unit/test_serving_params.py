@@ -1,4 +1,5 @@
 """Request parameters of the captioner ensemble: what a client may send and what it hears back."""
+
 import json
 
 import pytest

@@ -1,4 +1,5 @@
 """The preprocess model's logic: per-request decoding errors, one normalisation for the batch."""
+
 import io
 import struct
 import zlib
@@ -6,12 +7,12 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from serving_support import scene_png
 
 from captioner.preprocess import Limits, PreprocessConfig, preprocess_bytes
 from captioner.serving import Rejected
 from captioner.serving.params import DecodeDefaults
 from captioner.serving.preprocess import REJECT_REASONS, Preprocessor, limits_from_config
-from serving_support import scene_png
 
 CFG = PreprocessConfig(32, "bilinear", (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
 

@@ -1,14 +1,15 @@
 """builder.repository: configs generated from the checkpoint, complete, and refused when not."""
+
 import shutil
 
 import pytest
 from google.protobuf import text_format
+from serving_support import tiny_checkpoint
 from tritonclient.grpc import model_config_pb2 as mc
 
 from builder.export import export_decoder_step, export_encoder
 from builder.repository import RepositoryError, assemble, check_repository, recorded_checkpoint
 from captioner import checkpoint
-from serving_support import tiny_checkpoint
 
 PY_MODELS = ("preprocess", "encoder", "decoder_step", "caption_generator")
 
@@ -150,7 +151,10 @@ def _break(repo, name, edit):
         (lambda r: _break(r, "encoder", lambda c: c.output[0].ClearField("dims")), "tensor h0 has dims []"),
         (lambda r: _break(r, "encoder", lambda c: c.output[0].dims.__setitem__(0, 7)), "encoded_h0"),
         (lambda r: _break(r, "preprocess", lambda c: c.ClearField("dynamic_batching")), "no dynamic batching"),
-        (lambda r: _break(r, "preprocess", lambda c: c.parameters["max_length"].__setattr__("string_value", "{max}")), "max_length"),
+        (
+            lambda r: _break(r, "preprocess", lambda c: c.parameters["max_length"].__setattr__("string_value", "{max}")),
+            "max_length",
+        ),
         (lambda r: _break(r, "captioner", lambda c: c.ensemble_scheduling.step[2].input_map.pop("c0")), "ensemble feeds"),
         (lambda r: _break(r, "captioner", lambda c: setattr(c, "max_batch_size", 4)), "max_batch_size 4 < 16"),
     ],

@@ -2,6 +2,7 @@
 choice, OpenVINO's numerics against onnxruntime and torch on the shipped default model,
 the compiled-model cache, the uint8-input encoder graph, and the caption-agreement gate
 of the OpenVINO bf16 / int8 builds."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ needs_default = pytest.mark.skipif(not (DEFAULT / ckpt_mod.FILENAME).is_file(), 
 
 
 def test_settings_come_from_config_parameters_and_the_cache_follows_the_model(tmp_path):
-    s = rt.EngineSettings.from_config({"runtime": "openvino", "intra_op_threads": "2", "inference_precision": "bf16"},
-                                      tmp_path / "1")
+    s = rt.EngineSettings.from_config(
+        {"runtime": "openvino", "intra_op_threads": "2", "inference_precision": "bf16"}, tmp_path / "1"
+    )
     assert (s.runtime, s.threads, s.inference_precision) == ("openvino", 2, "bf16")
     assert s.cache_dir == str(tmp_path / "1" / rt.CACHE_DIRNAME)
     assert rt.EngineSettings.from_config(s.config_parameters(), tmp_path / "1") == s
@@ -43,8 +45,15 @@ def test_settings_come_from_config_parameters_and_the_cache_follows_the_model(tm
     assert rt.EngineSettings.from_config({}) == rt.EngineSettings()  # the old configs: onnxruntime, 1 thread
 
 
-@pytest.mark.parametrize("bad", [dict(runtime="tensorrt"), dict(inference_precision="fp16"), dict(threads=0),
-                                 dict(runtime="onnxruntime", inference_precision="bf16")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(runtime="tensorrt"),
+        dict(inference_precision="fp16"),
+        dict(threads=0),
+        dict(runtime="onnxruntime", inference_precision="bf16"),
+    ],
+)
 def test_settings_refuse_what_no_runtime_does(bad):
     with pytest.raises(ValueError):
         rt.EngineSettings(**bad)
@@ -158,8 +167,7 @@ def test_compiled_models_are_cached_on_disk_and_a_second_start_loads_them(defaul
 
 @needs_openvino
 @needs_default
-def test_a_read_only_repository_cache_is_copied_to_a_writable_folder_and_still_loads(default_graphs, tmp_path,
-                                                                                     monkeypatch):
+def test_a_read_only_repository_cache_is_copied_to_a_writable_folder_and_still_loads(default_graphs, tmp_path, monkeypatch):
     """A repository mounted read-only elsewhere (pods, images): the build's blobs are loaded
     from a writable copy ($CAPTIONER_OPENVINO_CACHE), and what a miss compiles is stored there."""
     _, enc, _ = default_graphs
@@ -199,8 +207,25 @@ def no_cuda(monkeypatch):
 
 def _build(tmp_path, *extra):
     repo, out = tmp_path / "repo", tmp_path / "out"
-    rc = be.main(["--model", str(DEFAULT), "--target", "cpu", "--repo", str(repo), "--out", str(out),
-                  "--parity-scenes", "8", "--agreement-images", "200", "--data", str(tmp_path / "no-data"), *extra])
+    rc = be.main(
+        [
+            "--model",
+            str(DEFAULT),
+            "--target",
+            "cpu",
+            "--repo",
+            str(repo),
+            "--out",
+            str(out),
+            "--parity-scenes",
+            "8",
+            "--agreement-images",
+            "200",
+            "--data",
+            str(tmp_path / "no-data"),
+            *extra,
+        ]
+    )
     manifest = json.loads((repo / be.MANIFEST).read_text()) if (repo / be.MANIFEST).is_file() else None
     return rc, repo, manifest
 
@@ -287,8 +312,9 @@ def test_fused_repository_has_no_encoder_model_and_checks_its_absence(default_gr
 
     ck, enc, dec = default_graphs
     u8 = with_uint8_input(enc, tmp_path / "encoder.uint8.onnx", ck.preprocess)
-    repo = assemble(ck, tmp_path / "repo", "cpu", {"encoder_onnx": u8, "decoder_onnx": dec}, encoder_input="uint8",
-                    layout="fused")
+    repo = assemble(
+        ck, tmp_path / "repo", "cpu", {"encoder_onnx": u8, "decoder_onnx": dec}, encoder_input="uint8", layout="fused"
+    )
     configs = check_repository(repo)
     assert "encoder" not in configs
     steps = [s.model_name for s in configs["captioner"].ensemble_scheduling.step]

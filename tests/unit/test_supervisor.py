@@ -1,5 +1,6 @@
 """launcher.supervisor: what it sees as broken and what it does about it, with a fake
 server, fake stubs, a fake probe and a fake model-control client (no tritonserver)."""
+
 from __future__ import annotations
 
 import os
@@ -362,7 +363,8 @@ def test_a_rollout_is_followed_and_a_stub_of_the_new_version_killed_after_it_is_
     sup, server, control, probe, stubs, killed = world
     versions = {m: {1: "READY"} for m in control.state}
     control.get_model_repository_index = lambda headers=None: [
-        {"name": m, "version": str(v), "state": s} for m, vs in versions.items() for v, s in vs.items()]
+        {"name": m, "version": str(v), "state": s} for m, vs in versions.items() for v, s in vs.items()
+    ]
     # version 2 loaded beside 1
     for m, group in stubs.items():
         versions[m][2] = "READY"
@@ -389,8 +391,18 @@ def test_stubs_of_tells_versions_apart(monkeypatch):
             return "sleeping"
 
         def cmdline(self):
-            return ["/x/triton_python_backend_stub", f"/repo/encoder/{self.version}/model.py", "shm", "1", "1", "9",
-                    "/x", "336", "encoder_0_0", "DEFAULT"]
+            return [
+                "/x/triton_python_backend_stub",
+                f"/repo/encoder/{self.version}/model.py",
+                "shm",
+                "1",
+                "1",
+                "9",
+                "/x",
+                "336",
+                "encoder_0_0",
+                "DEFAULT",
+            ]
 
     class Root:
         def children(self):

@@ -1,4 +1,5 @@
 """Short training runs through `python -m captioner train`'s code path."""
+
 import json
 import re
 import warnings
@@ -57,8 +58,28 @@ def run_train(args, capsys):
 
 def test_training_generalises_and_resumes(shapes_data, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--data", str(shapes_data), "--out", str(out), "--image-size", "32", "--batch-size", "32",
-              "--lr", "3e-3", "--augment-share", "0", "--val-decode", "20", "--threads", "1", "--seed", "3", "--device", "cpu"]
+    common = [
+        "--data",
+        str(shapes_data),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--lr",
+        "3e-3",
+        "--augment-share",
+        "0",
+        "--val-decode",
+        "20",
+        "--threads",
+        "1",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     run_train([*common, "--epochs", "4", "--time-budget", "0.0001"], capsys)
     first = history(out)
     assert len(first) == 1, "the time budget stops after the epoch that crosses it"
@@ -86,9 +107,32 @@ def test_frozen_backbone_caches_features_and_keeps_the_weight_file(shapes_data, 
     reference = torchvision.models.resnet50(weights=None).state_dict()
     torch.save(reference, weights)
     out = tmp_path / "frozen"
-    args = ["--data", str(shapes_data), "--out", str(out), "--backbone", "resnet50", "--backbone-weights", str(weights),
-            "--mode", "frozen", "--image-size", "64", "--limit", "96", "--batch-size", "32", "--augment-share", "0",
-            "--val-decode", "0", "--threads", "1", "--device", "cpu"]  # compared with the CPU backbone below
+    args = [
+        "--data",
+        str(shapes_data),
+        "--out",
+        str(out),
+        "--backbone",
+        "resnet50",
+        "--backbone-weights",
+        str(weights),
+        "--mode",
+        "frozen",
+        "--image-size",
+        "64",
+        "--limit",
+        "96",
+        "--batch-size",
+        "32",
+        "--augment-share",
+        "0",
+        "--val-decode",
+        "0",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]  # compared with the CPU backbone below
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         run_train([*args, "--epochs", "1"], capsys)

@@ -3,6 +3,7 @@ workers, and the bare machine a GPU image may be: what a user of --device, --amp
 --workers and torchrun relies on, on the CPU (pinned with --device cpu, also on a GPU
 machine). The CUDA paths: tests/unit/test_cuda.py and scripts/gpu_smoke.sh, both run by
 scripts/gpu_check.sh on a GPU machine."""
+
 import json
 import os
 import re
@@ -27,8 +28,27 @@ STEP1_TOLERANCE = 1e-5
 def small_run(shapes_data, out, *extra):
     # --device cpu: these are the CPU's figures on a GPU machine too (`auto` would pick CUDA
     # and bf16); a --device in `extra` comes later and wins. tests/unit/test_cuda.py: CUDA.
-    return ["--data", str(shapes_data), "--out", str(out), "--image-size", "32", "--batch-size", "32", "--min-count", "1",
-            "--val-decode", "20", "--limit", "320", "--seed", "5", "--device", "cpu", *extra]
+    return [
+        "--data",
+        str(shapes_data),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--min-count",
+        "1",
+        "--val-decode",
+        "20",
+        "--limit",
+        "320",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def step1_loss(log: str) -> float:
@@ -39,8 +59,25 @@ def step1_loss(log: str) -> float:
 def torchrun(args, timeout=300):
     # `python -m torch.distributed.run` is the `torchrun` command itself, from this interpreter.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "captioner", "train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "captioner",
+            "train",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -59,7 +96,10 @@ def test_two_processes_train_what_one_would_and_resume(shapes_data, tmp_path, ca
     assert re.search(r"^epoch 1: [0-9.]+ img/s \(320 images in [0-9.]+ s, 2 processes on cpu\)$", log, re.M)
     ck = load(ddp)
     assert ck.meta["world_size"] == 2 and ck.meta["epoch"] == 1
-    assert all(t.device.type == "cpu" for t in torch.load(ddp / "model.pt", map_location="cpu", weights_only=False)["state_dict"].values())
+    assert all(
+        t.device.type == "cpu"
+        for t in torch.load(ddp / "model.pt", map_location="cpu", weights_only=False)["state_dict"].values()
+    )
 
     train_main([*small_run(shapes_data, single, "--epochs", "1", "--threads", "1", "--augment-share", "0.5")])
     one = capsys.readouterr().out
@@ -85,7 +125,9 @@ def test_workers_and_streaming_give_the_same_batches_as_the_memory_cache(shapes_
     losses = {}
     for name, extra in {"memory": ["--workers", "0"], "stream": ["--cache", "none", "--workers", "2"]}.items():
         out = tmp_path / name
-        train_main(small_run(shapes_data, out, "--epochs", "1", "--max-steps", "4", "--threads", "1", "--augment-share", "0.5", *extra))
+        train_main(
+            small_run(shapes_data, out, "--epochs", "1", "--max-steps", "4", "--threads", "1", "--augment-share", "0.5", *extra)
+        )
         log = capsys.readouterr().out
         assert f"{extra[-1]} loader workers per process" in log
         losses[name] = history(out)[0]
@@ -96,8 +138,24 @@ def test_workers_and_streaming_give_the_same_batches_as_the_memory_cache(shapes_
 
 def test_bf16_autocast_and_channels_last_train_and_save_float32_cpu_weights(shapes_data, tmp_path, capsys):
     out = tmp_path / "bf16"
-    train_main(small_run(shapes_data, out, "--epochs", "1", "--max-steps", "3", "--threads", "1", "--amp", "bf16",
-                         "--channels-last", "on", "--augment-share", "0"))
+    train_main(
+        small_run(
+            shapes_data,
+            out,
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+            "--threads",
+            "1",
+            "--amp",
+            "bf16",
+            "--channels-last",
+            "on",
+            "--augment-share",
+            "0",
+        )
+    )
     log = capsys.readouterr().out
     assert "amp bf16, channels_last on" in log
     assert np.isfinite(history(out)[0]["train_loss"]) and history(out)[0]["train_loss"] < step1_loss(log)
@@ -106,10 +164,13 @@ def test_bf16_autocast_and_channels_last_train_and_save_float32_cpu_weights(shap
     load(out)  # loads into the plain model
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is for CUDA devices"),
-    (["--device", "tpu"], "unknown device 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is for CUDA devices"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
 def test_bad_device_choices_are_clear_errors(shapes_data, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         train_main(small_run(shapes_data, tmp_path / "x", "--epochs", "1", *flags))
@@ -149,12 +210,35 @@ def test_training_needs_only_torch_torchvision_numpy_and_pillow(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BARE_MACHINE)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}, "PYTHONPATH": str(site)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "captioner", *a], cwd=REPO, env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
+
+    def run(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "captioner", *a], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+
     r = run("data", "--out", str(tmp_path / "d"), "--train", "64", "--val", "16", "--test", "0")
     assert r.returncode == 0, r.stderr
-    r = run("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--epochs", "1", "--image-size", "32",
-            "--batch-size", "16", "--min-count", "1", "--val-decode", "8", "--threads", "1", "--workers", "1")
+    r = run(
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "r"),
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--min-count",
+        "1",
+        "--val-decode",
+        "8",
+        "--threads",
+        "1",
+        "--workers",
+        "1",
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "matplotlib is not installed: loss_curve.png not drawn" in r.stdout and "img/s" in r.stdout
     assert load(tmp_path / "r").meta["epoch"] == 1

@@ -5,7 +5,17 @@ from captioner.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, tokenize
 
 def test_tokenize_lowercases_and_drops_punctuation():
     assert tokenize("A Red circle, to the LEFT of a blue square.") == [
-        "a", "red", "circle", "to", "the", "left", "of", "a", "blue", "square"]
+        "a",
+        "red",
+        "circle",
+        "to",
+        "the",
+        "left",
+        "of",
+        "a",
+        "blue",
+        "square",
+    ]
     assert tokenize("  ") == []
 
 
@@ -37,11 +47,14 @@ def test_round_trip_through_list():
     assert Vocabulary(v.to_list()).itos == v.itos
 
 
-@pytest.mark.parametrize("words, message", [
-    (["a", "b"], "must start with"),
-    ([PAD, START, UNK, END, "a"], "must start with"),
-    (list(SPECIALS) + ["a", "a"], "duplicate"),
-])
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["a", "b"], "must start with"),
+        ([PAD, START, UNK, END, "a"], "must start with"),
+        (list(SPECIALS) + ["a", "a"], "duplicate"),
+    ],
+)
 def test_bad_word_lists_are_refused(words, message):
     with pytest.raises(ValueError, match=message):
         Vocabulary(words)

@@ -6,6 +6,7 @@ sequences) once per group. The step runs in this process through onnxruntime or
 OpenVINO (`step_mode: inprocess`, parameter `runtime`) or calls the `decoder_step` model through BLS
 (`step_mode: bls`); the README explains the choice. MODEL_VERSION names this model version and
 its checkpoint (captioner.serving.versions)."""
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -76,7 +77,10 @@ class TritonPythonModel:
             caption = np.array([t.encode("utf-8") for t in out.texts], dtype=np.object_).reshape(-1, 1)
             score = out.scores.reshape(-1, 1)
             version = np.full((len(out.texts), 1), self.version.encode(), dtype=np.object_)
-            tensors = [pb_utils.Tensor("CAPTION", caption), pb_utils.Tensor("SCORE", score),
-                       pb_utils.Tensor(MODEL_VERSION, version)]
+            tensors = [
+                pb_utils.Tensor("CAPTION", caption),
+                pb_utils.Tensor("SCORE", score),
+                pb_utils.Tensor(MODEL_VERSION, version),
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

@@ -1,6 +1,7 @@
 """Triton model `decoder_step` on CPU: (tokens, h, c) -> (log_probs, h_out, c_out)
 through onnxruntime or OpenVINO (config parameter `runtime`), every request stacked into one run. On GPU the repository serves
 the same ONNX graph with the onnxruntime backend instead."""
+
 import triton_python_backend_utils as pb_utils
 
 from captioner.serving import runtime

@@ -4,6 +4,7 @@ build's choice, config parameter `runtime`). The image is float32 [3, S, S], or 
 
 Every request of the Triton batch is stacked into one tensor and run once. On GPU the
 repository uses a TensorRT plan instead of this model."""
+
 import triton_python_backend_utils as pb_utils
 
 from captioner.serving import runtime

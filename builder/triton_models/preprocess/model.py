@@ -4,6 +4,7 @@ uint8 [S, S, 3] when the encoder graph normalises (parameter `output_type`).
 Decodes with Pillow through captioner.preprocess, the function training uses, and
 checks the request parameters first: every bad input is refused here, per request,
 before any model runs. The logic lives in captioner.serving.preprocess."""
+
 import triton_python_backend_utils as pb_utils
 
 from captioner.preprocess import PreprocessConfig

@@ -4,6 +4,7 @@ Decode (captioner.preprocess, with every request check of the split layout's
 preprocess model) and the encoder (onnxruntime or OpenVINO, parameter `runtime`) in
 one process: for a small encoder the hop between two Python models costs more than
 the encoder (docs/bench.md). The logic lives in captioner.serving.preprocess.ImageEncoder."""
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 

@@ -3,6 +3,7 @@ its own venv, serving the default model's graphs: its captions are the in-proces
 pipeline's, and a bad image is refused without failing its neighbours. Skipped, with the
 reason, where the peer's venv has not been made (`python -m bench.peers.venv`): `make
 test` installs no peer framework."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,13 @@ def spec_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("peer_graphs")
     ckdir = default_checkpoint()
     ck = ckpt_mod.load(ckdir)
-    paths = {"encoder": export_encoder(ck, d / "encoder.onnx"), "decoder": export_decoder_step(ck, d / "decoder.onnx"),
-             "runtime": "onnxruntime", "step_runtime": "onnxruntime", "inference_precision": "fp32"}
+    paths = {
+        "encoder": export_encoder(ck, d / "encoder.onnx"),
+        "decoder": export_decoder_step(ck, d / "decoder.onnx"),
+        "runtime": "onnxruntime",
+        "step_runtime": "onnxruntime",
+        "inference_precision": "fp32",
+    }
     return peer_spec(ModelSpec("default", ckdir, None), paths, 32, d / "cache").write(d / "peer.json")
 
 
@@ -59,8 +65,9 @@ def test_a_peer_captions_like_the_pipeline_and_refuses_a_bad_image_alone(name, s
             assert e.value.code == 400 and json.loads(e.value.read())["error"] == "not_an_image"
         elif name == "litserve":
             body = json.dumps({"image": "bm90IGFuIGltYWdl", "parameters": {}}).encode()
-            with urllib.request.urlopen(urllib.request.Request(srv.url + "/predict", data=body,
-                                                               headers={"Content-Type": "application/json"}), timeout=30) as r:
+            with urllib.request.urlopen(
+                urllib.request.Request(srv.url + "/predict", data=body, headers={"Content-Type": "application/json"}), timeout=30
+            ) as r:
                 assert json.loads(r.read())["error"] == "not_an_image"
         else:
             import numpy as np
