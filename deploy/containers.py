@@ -35,7 +35,7 @@ POD_MEMORY = "3g"  # overlays/cpu: limits.memory 3Gi
 POD_TMP = "256m"  # base: the /tmp emptyDir's sizeLimit 256Mi
 POD_GRACE_S = 60  # terminationGracePeriodSeconds
 MODELS_DIR = "/mnt/models"  # --repo in the container's args, and where KServe puts a model
-CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "supervisor": 8003}
 
 
 class ContainerError(RuntimeError):
@@ -152,7 +152,7 @@ def run_line(repo: str = "model_repository", shm: int | None = None) -> str:
     return (
         f"podman run --rm --user {POD_USER} --read-only --tmpfs /tmp:size={POD_TMP} --cap-drop ALL "
         f"--security-opt no-new-privileges --memory {POD_MEMORY} {shm_flag} "
-        f'-p 8000-8002:8000-8002 -v "$PWD/{repo}:{MODELS_DIR}:ro" {SERVER_IMAGE}'
+        f'-p 8000-8003:8000-8003 -v "$PWD/{repo}:{MODELS_DIR}:ro" {SERVER_IMAGE}'
     )
 
 

@@ -95,6 +95,12 @@ def _launcher_args(container: dict, monkeypatch) -> object:
     return parse_args(container["args"])
 
 
+def _pod_ports(monkeypatch) -> dict[str, int]:
+    """Every port the launcher listens on by default: Triton's three and the supervisor's exporter."""
+    _clean_env(monkeypatch)
+    return {**DEFAULT_PORTS, "supervisor": parse_args([]).supervisor_metrics_port}
+
+
 def _matches(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -164,7 +170,8 @@ def test_container_ports_services_and_probes_use_the_launchers_ports(rendered, o
     dep = _one(docs, "Deployment")
     server = _server(dep)
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == DEFAULT_PORTS
+    pod_ports = _pod_ports(monkeypatch)
+    assert ports == pod_ports
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert _matches(dep["spec"]["selector"]["matchLabels"], pod_labels)
 
@@ -172,12 +179,12 @@ def test_container_ports_services_and_probes_use_the_launchers_ports(rendered, o
     for svc in services.values():
         assert _matches(svc["spec"]["selector"], pod_labels), svc["metadata"]["name"]
         for p in svc["spec"]["ports"]:
-            assert p["port"] == DEFAULT_PORTS[p["name"]] == ports[p["targetPort"]], (svc["metadata"]["name"], p)
+            assert p["port"] == pod_ports[p["name"]] == ports[p["targetPort"]], (svc["metadata"]["name"], p)
     assert {p["name"] for p in services["captioner"]["spec"]["ports"]} == {"grpc", "http"}
     headless = services["captioner-headless"]["spec"]
     assert headless["clusterIP"] == "None" and "grpc" in {p["name"] for p in headless["ports"]}
     assert not headless.get("publishNotReadyAddresses", False)
-    assert [p["name"] for p in services["captioner-metrics"]["spec"]["ports"]] == ["metrics"]
+    assert [p["name"] for p in services["captioner-metrics"]["spec"]["ports"]] == ["metrics", "supervisor"]
 
     for probe in ("startupProbe", "readinessProbe"):
         get = server[probe]["httpGet"]
@@ -201,7 +208,8 @@ def test_the_launcher_accepts_the_container_args_and_they_match_the_pod(rendered
     assert a.no_build and a.supervise and a.samples == 0 and a.replicas == 1
     assert a.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert {"http": a.http_port, "grpc": a.grpc_port, "metrics": a.metrics_port} == ports
+    launcher_ports = {"http": a.http_port, "grpc": a.grpc_port, "metrics": a.metrics_port}
+    assert {**launcher_ports, "supervisor": a.supervisor_metrics_port} == ports
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
     assert a.repo in mounts and mounts[a.repo]["readOnly"]
     writable = [Path(m) for m, mount in mounts.items() if not mount.get("readOnly")]
@@ -341,7 +349,7 @@ def test_the_autoscaler_scales_the_deployment_on_the_adapters_metric(rendered, o
 
 
 @pytest.mark.parametrize("overlay", SERVING)
-def test_the_service_monitor_scrapes_the_metrics_port_often_enough_for_the_rule(rendered, overlay):
+def test_the_service_monitor_scrapes_both_exporters_often_enough_for_the_rule(rendered, overlay, monkeypatch):
     """Not schema-validated (a CRD): its selector, port and interval are checked here."""
     docs = rendered[overlay]
     sm = _one(docs, "ServiceMonitor")
@@ -350,11 +358,14 @@ def test_the_service_monitor_scrapes_the_metrics_port_often_enough_for_the_rule(
         d for d in docs if d["kind"] == "Service" and _matches(sm["spec"]["selector"]["matchLabels"], d["metadata"]["labels"])
     ]
     assert [s["metadata"]["name"] for s in scraped] == ["captioner-metrics"]  # each pod scraped once
-    (endpoint,) = sm["spec"]["endpoints"]
-    port = next(p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"])
-    assert port["port"] == DEFAULT_PORTS["metrics"] and endpoint["path"] == "/metrics"
+    pod_ports = _pod_ports(monkeypatch)
+    endpoints = sm["spec"]["endpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics", "supervisor"]  # Triton's, then the launcher's
     window = int(re.search(r"\[(\d+)s\]", _adapter_rule()["metricsQuery"])[1])
-    assert 2 * _seconds(endpoint["interval"]) <= window  # increase() needs two samples in the window
+    for endpoint in endpoints:
+        port = next(p for p in scraped[0]["spec"]["ports"] if p["name"] == endpoint["port"])
+        assert port["port"] == pod_ports[endpoint["port"]] and endpoint["path"] == "/metrics"
+        assert 2 * _seconds(endpoint["interval"]) <= window  # increase() needs two samples in the window
 
 
 # -- KServe (CRDs: not schema-validated; the fields we rely on are) ----------------------
@@ -432,7 +443,8 @@ def test_the_serving_images_run_the_launcher_unprivileged_on_the_pods_paths(name
     assert a.no_build and a.host == "0.0.0.0" and a.samples == 0
     assert a.repo == KSERVE_MODEL_DIR == _launcher_args(_server(_one(rendered["cpu"], "Deployment")), monkeypatch).repo
     assert re.search(r"^USER 1000:1000$", text, re.M)
-    assert re.search(r"^EXPOSE (.*)$", text, re.M)[1].split() == [str(p) for p in sorted(DEFAULT_PORTS.values())]
+    exposed = re.search(r"^EXPOSE (.*)$", text, re.M)[1].split()
+    assert exposed == [str(p) for p in sorted(_pod_ports(monkeypatch).values())]
     # The Python models import captioner; the liveness probe runs the client package.
     for package in ("captioner", "client"):
         assert re.search(rf"^COPY {package}/ {package}/$", text, re.M), package
