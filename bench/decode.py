@@ -20,14 +20,21 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from typing import TypedDict
 
 from captioner.photos import photos
 from captioner.preprocess import PreprocessConfig, prepare_bytes
 
-WORKLOADS = {
-    "1024 px JPEG q90": dict(fmt="jpeg", side=1024),
-    "1024 px PNG": dict(fmt="png", side=1024),
-    "128 px PNG": dict(fmt="png", side=128),
+
+class _Workload(TypedDict):
+    fmt: str
+    side: int
+
+
+WORKLOADS: dict[str, _Workload] = {
+    "1024 px JPEG q90": {"fmt": "jpeg", "side": 1024},
+    "1024 px PNG": {"fmt": "png", "side": 1024},
+    "128 px PNG": {"fmt": "png", "side": 128},
 }
 
 

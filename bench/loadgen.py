@@ -17,9 +17,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
+
+if TYPE_CHECKING:
+    import aiohttp
+    import tritonclient.grpc.aio as grpcclient_t
 
 Send = Callable[[int], Awaitable[object]]
 
@@ -132,7 +137,7 @@ async def run_level(
     latencies: list[float] = []
     errors: list[str] = []
     n_errors = 0
-    window = [None, None]  # perf_counter bounds of the measurement; None until set
+    window: list[float | None] = [None, None]  # perf_counter bounds of the measurement; None until set
     stop = asyncio.Event()
 
     def counted(t_end: float) -> bool:
@@ -166,13 +171,14 @@ async def run_level(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         end = meter.snapshot()
     else:
+        assert duration is not None  # checked above: exactly one of requests/duration is given
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         try:
             await asyncio.sleep(warmup)
             start = meter.snapshot()
             window[0] = start[0]
             await asyncio.sleep(duration)
-            limit = window[0] + max(duration, max_duration or duration)
+            limit = start[0] + max(duration, max_duration or duration)
             while len(latencies) + n_errors < min_completed and time.perf_counter() < limit:
                 await asyncio.sleep(0.05)
             end = meter.snapshot()
@@ -209,7 +215,12 @@ class HttpClient:
         if not images:
             raise ValueError("need at least one image")
         self.url, self.images, self.content_type = url, list(images), content_type
-        self.session = None
+        self.session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise RuntimeError("HttpClient used outside `async with`")
+        return self.session
 
     async def __aenter__(self) -> HttpClient:
         import aiohttp
@@ -219,11 +230,11 @@ class HttpClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.session.close()
+        await self._open().close()
 
     async def __call__(self, i: int) -> str:
         data = self.images[i % len(self.images)]
-        async with self.session.post(self.url, data=data, headers={"Content-Type": self.content_type}) as r:
+        async with self._open().post(self.url, data=data, headers={"Content-Type": self.content_type}) as r:
             body = await r.json(content_type=None)
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {body}")
@@ -259,19 +270,24 @@ class TritonClient:
         self.parameters = parameters or None
         self.inputs = [[image_input(data, grpcclient, name=input_name)] for data in images]
         self.outputs = [grpcclient.InferRequestedOutput(output_name)]
-        self.client = None
+        self.client: grpcclient_t.InferenceServerClient | None = None
+
+    def _open(self) -> grpcclient_t.InferenceServerClient:
+        if self.client is None:
+            raise RuntimeError("TritonClient used outside `async with`")
+        return self.client
 
     async def __aenter__(self) -> TritonClient:
         self.client = self._mod.InferenceServerClient(self.url)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.client.close()
+        await self._open().close()
 
     async def model_stats(self) -> dict[str, dict[str, float]]:
         """Cumulative per-model counters from Triton's statistics extension: executions,
         inferences (rows), and nanoseconds queued and computing."""
-        stats = await self.client.get_inference_statistics(as_json=True)
+        stats = await self._open().get_inference_statistics(as_json=True)
         phases = ("compute_input", "compute_infer", "compute_output")
         out = {}
         for m in stats.get("model_stats", []):
@@ -290,7 +306,7 @@ class TritonClient:
         return out
 
     async def __call__(self, i: int) -> str:
-        result = await self.client.infer(
+        result = await self._open().infer(
             self.model, self.inputs[i % len(self.inputs)], outputs=self.outputs, parameters=self.parameters
         )
         out = result.as_numpy(self.output_name)

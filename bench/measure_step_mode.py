@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     images = _scene_pngs(64, seed=11)
     levels = [int(x) for x in a.concurrency.split(",")]
     best: dict[tuple, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="step-mode-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="step-mode-") as tmp_name:
+        tmp = Path(tmp_name)
         art = {
             "encoder_onnx": export_encoder(ck, tmp / "encoder.onnx"),
             "decoder_onnx": export_decoder_step(ck, tmp / "step.onnx"),

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
@@ -67,7 +68,7 @@ class NaiveServer:
         self.startup_timeout = startup_timeout
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | int | None = None  # the log file, subprocess.DEVNULL or None
 
     @property
     def url(self) -> str:
@@ -91,10 +92,12 @@ class NaiveServer:
     def _wait_ready(self) -> None:
         import urllib.request
 
+        proc = self.proc
+        assert proc is not None  # start() launched it before waiting
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"naive server exited with {self.proc.returncode} (log: {self.log_path})")
+            if proc.poll() is not None:
+                raise RuntimeError(f"naive server exited with {proc.returncode} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -112,7 +115,7 @@ class NaiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._log not in (None, subprocess.DEVNULL):
+        if self._log is not None and not isinstance(self._log, int):  # an int is DEVNULL
             self._log.close()
         self._log = None
 

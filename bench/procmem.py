@@ -42,9 +42,8 @@ def sample(pids: Sequence[int], pss: bool = True) -> tuple[float, float | None]:
             continue
         except psutil.AccessDenied:
             pss = False
-            pss_total = None
             rss += p.memory_info().rss
-    return rss / MIB, (None if pss_total is None or not pss else pss_total / MIB)
+    return rss / MIB, (pss_total / MIB if pss else None)
 
 
 class PeakMemory:

@@ -23,11 +23,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from captioner.scenes import Scene
 
-def largest_images(n: int, max_bytes: int, seed: int = 11) -> list[tuple[bytes, object]]:
+
+def largest_images(n: int, max_bytes: int, seed: int = 11) -> list[tuple[bytes, Scene]]:
     """n valid scenes, each a PNG as close under max_bytes as a square gets: the scene
     upscaled and stored without compression (the file is about its raw pixels), so the
     captions stay checkable while the bytes are the most a request may carry."""
@@ -43,7 +47,7 @@ def largest_images(n: int, max_bytes: int, seed: int = 11) -> list[tuple[bytes, 
         s = side
         while True:
             buf = io.BytesIO()
-            img.resize((s, s), Image.NEAREST).save(buf, "PNG", compress_level=0)
+            img.resize((s, s), Image.Resampling.NEAREST).save(buf, "PNG", compress_level=0)
             if buf.tell() <= max_bytes:
                 break
             s -= max(1, (buf.tell() - max_bytes) // (3 * s) + 1)
@@ -88,11 +92,11 @@ class Sampler:
         self._thread.join()
 
 
-def send_full_batches(url: str, images: list[bytes], requests: int, timeout_s: float = 300.0) -> list[object]:
+def send_full_batches(url: str, images: list[bytes], requests: int, timeout_s: float = 300.0) -> list[list[str] | Exception]:
     """`requests` requests of all `images` each, at once; each answer's captions or exception."""
     import tritonclient.grpc as grpcclient
 
-    def one(_):
+    def one(_: int) -> list[str] | Exception:
         client = grpcclient.InferenceServerClient(url)
         try:
             inp = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")

@@ -104,9 +104,14 @@ def pod_run_args(
     emptyDir), mounted read-only; shm defaults to the repository's build_manifest.json.
     publish: container port name -> host port (0 or absent: none)."""
     if volume is None:
+        if repo is None:
+            raise ValueError("give repo= or volume=")
         repo = Path(repo).resolve()
+        shm_size = shm_bytes(repo) if shm is None else shm
     elif shm is None:
         raise ValueError("a repository volume needs shm= (its build_manifest.json is inside it)")
+    else:
+        shm_size = shm
     args = [
         "--name",
         name,
@@ -126,7 +131,7 @@ def pod_run_args(
         "--memory-swap",
         memory,
         "--shm-size",
-        str(shm_bytes(repo) if shm is None else shm),
+        str(shm_size),
         "--volume",
         f"{volume or repo}:{MODELS_DIR}:ro",
         "--stop-timeout",

@@ -104,6 +104,7 @@ def make_base(mirror: str) -> None:
                 if p.is_file():
                     p.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None  # stdout=PIPE
         subprocess.run(
             podman()
             + [

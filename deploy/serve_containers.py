@@ -239,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Fleet(a.repo.resolve(), a.replicas, a.listen, a.image)
     try:
         fleet.start()
+        nginx = fleet.nginx
+        assert nginx is not None  # start() launched it or raised
         say(f"serving: python -m client --url {a.listen} scene.png; Ctrl-C or SIGTERM stops everything")
         while not stop.wait(0.5):
-            if fleet.nginx.poll() is not None:
-                say(f"nginx exited with code {fleet.nginx.returncode}")
+            if nginx.poll() is not None:
+                say(f"nginx exited with code {nginx.returncode}")
                 return 1
         return 0
     except ContainerError as e:

@@ -66,6 +66,7 @@ class BatchStats:
 
 def client(name: str, server, images: Sequence[bytes], parameters: dict | None, batch_log_dir: str | Path):
     """The load driver's client for peer `name` (a bench.peers.launch.PeerServer)."""
+    inner: HttpClient | TritonClient
     if name == "ray":
         query = f"?{urlencode(parameters)}" if parameters else ""
         inner = HttpClient(f"{server.url}/caption{query}", images)

@@ -13,6 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -127,7 +128,7 @@ class PeerServer:
         self.log_path, self.batch_log_dir = log_path, batch_log_dir
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | int | None = None  # the log file, subprocess.DEVNULL or None
 
     @property
     def url(self) -> str:
@@ -181,10 +182,12 @@ class PeerServer:
             return False
 
     def _wait_ready(self) -> None:
+        proc = self.proc
+        assert proc is not None  # start() launched it before waiting
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} peer exited with {self.proc.returncode} (log: {self.log_path})")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name} peer exited with {proc.returncode} (log: {self.log_path})")
             if self.ready():
                 return
             time.sleep(0.5)
@@ -216,7 +219,7 @@ class PeerServer:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        if self._log not in (None, subprocess.DEVNULL):
+        if self._log is not None and not isinstance(self._log, int):  # an int is DEVNULL
             self._log.close()
         self._log = None
 

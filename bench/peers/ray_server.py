@@ -49,7 +49,6 @@ def build_app(a: argparse.Namespace):
 
     from captioner.serving import Rejected
 
-    @serve.deployment(num_replicas=a.workers, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * a.max_batch_size)
     class Captioner:
         def __init__(self):
             from bench.peers.pipeline import PeerSpec, Pipeline
@@ -68,7 +67,12 @@ def build_app(a: argparse.Namespace):
                 return JSONResponse({"error": out.reason, "detail": out.message}, status_code=400)
             return JSONResponse({"caption": out})
 
-    return Captioner.bind()
+    # serve.deployment applied as a call, not as a decorator: mypy types a decorated class
+    # as the class itself, which has no bind().
+    deployment = serve.deployment(
+        num_replicas=a.workers, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=2 * a.max_batch_size
+    )(Captioner)
+    return deployment.bind()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,8 +107,8 @@ def run_peers(s: Session, spec: ModelSpec, variant: str, paths: dict) -> None:
             s.bar.update(len(s.a.peer_concurrency))
 
 
-def add_arguments(p: argparse.ArgumentParser, env=None) -> None:
-    """bench.run's peer flags."""
+def add_arguments(p: argparse._ActionsContainer, env=None) -> None:
+    """bench.run's peer flags (on a parser or an argument group)."""
     import os
 
     env = env or os.environ.get

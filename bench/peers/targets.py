@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 PEER_STACKS = ("ray", "litserve", "mlserver")
 T1_MIN_CONCURRENCY = 16
 T1_FACTOR, T1_BOUND_SHARE, T2_FACTOR = 1.3, 0.9, 1.2
 
 
-def _ok(x) -> bool:
+def _ok(x: object) -> TypeGuard[float]:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
