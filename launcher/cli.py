@@ -456,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.event.wait(0.5):
             dead = next((s for s in servers if not s.running()), None)
             if dead is not None:
-                print(f"tritonserver exited with code {dead.process.returncode}; log tail:\n{dead.log_tail()}", file=sys.stderr)
-                return dead.process.returncode or 1
+                code = dead.process.returncode if dead.process is not None else None
+                print(f"tritonserver exited with code {code}; log tail:\n{dead.log_tail()}", file=sys.stderr)
+                return code or 1
         return 0
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -84,7 +84,7 @@ def model_info(repo: str | Path) -> dict[str, str] | None:
 class _Readiness:
     """captioner_replica_ready, asked of each replica when Prometheus scrapes."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.replicas: dict[str, Callable[[], bool]] = {}
 
     def collect(self):

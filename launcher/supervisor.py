@@ -73,7 +73,7 @@ class Stub:
 
 def stubs_of(server_pid: int) -> list[Stub]:
     """The live Python-backend stubs of a tritonserver process (zombies excluded)."""
-    out = []
+    out: list[Stub] = []
     try:
         children = psutil.Process(server_pid).children()
     except psutil.NoSuchProcess:
@@ -151,6 +151,11 @@ class Supervisor:
         self._stopping: Callable[[], bool] = lambda: False
 
     # -- bookkeeping ---------------------------------------------------------------------
+    def _server_pid(self) -> int:
+        if self.server.process is None:
+            raise RuntimeError("tritonserver is not running")
+        return self.server.process.pid
+
     def _event(self, kind: str, **info) -> None:
         info = {"t": time.time(), "event": kind, **info}
         self.events.append(info)
@@ -161,7 +166,7 @@ class Supervisor:
     def snapshot(self) -> None:
         """Record the stubs of a healthy server: the set a later check compares with."""
         self.expected = {}
-        for s in stubs_of(self.server.process.pid):
+        for s in stubs_of(self._server_pid()):
             self.expected.setdefault(s.model, set()).add(s.key)
         self.hangs.reset()
         self.failed_probes = 0
@@ -189,7 +194,7 @@ class Supervisor:
                 ready.setdefault(m["name"], set()).add(int(m["version"]))
         if not ready:
             return
-        stubs = stubs_of(self.server.process.pid)
+        stubs = stubs_of(self._server_pid())
         for model in list(self.expected):
             keep = {k for k in self.expected[model] if int(k.partition("@")[2] or 1) in ready.get(model, set())}
             if keep != self.expected[model]:
@@ -205,7 +210,7 @@ class Supervisor:
     def dead_models(self) -> dict[str, str]:
         """model -> why, for models whose stubs are not all alive."""
         alive: dict[str, set[str]] = {}
-        for s in stubs_of(self.server.process.pid):
+        for s in stubs_of(self._server_pid()):
             alive.setdefault(s.model, set()).add(s.key)
         return {
             m: f"stub {', '.join(sorted(want - alive.get(m, set())))} gone"
@@ -218,7 +223,7 @@ class Supervisor:
 
         names = ("nv_inference_pending_request_count", "nv_inference_exec_count")
         t, hung = self.hangs.timeout_s, {}
-        stubs = stubs_of(self.server.process.pid)  # one scan of the process table per round
+        stubs = stubs_of(self._server_pid())  # one scan of the process table per round
         cpu = stub_cpu(stubs)
         try:
             with urllib.request.urlopen(self.server.metrics_url, timeout=2) as r:
@@ -265,9 +270,10 @@ class Supervisor:
                 self.failed_probes = 0
                 continue
             named = UNHEALTHY_STUB.search(failure)
-            model = self.model_of(named.group(1)) if named else None
+            instance = named.group(1) if named else None
+            model = self.model_of(instance) if instance is not None else None
             if model is not None:
-                self.repair({model: f"Triton reports stub {named.group(1)} not healthy"})
+                self.repair({model: f"Triton reports stub {instance} not healthy"})
                 return "repaired"
             self.failed_probes += 1
             self._event("probe_failed", n=self.failed_probes, reason=failure[:200])
@@ -285,7 +291,7 @@ class Supervisor:
             for model in broken:
                 # Unload first: readiness turns false while the model is away.
                 self.control.unload_model(model, headers=self.headers)
-            for s in stubs_of(self.server.process.pid):
+            for s in stubs_of(self._server_pid()):
                 if s.model in broken:  # a hung stub never finishes its unload on its own
                     _kill(s.pid)
             # No waiting for the unload: with a dead stub it lasts the Python backend's stub
