@@ -87,7 +87,7 @@ test-unit: | $(STAMP)
 test-integration: | $(STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|bf16|int8|fp16 RUNTIME=auto|onnxruntime|openvino LAYOUT=auto|split|fused; VERSION=next adds MODEL as the next version of $(REPO) (KEEP=3 kept)
+## build-engines  checkpoint -> ONNX (+ TensorRT on CUDA) -> $(REPO); MODEL= TARGET=auto|cpu|gpu PRECISION=fp32|bf16|int8|fp16 RUNTIME=auto|onnxruntime|openvino LAYOUT=auto|split|fused|whole; VERSION=next adds MODEL as the next version of $(REPO) (KEEP=3 kept)
 VERSION ?=
 KEEP ?= 3
 build-engines: | $(STAMP)

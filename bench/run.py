@@ -219,9 +219,10 @@ def _triton_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the Triton stack")
     g.add_argument(
         "--layout",
-        choices=("auto", "split", "fused"),
+        choices=("auto", "split", "fused", "whole"),
         default=env("BENCH_LAYOUT", "auto"),
-        help="Triton CPU layout: split, fused (decode + encoder in one model) or auto: the build's "
+        help="Triton CPU layout: split, fused (decode + encoder in one model), whole (decode, encoder "
+        "and the caption loop in one model) or auto: the build's "
         "choice for the model (default)",
     )
     g.add_argument(

@@ -86,10 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--layout",
-        choices=("auto", "split", "fused"),
+        choices=("auto", "split", "fused", "whole"),
         default=env("CAPTIONER_LAYOUT", DEFAULT_LAYOUT),
         help="CPU repository layout: split (preprocess -> encoder -> caption_generator), fused "
-        "(decode + encoder in one Python model, one hop fewer) or auto (fused when the encoder is "
+        "(decode + encoder in one Python model, one hop fewer), whole (opt-in: decode, encoder and "
+        "the caption loop in one Python model, one hop) or auto (fused when the encoder is "
         f"small, by its measured rate) (env CAPTIONER_LAYOUT, default {DEFAULT_LAYOUT})",
     )
     p.add_argument(

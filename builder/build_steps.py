@@ -296,11 +296,11 @@ def write_repository(b: BuildState) -> None:
     # The decode path served (preprocess.json, the rates measured next, the manifest).
     b.ck.preprocess, b.manifest["decode"] = choose(b.ck, getattr(a, "decode", "fast"), log=detail)
     measured = _measure_capacity(b) if b.target == "cpu" else None
-    fused = b.layout == "fused"
+    fused = b.layout in ("fused", "whole")  # preprocess runs the encoder: its queue is the encoder's
     queues = capacity.policies(
         measured, a.max_batch_size, a.queue_budget_ms, None if a.max_queue_size < 0 else a.max_queue_size, fused=fused
     )
-    for line in capacity.describe(queues, fused=fused):
+    for line in capacity.describe(queues, fused=fused, whole=b.layout == "whole"):
         detail(f"load shedding: {line}")
     b.manifest["load_shedding"] = {
         "budget_ms": a.queue_budget_ms,

@@ -177,15 +177,18 @@ def policies(
     }
 
 
-def describe(queues: Mapping[str, QueuePolicy], fused: bool = False) -> list[str]:
-    """One line per model the repository holds (fused: no `encoder` model; preprocess runs it)."""
-    from .repository import ENCODER, PREPROCESS
+def describe(queues: Mapping[str, QueuePolicy], fused: bool = False, whole: bool = False) -> list[str]:
+    """One line per model the repository holds (fused: no `encoder` model; preprocess runs
+    it; whole: preprocess alone, it runs the encoder and the caption loop too)."""
+    from .repository import ENCODER, GENERATOR, PREPROCESS
 
     out = []
     for model, q in queues.items():
-        if fused and model == ENCODER:
+        if (fused or whole) and model == ENCODER or whole and model == GENERATOR:
             continue
-        if fused and model == PREPROCESS:
+        if whole and model == PREPROCESS:
+            model = f"{PREPROCESS} (runs the encoder and the caption loop)"
+        elif fused and model == PREPROCESS:
             model = f"{PREPROCESS} (runs the encoder)"
         bits = [
             f"max_queue_size {q.max_queue_size or 'unbounded'}",

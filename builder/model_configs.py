@@ -133,7 +133,8 @@ def build_configs(
     def runtime(model: str) -> dict[str, str]:
         return {"runtime": runtimes.get(model, "onnxruntime")}
 
-    fused = layout == "fused"
+    fused = layout in ("fused", "whole")  # preprocess runs the encoder
+    whole = layout == "whole"  # ... and the decode loop, with the step in its process
     pre = _preprocess(
         base(PREPROCESS),
         shapes,
@@ -147,6 +148,15 @@ def build_configs(
             "inference_precision": inference_precision,
         },
     )
+    if whole:
+        _whole(
+            pre,
+            {
+                "checkpoint_sha256": ck.sha256,
+                "step_intra_op_threads": ort_threads[GENERATOR],
+                "step_runtime": runtimes.get(GENERATOR, "onnxruntime"),
+            },
+        )
     enc = _encoder(
         base(ENCODER, accel),
         shapes,
@@ -174,7 +184,7 @@ def build_configs(
         step_mode,
         {"checkpoint_sha256": ck.sha256, "intra_op_threads": ort_threads[GENERATOR], **runtime(GENERATOR)},
     )
-    ens = _ensemble(max_batch_size, fused)
+    ens = _ensemble(max_batch_size, fused, whole)
     _params(
         ens,
         {
@@ -185,7 +195,7 @@ def build_configs(
             "encoder_runtime": "tensorrt" if target == "gpu" else runtimes.get(ENCODER, "onnxruntime"),
         },
     )
-    models = (pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens)
+    models = (pre, ens) if whole else (pre, dec, gen, ens) if fused else (pre, enc, dec, gen, ens)
     for c in models:  # Triton loads exactly these versions (builder/versions.py lists several)
         c.version_policy.specific.versions.append(1)
     return {c.name: c for c in models}
@@ -215,6 +225,16 @@ def _preprocess(
         _params(pre, {"fused_encoder": 1, **encoder_params})
     else:
         pre.output.append(_output(ENCODER_INPUTS[0], shapes.image_type, shapes.image))
+    return pre
+
+
+def _whole(pre: mc.ModelConfig, params: Mapping[str, object]) -> mc.ModelConfig:
+    """The fused preprocess turned into the whole layout's one model: captions out."""
+    del pre.output[:]
+    pre.output.append(_output("CAPTION", _STRING, [1]))
+    pre.output.append(_output("SCORE", _FP32, [1]))
+    pre.output.append(_output(MODEL_VERSION, _STRING, [1]))  # "<version>:<checkpoint sha256[:8]>"
+    _params(pre, {"fused_generator": 1, **params})
     return pre
 
 
@@ -257,8 +277,9 @@ def _generator(gen: mc.ModelConfig, shapes: _Shapes, step_mode: str, params: Map
     return gen
 
 
-def _ensemble(max_batch_size: int, fused: bool) -> mc.ModelConfig:
-    """preprocess -> (encoder ->) caption_generator, wired by tensor name."""
+def _ensemble(max_batch_size: int, fused: bool, whole: bool = False) -> mc.ModelConfig:
+    """preprocess -> (encoder ->) caption_generator, wired by tensor name; the whole
+    layout: preprocess alone, its outputs the ensemble's."""
     ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=max_batch_size)
     ens.input.append(_input("IMAGE", _STRING, [1]))
     ens.output.append(_output("CAPTION", _STRING, [1]))
@@ -269,6 +290,10 @@ def _ensemble(max_batch_size: int, fused: bool) -> mc.ModelConfig:
     # repository): a request never mixes two versions' models.
     step = steps.add(model_name=PREPROCESS, model_version=1)
     step.input_map["IMAGE"] = "IMAGE"
+    if whole:
+        for n in ("CAPTION", "SCORE", MODEL_VERSION):
+            step.output_map[n] = n
+        return ens
     if not fused:
         step.output_map[ENCODER_INPUTS[0]] = "preprocessed_image"
         step = steps.add(model_name=ENCODER, model_version=1)

@@ -29,7 +29,7 @@ from captioner.serving.generator import STEP_MODES
 from .capacity import DEFAULT_MAX_BATCH, QueuePolicy, policies
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 from .model_configs import WARMUP_IMAGE, build_configs, write_config
-from .repository_check import MODELS, RepositoryError, check_repository, is_fused, recorded_checkpoint
+from .repository_check import MODELS, RepositoryError, check_repository, is_fused, is_whole, recorded_checkpoint
 
 # What callers import from here (the builder's steps, bench/, tests, the k8s manifests' test).
 __all__ = [
@@ -56,9 +56,12 @@ TARGETS = ("cpu", "gpu")
 ENCODER_INPUT_TYPES = ("float32", "uint8")
 # CPU layouts: "split" = preprocess -> encoder -> caption_generator (three Python models);
 # "fused" = preprocess runs decode and the encoder in one process (model source
-# triton_models/preprocess_encoder), one hop fewer: preprocess -> caption_generator.
-LAYOUTS = ("split", "fused")
+# triton_models/preprocess_encoder), one hop fewer: preprocess -> caption_generator;
+# "whole" (opt-in) = preprocess runs decode, the encoder and the decode loop (model source
+# triton_models/whole): one Python model, one hop, one batcher per request.
+LAYOUTS = ("split", "fused", "whole")
 FUSED_SOURCE = "preprocess_encoder"
+WHOLE_SOURCE = "whole"
 
 # Sized for 2 CPU cores: one instance per model lets the three stages of the ensemble
 # overlap; the bench tunes these through assemble's arguments, not by editing code.
@@ -136,13 +139,16 @@ def assemble(
     caption_generator's in-process step): "onnxruntime" (default) or "openvino";
     inference_precision "bf16" is OpenVINO's hint for the encoder; encoder_input "uint8"
     expects an encoder graph that normalises inside (builder/uint8_input.py); layout
-    "fused" runs decode and the encoder in the preprocess model (CPU only).
+    "fused" runs decode and the encoder in the preprocess model, "whole" the decode loop
+    too (CPU only; the step in preprocess's process, so step_mode must be inprocess).
     queues: the load-shedding policy per model (builder/capacity.py; the build measures the
     rates it derives them from); None bounds every admitting queue at four batches."""
     _check_choices(target, precision, max_batch_size, layout, encoder_input, runtimes, inference_precision)
     step_mode = step_mode or DEFAULT_STEP_MODE[target]
     if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode must be inprocess or bls, got {step_mode!r}")
+    if layout == "whole" and step_mode != "inprocess":
+        raise ValueError("layout whole runs the decoder step in preprocess's process: step_mode must be inprocess")
     needed = ["encoder_onnx", "decoder_onnx"] + (["encoder_plan"] if target == "gpu" else [])
     missing = [k for k in needed if k not in artifacts or not Path(artifacts[k]).is_file()]
     if missing:
@@ -168,7 +174,7 @@ def assemble(
         inference_precision=inference_precision,
         encoder_input=encoder_input,
         layout=layout,
-        queues=queues if queues is not None else policies(None, max_batch_size, fused=layout == "fused"),
+        queues=queues if queues is not None else policies(None, max_batch_size, fused=layout in ("fused", "whole")),
     )
     repo_dir = Path(repo_dir)
     repo_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +206,8 @@ def _check_choices(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if max_batch_size < 16:
         raise ValueError(f"max_batch_size must be >= 16, got {max_batch_size}")
-    if layout not in LAYOUTS or (layout == "fused" and target != "cpu"):
-        raise ValueError(f"layout must be one of {LAYOUTS} (fused on cpu only), got {layout!r} for {target}")
+    if layout not in LAYOUTS or (layout != "split" and target != "cpu"):
+        raise ValueError(f"layout must be one of {LAYOUTS} (fused and whole on cpu only), got {layout!r} for {target}")
     if encoder_input not in ENCODER_INPUT_TYPES or (encoder_input == "uint8" and target != "cpu"):
         # On GPU the TensorRT engine is built from the float graph (a uint8 engine is untested here).
         raise ValueError(f"encoder_input must be one of {ENCODER_INPUT_TYPES} (uint8 on cpu only), got {encoder_input!r}")
@@ -249,8 +255,11 @@ def _model_files(
     }
     if step_mode == "inprocess":
         files[GENERATOR]["decoder_step.onnx"] = Path(artifacts["decoder_onnx"])
-    if layout == "fused":
+    if layout in ("fused", "whole"):
         files[PREPROCESS]["model.onnx"] = Path(artifacts["encoder_onnx"])
+    if layout == "whole":
+        files[PREPROCESS]["vocab.json"] = files[GENERATOR]["vocab.json"]
+        files[PREPROCESS]["decoder_step.onnx"] = Path(artifacts["decoder_onnx"])
     return files
 
 
@@ -266,7 +275,7 @@ def _write_models(
             (staging / name / "warmup" / WARMUP_IMAGE).write_bytes(_warmup_image(ck.preprocess.image_size))
         write_config(cfg, staging / name / "config.pbtxt")
         if cfg.backend == "python":
-            source = FUSED_SOURCE if is_fused(cfg) else name
+            source = WHOLE_SOURCE if is_whole(cfg) else FUSED_SOURCE if is_fused(cfg) else name
             shutil.copy2(PYTHON_MODELS_DIR / source / "model.py", version / "model.py")
         for filename, content in files[name].items():
             if isinstance(content, Path):
@@ -281,7 +290,7 @@ def _install(staging: Path, repo_dir: Path) -> None:
         dest = repo_dir / name
         if dest.exists():
             shutil.rmtree(dest)
-        if (staging / name).exists():  # the fused layout has no encoder model
+        if (staging / name).exists():  # the fused layout has no encoder model, whole only preprocess
             (staging / name).rename(dest)
 
 

@@ -21,7 +21,9 @@ class RepositoryError(ValueError):
 def _required_files(cfg: mc.ModelConfig) -> list[str]:
     main = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}.get(cfg.platform, "model.py")
     extra = {
-        PREPROCESS: ["preprocess.json"] + (["model.onnx"] if is_fused(cfg) else []),
+        PREPROCESS: ["preprocess.json"]
+        + (["model.onnx"] if is_fused(cfg) else [])
+        + (["vocab.json", "decoder_step.onnx"] if is_whole(cfg) else []),
         GENERATOR: ["vocab.json"],
         ENCODER: ["model.onnx"] if cfg.backend == "python" else [],
         DECODER_STEP: ["model.onnx"],
@@ -32,7 +34,23 @@ def _required_files(cfg: mc.ModelConfig) -> list[str]:
 
 
 def is_fused(cfg: mc.ModelConfig) -> bool:
+    """The front model runs the encoder (the fused and the whole layouts)."""
     return cfg.name == PREPROCESS and "fused_encoder" in cfg.parameters
+
+
+def is_whole(cfg: mc.ModelConfig) -> bool:
+    """The front model runs everything: decode, encoder and the decode loop (the whole layout)."""
+    return is_fused(cfg) and "fused_generator" in cfg.parameters
+
+
+def front_layout(cfg: mc.ModelConfig) -> str:
+    """The CPU layout a front (`preprocess`) config belongs to: split, fused or whole."""
+    return "whole" if is_whole(cfg) else "fused" if is_fused(cfg) else "split"
+
+
+# The models each layout leaves out: fused has no encoder model (preprocess runs it), whole
+# has only preprocess (it runs the encoder and the decode loop, the step in its process).
+ABSENT = {"split": (), "fused": (ENCODER,), "whole": (ENCODER, DECODER_STEP, GENERATOR)}
 
 
 def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
@@ -41,9 +59,10 @@ def check_repository(repo_dir: str | Path) -> dict[str, mc.ModelConfig]:
     configs: dict[str, mc.ModelConfig] = {}
     for name in MODELS:
         path = repo_dir / name / "config.pbtxt"
-        if name == ENCODER and is_fused(configs[PREPROCESS]):
+        layout = front_layout(configs[PREPROCESS]) if PREPROCESS in configs else "split"
+        if name in ABSENT[layout]:
             if path.exists():
-                raise RepositoryError(f"{path}: the fused layout's preprocess runs the encoder; no encoder model")
+                raise RepositoryError(f"{path}: the {layout} layout's preprocess runs {name}'s work; no {name} model")
             continue
         if not path.is_file():
             raise RepositoryError(f"missing {path}")

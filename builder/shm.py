@@ -24,6 +24,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from captioner.preprocess import DEFAULT_MAX_BYTES
 from captioner.serving import PREPROCESS
 
+from .repository_check import front_layout
+
 MIB = 2**20
 # The Python backend's defaults (shm-default-byte-size, shm-growth-byte-size): every
 # instance's region starts at 1 MiB and grows in 1 MiB steps.
@@ -89,7 +91,7 @@ def repository_limits(repo: Path) -> ShmLimits:
         max_image_bytes=int(param.string_value) if param is not None else DEFAULT_MAX_BYTES,
         front_instances=_instances(front),
         python_instances=sum(_instances(c) for c in configs.values() if c.backend == "python"),
-        layout="fused" if "fused_encoder" in front.parameters else "split",
+        layout=front_layout(front),
     )
 
 

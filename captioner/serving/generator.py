@@ -57,6 +57,13 @@ def generate(step: StepFn, vocab: Vocabulary, requests: Sequence[GenRequest]) ->
     return out  # type: ignore[return-value]
 
 
+def caption_arrays(out: Captions, version: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One request's CAPTION (UTF-8 bytes), SCORE and MODEL_VERSION tensors, [n, 1] each."""
+    caption = np.array([t.encode("utf-8") for t in out.texts], dtype=np.object_).reshape(-1, 1)
+    version_rows = np.full((len(out.texts), 1), version.encode(), dtype=np.object_)
+    return caption, out.scores.reshape(-1, 1), version_rows
+
+
 def bls_step(pb_utils, model_name: str = "decoder_step", model_version: int = -1) -> StepFn:
     """A step function that calls the `decoder_step` Triton model through BLS: version
     `model_version` (-1: the latest loaded; a versioned repository passes the caller's own).

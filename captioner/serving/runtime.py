@@ -59,17 +59,19 @@ class EngineSettings:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     @classmethod
-    def from_config(cls, params: Mapping[str, str], version_dir: str | Path | None = None) -> EngineSettings:
+    def from_config(cls, params: Mapping[str, str], version_dir: str | Path | None = None, prefix: str = "") -> EngineSettings:
         """From config.pbtxt parameters: `runtime`, `intra_op_threads`, `inference_precision`,
         `allow_spinning`; the OpenVINO cache lives in the model's version directory unless
-        `cache_dir` names another (an absolute path, e.g. when the repository is read-only)."""
+        `cache_dir` names another (an absolute path, e.g. when the repository is read-only).
+        `prefix`: a second graph's settings in the same model (the whole layout's decoder
+        step: `step_runtime`, `step_intra_op_threads`, ...)."""
         cache = params.get("cache_dir") or (str(Path(version_dir) / CACHE_DIRNAME) if version_dir else None)
         return cls(
-            runtime=params.get("runtime", ONNXRUNTIME),
-            threads=int(params.get("intra_op_threads", 1)),
-            inference_precision=params.get("inference_precision", "fp32"),
+            runtime=params.get(f"{prefix}runtime", ONNXRUNTIME),
+            threads=int(params.get(f"{prefix}intra_op_threads", 1)),
+            inference_precision=params.get(f"{prefix}inference_precision", "fp32"),
             cache_dir=cache,
-            spinning=str(params.get("allow_spinning", "0")).lower() in ("1", "true", "yes"),
+            spinning=str(params.get(f"{prefix}allow_spinning", "0")).lower() in ("1", "true", "yes"),
         )
 
     def config_parameters(self) -> dict[str, str]:

@@ -7,12 +7,11 @@ OpenVINO (`step_mode: inprocess`, parameter `runtime`) or calls the `decoder_ste
 (`step_mode: bls`); the README explains the choice. MODEL_VERSION names this model version and
 its checkpoint (captioner.serving.versions)."""
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from captioner.decoding import onnx_step
 from captioner.serving import Rejected, runtime
-from captioner.serving.generator import GenRequest, bls_step, generate
+from captioner.serving.generator import GenRequest, bls_step, caption_arrays, generate
 from captioner.serving.params import DecodeDefaults, ParamError, decode_params
 from captioner.serving.triton import (
     ExecuteClock,
@@ -74,13 +73,7 @@ class TritonPythonModel:
                 continue
             out = next(results)
             self.metrics.produced(len(out.texts), out.tokens)
-            caption = np.array([t.encode("utf-8") for t in out.texts], dtype=np.object_).reshape(-1, 1)
-            score = out.scores.reshape(-1, 1)
-            version = np.full((len(out.texts), 1), self.version.encode(), dtype=np.object_)
-            tensors = [
-                pb_utils.Tensor("CAPTION", caption),
-                pb_utils.Tensor("SCORE", score),
-                pb_utils.Tensor(MODEL_VERSION, version),
-            ]
+            arrays = caption_arrays(out, self.version)
+            tensors = [pb_utils.Tensor(n, a) for n, a in zip(("CAPTION", "SCORE", MODEL_VERSION), arrays)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
