@@ -194,7 +194,11 @@ def evaluate(a: argparse.Namespace) -> dict:
         for v in variants:
             arrays, ids = [], []
             for it, served, full in images:
-                arrays.append(served if v == "original" else prepare_bytes(variant_bytes(full, v), cap.cfg))
+                if v == "original":
+                    arrays.append(served)
+                else:
+                    assert full is not None  # decoded whenever there are variants beyond the original
+                    arrays.append(prepare_bytes(variant_bytes(full, v), cap.cfg))
                 ids.append(it.image_id)
             if arrays:
                 for image_id, c in zip(ids, cap.caption_arrays(np.stack(arrays), **decode_kw)):
@@ -221,7 +225,8 @@ def evaluate(a: argparse.Namespace) -> dict:
         "unreadable": unreadable,
     }
     if has_scenes:
-        shares, wrong = {}, []
+        shares: dict[str, dict] = {}
+        wrong: list[dict] = []
         for v in variants:
             ok = 0
             for it in items:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +151,10 @@ class TorchvisionBackbone(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
-def build_backbone(args: ModelArgs, weights_path: str | Path | None = None) -> nn.Module:
+Backbone = SmallCNN | TorchvisionBackbone  # image -> features [N, out_dim]
+
+
+def build_backbone(args: ModelArgs, weights_path: str | Path | None = None) -> Backbone:
     if args.backbone == "small_cnn":
         return SmallCNN(args.cnn_channels, args.cnn_grid, args.coord_channels)
     return TorchvisionBackbone(args.backbone, weights_path)
@@ -159,7 +163,7 @@ def build_backbone(args: ModelArgs, weights_path: str | Path | None = None) -> n
 class Encoder(nn.Module):
     """image -> (h0, c0); the seed uses the same vector for both."""
 
-    def __init__(self, args: ModelArgs, backbone: nn.Module):
+    def __init__(self, args: ModelArgs, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
         self.bottleneck = nn.Linear(backbone.out_dim, args.image_bottleneck)
@@ -194,7 +198,9 @@ class Decoder(nn.Module):
         Written with the LSTM's own weights as plain matmuls so that it exports to
         simple ONNX ops that every runtime handles the same way."""
         x = self.embed(tokens)
-        gates = x @ self.lstm.weight_ih_l0.t() + self.lstm.bias_ih_l0 + h @ self.lstm.weight_hh_l0.t() + self.lstm.bias_hh_l0
+        # nn.LSTM registers its weights by name at run time: torch types them Tensor | Module.
+        w_ih, w_hh = cast(torch.Tensor, self.lstm.weight_ih_l0), cast(torch.Tensor, self.lstm.weight_hh_l0)
+        gates = x @ w_ih.t() + self.lstm.bias_ih_l0 + h @ w_hh.t() + self.lstm.bias_hh_l0
         i, f, g, o = gates.chunk(4, dim=1)
         c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h2 = torch.sigmoid(o) * torch.tanh(c2)

@@ -22,6 +22,7 @@ import io
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -70,7 +71,12 @@ def decode_side(cfg: PreprocessConfig) -> int | None:
     return FAST_DECODE_MARGIN * cfg.image_size if cfg.decode == "fast" else None
 
 
-IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+class MeanStd(TypedDict):
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET: MeanStd = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 class ImageError(ValueError):
@@ -87,7 +93,7 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def decode_image(data: bytes, limits: Limits | None = None, min_side: int | None = None) -> Image.Image:
+def decode_image(data: bytes | bytearray | memoryview, limits: Limits | None = None, min_side: int | None = None) -> Image.Image:
     """Encoded bytes -> RGB Pillow image, EXIF-transposed, or ImageError naming the problem.
 
     min_side: the fast path: decode no larger than needed to keep both sides >= min_side
@@ -102,7 +108,7 @@ def decode_image(data: bytes, limits: Limits | None = None, min_side: int | None
     if n > limits.max_bytes:
         raise ImageError("too_large", f"image is {n} bytes, over the limit of {limits.max_bytes}")
     try:
-        img = Image.open(io.BytesIO(bytes(data)))
+        img: Image.Image = Image.open(io.BytesIO(bytes(data)))
     except Exception as e:  # Pillow raises several types for junk
         # Pillow refuses 0-pixel images and huge ones (DecompressionBombError) before we can
         # look at their size; the header still tells the client what is wrong.
@@ -198,7 +204,7 @@ def normalize_tensor(batch_nhwc, cfg: PreprocessConfig, channels_last: bool = Fa
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def prepare_bytes(data: bytes, cfg: PreprocessConfig, limits: Limits | None = None) -> np.ndarray:
+def prepare_bytes(data: bytes | bytearray | memoryview, cfg: PreprocessConfig, limits: Limits | None = None) -> np.ndarray:
     """Encoded image -> uint8 [S, S, 3], decoded the way `cfg.decode` says."""
     return prepare(decode_image(data, limits, decode_side(cfg)), cfg)
 

@@ -103,12 +103,17 @@ def _random_object(rng: random.Random) -> SceneObject:
     side = rng.randint(*SIZES[size])
     x0 = rng.randint(MARGIN, CANVAS - MARGIN - side)
     y0 = rng.randint(MARGIN, CANVAS - MARGIN - side)
-    rgb = tuple(int(np.clip(v + rng.randint(-COLOUR_JITTER, COLOUR_JITTER), 0, 255)) for v in COLOURS[colour])
+    r, g, b = COLOURS[colour]
+
+    def jitter(v: int) -> int:
+        return int(np.clip(v + rng.randint(-COLOUR_JITTER, COLOUR_JITTER), 0, 255))
+
+    rgb = (jitter(r), jitter(g), jitter(b))
     return SceneObject(shape, colour, size, (x0, y0, x0 + side, y0 + side), rgb)
 
 
 def random_scene(rng: random.Random) -> Scene:
-    background = tuple(rng.randint(*BG_RANGE) for _ in range(3))
+    background = (rng.randint(*BG_RANGE), rng.randint(*BG_RANGE), rng.randint(*BG_RANGE))
     first = _random_object(rng)
     if rng.random() < 0.5:
         return Scene((first,), background)
@@ -192,7 +197,9 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, progr
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    images, annotations, scenes = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    scenes: list[dict] = []
     for i in bar(range(count), desc=f"shapes-v1 {split}", disable=not progress, unit="img"):
         scene = random_scene(rng)
         name = f"{i:06d}.png"
@@ -231,13 +238,13 @@ def parse_caption(caption: str) -> tuple[list[dict], str | None] | None:
     text = " ".join(caption.strip().lower().split())
     two = _TWO.match(text)
     if two:
-        named = {"colour": two["colour"], "shape": two["shape"], "size": None}
-        return [named, dict(named)], "and"
+        one = {"colour": two["colour"], "shape": two["shape"], "size": None}
+        return [one, dict(one)], "and"
     parts = _REL_SPLIT.split(text)
     if len(parts) not in (1, 3):
         return None
     phrases = [parts[0]] if len(parts) == 1 else [parts[0], parts[2]]
-    named = []
+    named: list[dict] = []
     for p in phrases:
         m = _PHRASE.match(p)
         if not m:

@@ -121,8 +121,12 @@ def _train(a: argparse.Namespace, dd: D.Dist, device: torch.device) -> Path:
         _describe(run)
     tr, train_src, va = _splits(run, val_data)
     per_rank = a.batch_size // dd.world
-    sampler = torch.utils.data.DistributedSampler(
-        range(len(train_data)), num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=a.seed
+    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
+        range(len(train_data)),  # type: ignore[arg-type]  # stubs want a Dataset; the sampler only takes its len()
+        num_replicas=dd.world,
+        rank=dd.rank,
+        shuffle=True,
+        seed=a.seed,
     )
     batches = torch.utils.data.BatchSampler(sampler, per_rank, drop_last=False)
     # Memory-backed batches are a slice of an array: cheaper here than in a worker.
@@ -165,9 +169,15 @@ def _train(a: argparse.Namespace, dd: D.Dist, device: torch.device) -> Path:
 
 
 def _datasets(a: argparse.Namespace) -> tuple[Path, CocoCaptions, CocoCaptions]:
-    data_root = Path(a.data) if a.data else None
-    train_ann = Path(a.train_ann) if a.train_ann else data_root / "captions_train.json"
-    val_ann = Path(a.val_ann) if a.val_ann else data_root / "captions_val.json"
+    def ann(given: str | None, name: str) -> Path:
+        if given:
+            return Path(given)
+        if not a.data:
+            raise ValueError(f"no --data folder to find {name} in: give --data, or --train-ann and --val-ann")
+        return Path(a.data) / name
+
+    train_ann = ann(a.train_ann, "captions_train.json")
+    val_ann = ann(a.val_ann, "captions_val.json")
     train_data = CocoCaptions(train_ann, a.train_images)
     val_data = CocoCaptions(val_ann, a.val_images)
     if a.limit:

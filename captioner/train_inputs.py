@@ -91,13 +91,13 @@ def backbone_features(
 
 
 def encode(model: CaptionModel, x: np.ndarray, cfg, frozen: bool, rt: Runtime):
-    x = torch.from_numpy(x)
+    t = torch.from_numpy(x)
     with rt.autocast():
         if frozen:
-            h0 = model.encoder.from_features(x.to(rt.device))
+            h0 = model.encoder.from_features(t.to(rt.device))
             h0, c0 = h0, h0
         else:
-            h0, c0 = model.encoder(rt.images(x, cfg))
+            h0, c0 = model.encoder(rt.images(t, cfg))
     return h0.float(), c0.float()
 
 

@@ -30,13 +30,16 @@ def evaluate(
     (the spec's rule, docs/shapes-v1.md) on the first `decode_n` images when
     ground-truth scenes exist. One process runs it, so the figures do not depend on
     how many trained."""
+    if split.inputs is None:
+        raise ValueError("evaluate needs a split with its inputs (images or features)")
+    inputs = split.inputs
     rt = rt or Runtime(torch.device("cpu"), "off", False, 0)
     model.eval()
     tot_loss = tot_tok = correct_tok = 0.0
     with torch.inference_mode():
         for i in range(0, len(split.data), batch):
             idx = np.arange(i, min(i + batch, len(split.data)))
-            h0, c0 = encode(model, split.inputs[idx], cfg, frozen, rt)
+            h0, c0 = encode(model, inputs[idx], cfg, frozen, rt)
             rows = np.concatenate([split.by_image[j] for j in idx])
             owners = np.concatenate([np.full(len(split.by_image[j]), k) for k, j in enumerate(idx)])
             local = torch.from_numpy(owners).to(rt.device)
@@ -56,7 +59,7 @@ def evaluate(
         with torch.inference_mode():
             for i in range(0, n, batch):
                 idx = np.arange(i, min(i + batch, n))
-                h0, c0 = encode(model, split.inputs[idx], cfg, frozen, rt)
+                h0, c0 = encode(model, inputs[idx], cfg, frozen, rt)
                 hyps = greedy(step, h0.cpu().numpy(), c0.cpu().numpy(), vocab.start, vocab.end, max_length)
                 for j, hyp in zip(idx, hyps):
                     scene = Scene.from_json(split.data.scenes[split.data[j].image_id])

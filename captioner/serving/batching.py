@@ -27,12 +27,15 @@ def run_batched(fn, inputs: Sequence[Sequence[np.ndarray]]) -> list[tuple[np.nda
     with `fn(*stacked_inputs) -> tuple of stacked outputs` called exactly once."""
     if not inputs:
         return []
-    stacked, sizes = [], None
+    stacked: list[np.ndarray] = []
+    sizes: list[int] | None = None
     for k in range(len(inputs[0])):
         arr, s = concat([req[k] for req in inputs])
         if sizes is not None and s != sizes:
             raise ValueError("inputs of one request disagree on the batch size")
         stacked.append(arr)
         sizes = s
+    if sizes is None:
+        raise ValueError("the requests carry no inputs")
     outputs = [split(np.asarray(o), sizes) for o in fn(*stacked)]
     return [tuple(o[i] for o in outputs) for i in range(len(inputs))]

@@ -89,7 +89,7 @@ class Preprocessor:
         good = [i for i, p in enumerate(prepared) if not isinstance(p, Rejected)]
         if not good or not self.normalise:
             return prepared
-        batch, sizes = concat([prepared[i] for i in good])
+        batch, sizes = concat([p for p in prepared if not isinstance(p, Rejected)])
         for i, part in zip(good, split(normalize(batch, self.cfg), sizes)):
             prepared[i] = part
         return prepared
@@ -109,11 +109,12 @@ class ImageEncoder:
     def run(self, images: Sequence[np.ndarray], parameters: Sequence[Any] | None = None) -> list[tuple | Rejected]:
         prepared = self.pre.run(images, parameters)
         good = [i for i, p in enumerate(prepared) if not isinstance(p, Rejected)]
+        # The Rejected in place; each good request's slot is filled with its outputs below.
+        out: list[tuple | Rejected] = [p if isinstance(p, Rejected) else () for p in prepared]
         if not good:
-            return prepared
-        batch, sizes = concat([prepared[i] for i in good])
+            return out
+        batch, sizes = concat([p for p in prepared if not isinstance(p, Rejected)])
         per_output = [split(np.asarray(o), sizes) for o in self.engine.run(list(self.outputs), {self.input_name: batch})]
-        out: list[tuple | Rejected] = list(prepared)
         for k, i in enumerate(good):
             out[i] = tuple(o[k] for o in per_output)
         return out

@@ -255,5 +255,6 @@ def choose(requested: str, measured: Mapping[str, float | None], margin: float =
     if ov_rate is not None and (ort_rate is None or ov_rate > ort_rate * margin):
         why = "onnxruntime unavailable" if ort_rate is None else f"{ov_rate / ort_rate:.2f}x onnxruntime"
         return Choice(OPENVINO, f"auto: openvino faster ({why})", rates)
-    why = "openvino unavailable" if ov_rate is None else f"{ort_rate / ov_rate:.2f}x openvino"
+    # ov_rate set here means ort_rate is too: openvino would have been chosen above.
+    why = "openvino unavailable" if ov_rate is None or ort_rate is None else f"{ort_rate / ov_rate:.2f}x openvino"
     return Choice(ONNXRUNTIME, f"auto: onnxruntime faster or tied ({why})", rates)

@@ -41,7 +41,7 @@ class ExecuteClock:
     answers ("Stub process ... is not healthy") reach only the requests routed to it.
     A no-op when the variable is unset (no supervisor)."""
 
-    def __init__(self, instance: str, folder: str | os.PathLike | None = None, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, instance: str, folder: str | os.PathLike[str] | None = None, heartbeat_s: float = HEARTBEAT_S):
         folder = folder if folder is not None else os.environ.get(EXECUTING_DIR_ENV)
         self._fd = None
         self._stop = threading.Event()
@@ -90,8 +90,8 @@ def _stamp(pid: int) -> bytes:
     return f"{pid} {time.monotonic():.3f}".encode().ljust(40)
 
 
-def _read_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
-    out = {}
+def _read_stamps(folder: str | os.PathLike[str]) -> dict[str, tuple[int, float]]:
+    out: dict[str, tuple[int, float]] = {}
     try:
         entries = [e for e in os.scandir(folder) if e.is_file()]
     except OSError:
@@ -107,13 +107,13 @@ def _read_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
     return out
 
 
-def executing_since(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
+def executing_since(folder: str | os.PathLike[str]) -> dict[str, tuple[int, float]]:
     """instance name -> (stub pid, monotonic time its current execute began), for the
     instances inside an execute now (ExecuteClock's files)."""
     return _read_stamps(folder)
 
 
-def heartbeats(folder: str | os.PathLike) -> dict[str, tuple[int, float]]:
+def heartbeats(folder: str | os.PathLike[str]) -> dict[str, tuple[int, float]]:
     """instance name -> (stub pid, monotonic time of its last heartbeat) (ExecuteClock's)."""
     return _read_stamps(Path(folder) / ALIVE_DIR)
 
