@@ -267,6 +267,7 @@ def cpu_reduced_precision(b: BuildState) -> None:
     if variant.chosen is None:
         raise BuildFailed(EXIT_REFUSED, "no reduced-precision encoder runs on this CPU")
     if not variant.accepted:
+        assert variant.agreement is not None  # measured for every chosen variant
         hint = (
             "; this SPEED-ONLY model has meaningless captions: CAPTIONER_MIN_AGREEMENT=0 builds it for speed measurements"
             if b.speed_only

@@ -104,6 +104,7 @@ def measure(
     from captioner.decoding import DecodeParams, decode, onnx_step
     from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
     from captioner.scenes import encoded_scenes
+    from captioner.serving import Rejected
     from captioner.serving import runtime as rt
     from captioner.serving.preprocess import Preprocessor
 
@@ -115,7 +116,11 @@ def measure(
     images = [np.array([[data]], dtype=np.object_) for data, _ in encoded_scenes(batch, seed=5)]
     pre = Preprocessor(ck.preprocess, Limits(DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS), normalise=normalise)
     pre_rate = _rate(lambda: pre.run(images), batch, min_seconds)
-    x = np.concatenate(pre.run(images))
+    prepared = pre.run(images)
+    refused = [p for p in prepared if isinstance(p, Rejected)]
+    if refused:
+        raise RuntimeError(f"preprocess refused a generated scene: {refused[0].message}")
+    x = np.concatenate([p for p in prepared if not isinstance(p, Rejected)])
     encoder = rt.load(encoder_graph, encoder_settings)
     feed, outputs = {ENCODER_INPUTS[0]: x}, list(ENCODER_OUTPUTS)
     enc_rate = _rate(lambda: encoder.run(outputs, feed), batch, min_seconds)

@@ -255,8 +255,7 @@ def evaluation_images(
 ) -> EvalSet:
     """The dataset split's images prepared by THE preprocessing when the split exists,
     else freshly generated scenes; with their ground-truth scenes."""
-    ann = Path(data_dir) / f"captions_{split}.json" if data_dir else None
-    if ann is not None and ann.is_file():
+    if data_dir and (ann := Path(data_dir) / f"captions_{split}.json").is_file():
         meta = json.loads(ann.read_text())
         chosen = meta["images"][:limit]
         by_id = {int(s["image_id"]): scenes.Scene.from_json(s) for s in meta.get("scenes", [])}
@@ -264,9 +263,8 @@ def evaluation_images(
         it = progress(files, desc=f"loading {split}", unit="img", mininterval=2.0, leave=False) if progress else files
         images = np.stack([prepare_path(f, ck.preprocess) for f in it])
         truth = [by_id.get(int(im["id"])) for im in chosen]
-        return EvalSet(
-            images, f"{ann.parent}/{split} ({len(images)} images)", truth if all(t is not None for t in truth) else None
-        )
+        known = [t for t in truth if t is not None]
+        return EvalSet(images, f"{ann.parent}/{split} ({len(images)} images)", known if len(known) == len(truth) else None)
     n = min(fallback, limit) if limit else fallback
     images, drawn = parity.scene_batch(n, ck.preprocess, seed=EVAL_SEED)
     return EvalSet(images, f"{n} generated scenes (no {split} split at {data_dir})", drawn)
@@ -313,6 +311,7 @@ class CpuVariantReport:
                 out.append(f"note: {self.chosen.name} is SLOWER than fp32 at batch {', '.join(map(str, slower))}")
         if self.agreement is not None:
             a = self.agreement
+            assert self.chosen is not None  # the agreement is measured on the chosen variant
             verdict = "accepted" if self.accepted else f"REFUSED (below {self.min_agreement:.0%})"
             out.append(
                 f"greedy captions {self.chosen.name} == fp32 on {self.evaluated_on}: "
@@ -380,6 +379,7 @@ def build_cpu_variant(
     sessions = {}
     for c in candidates:
         if c.runs:
+            assert c.path is not None  # a candidate that runs has its file
             sessions[c.name] = parity.session(c.path)
             c.images_per_s = {b: throughput(sessions[c.name], timing_images, b) for b in batch_sizes}
     runnable = [c for c in candidates if c.runs]

@@ -122,7 +122,7 @@ def choose_runtimes(
 ) -> RuntimeReport:
     """Time what has to be timed and choose (the requested runtime is kept without timing)."""
     enc_rates: dict[str, dict[int, float | None]] = {}
-    notes = []
+    notes: list[str] = []
     # An explicit runtime is timed too: the layout choice (`fused_layout`) needs its rate.
     if True:
         for name in candidates(requested, inference_precision):
@@ -138,7 +138,9 @@ def choose_runtimes(
     top = max(batch_sizes)
     if inference_precision == "bf16":
         enc_choice = rt.Choice(
-            rt.OPENVINO, "bf16 inference precision is OpenVINO's", {k: v[top] for k, v in enc_rates.items() if v[top] is not None}
+            rt.OPENVINO,
+            "bf16 inference precision is OpenVINO's",
+            {k: r for k, v in enc_rates.items() if (r := v[top]) is not None},
         )
     else:
         enc_choice = rt.choose(requested, {k: v[top] for k, v in enc_rates.items()}, margin=MARGIN)
