@@ -37,6 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.serving import DECODER_STEP, ENCODER, GENERATOR, PREPROCESS
+
+# The encoder gets both cores: with one thread a heavy encoder (seed-inception) caps the
+# whole stack at one core (docs/bench.md, "What the defaults are, and why").
+DEFAULT_ORT_THREADS = {ENCODER: 2, DECODER_STEP: 1, GENERATOR: 1}
 DEFAULT_QUEUE_BUDGET_MS = 1000
 # The one max batch size default: every Triton config's max_batch_size, the TensorRT
 # profile's max and the batch the build times and checks at (build_engines --max-batch-size).
@@ -109,7 +114,6 @@ def measure(
     from captioner.serving.preprocess import Preprocessor
 
     from .export import ENCODER_INPUTS, ENCODER_OUTPUTS
-    from .repository import DEFAULT_ORT_THREADS, ENCODER
 
     encoder_settings = encoder_settings or rt.EngineSettings(threads=DEFAULT_ORT_THREADS[ENCODER])
     step_settings = step_settings or rt.EngineSettings(threads=1)
@@ -158,7 +162,6 @@ def policies(
     `max_queue_size` overrides every bound; 0 turns load shedding off (unbounded queues,
     no timeouts, no batch cap: the behaviour before it existed, kept for before/after
     measurements). fused: preprocess runs the encoder too (the fused CPU layout)."""
-    from .repository import ENCODER, GENERATOR, PREPROCESS
 
     if max_queue_size == 0:
         return {m: QueuePolicy() for m in (PREPROCESS, ENCODER, GENERATOR)}
@@ -185,7 +188,6 @@ def policies(
 def describe(queues: Mapping[str, QueuePolicy], fused: bool = False, whole: bool = False) -> list[str]:
     """One line per model the repository holds (fused: no `encoder` model; preprocess runs
     it; whole: preprocess alone, it runs the encoder and the caption loop too)."""
-    from .repository import ENCODER, GENERATOR, PREPROCESS
 
     out = []
     for model, q in queues.items():

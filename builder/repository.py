@@ -26,7 +26,7 @@ from captioner.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from captioner.serving import DECODER_STEP, ENCODER, ENSEMBLE, GENERATOR, PRECISIONS, PREPROCESS
 from captioner.serving.generator import STEP_MODES
 
-from .capacity import DEFAULT_MAX_BATCH, QueuePolicy, policies
+from .capacity import DEFAULT_MAX_BATCH, DEFAULT_ORT_THREADS, QueuePolicy, policies
 from .export import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 from .model_configs import WARMUP_IMAGE, build_configs, write_config
 from .repository_check import MODELS, RepositoryError, check_repository, is_fused, is_whole, recorded_checkpoint
@@ -74,9 +74,6 @@ DEFAULT_INSTANCES = {
     "cpu": {PREPROCESS: 2, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 1},
     "gpu": {PREPROCESS: 2, ENCODER: 1, DECODER_STEP: 1, GENERATOR: 2},
 }
-# The encoder gets both cores: with one thread a heavy encoder (seed-inception) caps the
-# whole stack at one core (docs/bench.md, "What the defaults are, and why").
-DEFAULT_ORT_THREADS = {ENCODER: 2, DECODER_STEP: 1, GENERATOR: 1}
 # On CPU the step runs in caption_generator's process, no BLS call per token
 # (docs/serving.md, "Decoder step: in-process or BLS"). On GPU the step goes to the GPU
 # decoder_step through BLS.
