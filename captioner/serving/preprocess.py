@@ -7,8 +7,10 @@ image of the whole Triton batch, and the result is split back per request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,3 +120,19 @@ class ImageEncoder:
         for k, i in enumerate(good):
             out[i] = tuple(o[k] for o in per_output)
         return out
+
+
+def image_encoder(version_dir: Path, params: Mapping[str, str], outputs: Sequence[str]) -> ImageEncoder:
+    """The fused and whole layouts' front, as one model version holds it: its encoder graph
+    (`model.onnx`) through the runtime its config parameters name, behind a Preprocessor
+    from its `preprocess.json`, limits and decoding defaults."""
+    from . import runtime
+
+    engine = runtime.load(version_dir / "model.onnx", runtime.EngineSettings.from_config(params, version_dir))
+    pre = Preprocessor(
+        cfg=PreprocessConfig.from_dict(json.loads((version_dir / "preprocess.json").read_text())),
+        limits=limits_from_config(params),
+        defaults=DecodeDefaults.from_config(params),
+        normalise=runtime.input_dtype(engine, "image") != np.uint8,
+    )
+    return ImageEncoder(pre, engine, tuple(outputs))

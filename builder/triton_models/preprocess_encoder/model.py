@@ -5,19 +5,14 @@ preprocess model) and the encoder (onnxruntime or OpenVINO, parameter `runtime`)
 one process: for a small encoder the hop between two Python models costs more than
 the encoder (docs/bench.md). The logic lives in captioner.serving.preprocess.ImageEncoder."""
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from captioner.preprocess import PreprocessConfig
-from captioner.serving import runtime
-from captioner.serving.params import DecodeDefaults
-from captioner.serving.preprocess import REJECT_REASONS, ImageEncoder, Preprocessor, limits_from_config
+from captioner.serving.preprocess import REJECT_REASONS, image_encoder
 from captioner.serving.triton import (
     ExecuteClock,
     RejectMetrics,
     image_responses,
     model_config,
-    read_json,
     skip_cancelled,
     version_dir,
 )
@@ -30,18 +25,8 @@ class TritonPythonModel:
         config = model_config(args)
         here = version_dir(args)
         params = parameters(config, here)
-        engine = runtime.load(here / "model.onnx", runtime.EngineSettings.from_config(params, here))
         self.outputs = tuple(t["name"] for t in config["output"])
-        self.encoder = ImageEncoder(
-            Preprocessor(
-                cfg=PreprocessConfig.from_dict(read_json(here / "preprocess.json")),
-                limits=limits_from_config(params),
-                defaults=DecodeDefaults.from_config(params),
-                normalise=runtime.input_dtype(engine, "image") != np.uint8,
-            ),
-            engine,
-            self.outputs,
-        )
+        self.encoder = image_encoder(here, params, self.outputs)
         self.metrics = RejectMetrics(pb_utils, REJECT_REASONS)
 
     def execute(self, requests):

@@ -5,14 +5,11 @@ and one batcher per request (the fused layout takes two). The front model keeps 
 (`preprocess`), its queue policy and its request checks; captioner.serving.whole composes
 the fused layout's ImageEncoder with caption_generator's generate()."""
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from captioner.decoding import onnx_step
-from captioner.preprocess import PreprocessConfig
 from captioner.serving import runtime
-from captioner.serving.params import DecodeDefaults
-from captioner.serving.preprocess import REJECT_REASONS, ImageEncoder, Preprocessor, limits_from_config
+from captioner.serving.preprocess import REJECT_REASONS, image_encoder
 from captioner.serving.triton import (
     ExecuteClock,
     OutputMetrics,
@@ -38,17 +35,9 @@ class TritonPythonModel:
         here = version_dir(args)
         params = parameters(model_config(args), here)
         self.version = label(args["model_version"], params["checkpoint_sha256"])
-        encoder = runtime.load(here / "model.onnx", runtime.EngineSettings.from_config(params, here))
         step = runtime.load(here / "decoder_step.onnx", runtime.EngineSettings.from_config(params, here, prefix="step_"))
-        defaults = DecodeDefaults.from_config(params)
-        pre = Preprocessor(
-            cfg=PreprocessConfig.from_dict(read_json(here / "preprocess.json")),
-            limits=limits_from_config(params),
-            defaults=defaults,
-            normalise=runtime.input_dtype(encoder, "image") != np.uint8,
-        )
         self.captioner = WholeCaptioner(
-            ImageEncoder(pre, encoder, ENCODER_OUTPUTS), onnx_step(step), Vocabulary(read_json(here / "vocab.json"))
+            image_encoder(here, params, ENCODER_OUTPUTS), onnx_step(step), Vocabulary(read_json(here / "vocab.json"))
         )
         self.rejects = RejectMetrics(pb_utils, REJECT_REASONS)
         self.produced = OutputMetrics(pb_utils, self.version).produced
