@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from captioner.checkpoint import Checkpoint
+from captioner.decoding import DecodeParams, decode, torch_step
 from captioner.model import CaptionModel, ModelArgs
-from captioner.preprocess import PreprocessConfig
+from captioner.preprocess import PreprocessConfig, preprocess_bytes
 from captioner.scenes import all_captions, random_scene, render
 from captioner.vocab import Vocabulary
 
@@ -79,3 +80,20 @@ def initialize(module, repo: Path, name: str):
         }
     )
     return model
+
+
+def image_request(*items):
+    """A request's IMAGE input: one encoded image (or any object) per row."""
+    return {"IMAGE": np.array([[x] for x in items], dtype=object)}
+
+
+def torch_reference(ck, images, **params):
+    """The in-process path: same preprocessing, torch encoder and decoder."""
+    import torch
+
+    x = torch.from_numpy(np.stack([preprocess_bytes(b, ck.preprocess) for b in images]))
+    with torch.inference_mode():
+        h0, c0 = ck.model.encoder(x)
+    p = DecodeParams(**{"max_length": ck.args.max_length, **params})
+    hyps = decode(torch_step(ck.model.decoder), h0.numpy(), c0.numpy(), ck.vocab.start, ck.vocab.end, p)
+    return [ck.vocab.decode(h.tokens) for h in hyps], [h.logprob for h in hyps], sum(len(h.tokens) for h in hyps)

@@ -7,12 +7,13 @@ import fake_pb_utils
 import numpy as np
 import pytest
 from fake_pb_utils import outputs, request
+from serving_support import image_request as _image
 from serving_support import initialize, load_model_py, scene_png, tiny_checkpoint
+from serving_support import torch_reference as _reference
 
 from builder.export import export_decoder_step, export_encoder
 from builder.repository import assemble
 from captioner import checkpoint
-from captioner.decoding import DecodeParams, decode, torch_step
 from captioner.preprocess import preprocess_bytes
 
 
@@ -33,22 +34,6 @@ def pb():
 
 def _model(pb, repo_dir, name):
     return initialize(load_model_py(name, pb), repo_dir, name)
-
-
-def _image(*items):
-    return {"IMAGE": np.array([[x] for x in items], dtype=object)}
-
-
-def _reference(ck, images, **params):
-    """The in-process path: same preprocessing, torch encoder and decoder."""
-    import torch
-
-    x = torch.from_numpy(np.stack([preprocess_bytes(b, ck.preprocess) for b in images]))
-    with torch.inference_mode():
-        h0, c0 = ck.model.encoder(x)
-    p = DecodeParams(**{"max_length": ck.args.max_length, **params})
-    hyps = decode(torch_step(ck.model.decoder), h0.numpy(), c0.numpy(), ck.vocab.start, ck.vocab.end, p)
-    return [ck.vocab.decode(h.tokens) for h in hyps], [h.logprob for h in hyps], sum(len(h.tokens) for h in hyps)
 
 
 def _pipeline(pb, repo_dir, requests):
