@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MEMO_SCENES, MEMO_TRAIN_ARGS
+from conftest import MEMO_SCENES, MEMO_TRAIN_ARGS, SMALL_RUN_ARGS
 from test_train import MEMO_SHARE_CORRECT
 
 from captioner import distributed as D
@@ -99,18 +99,7 @@ def small_run(shapes_data, out, *extra):
         str(shapes_data),
         "--out",
         str(out),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--min-count",
-        "1",
-        "--val-decode",
-        "20",
-        "--limit",
-        "320",
-        "--seed",
-        "5",
+        *SMALL_RUN_ARGS,
         *extra,
     ]
 

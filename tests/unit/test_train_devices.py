@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_RUN_ARGS
 
 from captioner.checkpoint import load
 from captioner.preprocess import IMAGENET, PreprocessConfig, normalize, normalize_tensor
@@ -33,18 +34,7 @@ def small_run(shapes_data, out, *extra):
         str(shapes_data),
         "--out",
         str(out),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--min-count",
-        "1",
-        "--val-decode",
-        "20",
-        "--limit",
-        "320",
-        "--seed",
-        "5",
+        *SMALL_RUN_ARGS,
         "--device",
         "cpu",
         *extra,
