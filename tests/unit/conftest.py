@@ -18,12 +18,6 @@ MEMO_REPEAT = 64
 # 12 epochs x 32 steps at 32 px: ~30 s of one core. Best epoch's greedy captions right, of 16,
 # with the DistributedSampler order and per-epoch caption draws (issue 12): seed 0: 11, seed 1: 16,
 # seed 2: 16 (the earlier sampler gave 14, 14, 14). test_train asserts at least 12 (0.75).
-# The small CPU training run (320 images, 32 px, seed 5) that test_train_devices and
-# test_cuda both start from.
-SMALL_RUN_ARGS = [
-    *("--image-size", "32", "--batch-size", "32", "--min-count", "1"),
-    *("--val-decode", "20", "--limit", "320", "--seed", "5"),
-]
 MEMO_TRAIN_ARGS = [
     "--image-size",
     "32",
@@ -47,6 +41,12 @@ MEMO_TRAIN_ARGS = [
     # tests/unit/test_cuda.py trains the same way with --device cuda appended.
     "--device",
     "cpu",
+]
+# The small CPU training run (320 images, 32 px, seed 5) that test_train_devices and
+# test_cuda both start from.
+SMALL_RUN_ARGS = [
+    *("--image-size", "32", "--batch-size", "32", "--min-count", "1"),
+    *("--val-decode", "20", "--limit", "320", "--seed", "5"),
 ]
 
 
