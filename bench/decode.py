@@ -1,7 +1,9 @@
 """Decode microbenchmark: what `prepare_bytes` (decode, EXIF, limits, resize to the model's
 side) costs per image on the exact and the fast path, side by side in one run, for the
 images callers send: 1024 px JPEG q90, 1024 px PNG, and the 128 px PNG the rest of the
-benchmark uses. Single-threaded, in-process, same bytes for both paths.
+benchmark uses. Single-threaded, in-process, same bytes for both paths; the fast path
+once more with Pillow's PNG decoder in place of libspng (`fast, Pillow PNG`: what the fast
+path cost before libspng, and what it costs where pyspng is not installed).
 
     python -m bench.decode                   # both model sides (64: default, 299: seed-inception)
     python -m bench.decode --sides 64 --rounds 5
@@ -22,6 +24,7 @@ import time
 from dataclasses import replace
 from typing import TypedDict
 
+import captioner.preprocess as pre
 from captioner.photos import photos
 from captioner.preprocess import PreprocessConfig, prepare_bytes
 
@@ -49,24 +52,30 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def one_pass(images: list[bytes], cfg: PreprocessConfig) -> tuple[float, float]:
-    """(CPU ms, wall ms) per image over one pass."""
-    c0, w0 = time.process_time(), time.perf_counter()
-    for data in images:
-        prepare_bytes(data, cfg)
-    n = len(images)
-    return (time.process_time() - c0) * 1e3 / n, (time.perf_counter() - w0) * 1e3 / n
+def one_pass(images: list[bytes], cfg: PreprocessConfig, libspng: bool = True) -> tuple[float, float]:
+    """(CPU ms, wall ms) per image over one pass; libspng=False: Pillow decodes PNGs."""
+    keep = pre.pyspng
+    pre.pyspng = keep if libspng else None
+    try:
+        c0, w0 = time.process_time(), time.perf_counter()
+        for data in images:
+            prepare_bytes(data, cfg)
+        n = len(images)
+        return (time.process_time() - c0) * 1e3 / n, (time.perf_counter() - w0) * 1e3 / n
+    finally:
+        pre.pyspng = keep
 
 
 def measure(images: list[bytes], side: int, rounds: int) -> dict[str, tuple[float, float]]:
     exact = PreprocessConfig(side, decode="exact")
     fast = replace(exact, decode="fast")
-    for cfg in (exact, fast):  # warm: imports, first allocations
-        one_pass(images[:2], cfg)
-    runs: dict[str, list[tuple[float, float]]] = {"exact": [], "fast": []}
+    paths = (("exact", exact, True), ("fast", fast, True), ("fast, Pillow PNG", fast, False))
+    for _, cfg, spng in paths:  # warm: imports, first allocations
+        one_pass(images[:2], cfg, spng)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in paths}
     for _ in range(rounds):
-        for name, cfg in (("exact", exact), ("fast", fast)):
-            runs[name].append(one_pass(images, cfg))
+        for name, cfg, spng in paths:
+            runs[name].append(one_pass(images, cfg, spng))
     return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in runs.items()}
 
 
@@ -85,15 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         "median; CPU ms per image (wall ms)"
     )
     data = {name: [ph.data for ph in photos(a.images, a.seed, **kw)] for name, kw in WORKLOADS.items()}
-    print("| model side | images | bytes/image | exact | fast | exact / fast |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    if pre.pyspng is None:
+        print("pyspng is not installed (or CAPTIONER_PNG_DECODER=pillow): every column decodes PNGs with Pillow")
+    print("| model side | images | bytes/image | exact | fast | fast, Pillow PNG | exact / fast | Pillow PNG / libspng |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in sides:
         for name, images in data.items():
             r = measure(images, side, a.rounds)
-            (ec, ew), (fc, fw) = r["exact"], r["fast"]
+            (ec, ew), (fc, fw), (pc, pw) = r["exact"], r["fast"], r["fast, Pillow PNG"]
             size = sum(map(len, images)) / len(images)
             print(
-                f"| {side} | {name} | {size / 1e3:,.0f} KB | {ec:.2f} ms ({ew:.2f}) | {fc:.2f} ms ({fw:.2f}) | {ec / fc:.2f}x |",
+                f"| {side} | {name} | {size / 1e3:,.0f} KB | {ec:.2f} ms ({ew:.2f}) | {fc:.2f} ms ({fw:.2f}) "
+                f"| {pc:.2f} ms ({pw:.2f}) | {ec / fc:.2f}x | {pc / fc:.2f}x |",
                 flush=True,
             )
     return 0

@@ -207,3 +207,52 @@ def test_serving_decodes_the_way_its_config_says():
         (got,) = pre.run([np.array([[data]], dtype=np.object_)])
         assert np.array_equal(got[0], prepare_bytes(data, cfg))
     assert not np.array_equal(prepare_bytes(data, EXACT), prepare_bytes(data, FAST)), "the paths do differ on a photo"
+
+
+def _pillow_only(monkeypatch):
+    import captioner.preprocess as pre
+
+    monkeypatch.setattr(pre, "pyspng", None)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize("side", [None, MIN_SIDE])
+def test_libspng_decodes_a_png_to_pillows_pixels(mode, side, monkeypatch):
+    """PNGs go through libspng (pyspng, pinned in requirements.txt) where it is installed:
+    the pixels must be Pillow's own, on both paths, for every colour type it takes."""
+    import captioner.preprocess as pre
+
+    assert pre.pyspng is not None, "pyspng is pinned in requirements.txt: the PNG fast decoder is missing"
+    rng = np.random.default_rng(3)
+    arr = np.asarray(smooth(700).convert(mode)).copy()
+    arr ^= rng.integers(0, 16, arr.shape, dtype=np.uint8)  # detail the filters must carry
+    data = encode(Image.fromarray(arr), compress_level=6)
+    calls = []
+    real = pre.pyspng.load
+    monkeypatch.setattr(pre.pyspng, "load", lambda b: calls.append(1) or real(b))
+    fast = np.asarray(decode_image(data, min_side=side))
+    assert calls, "libspng was not used for an 8-bit PNG"
+    _pillow_only(monkeypatch)
+    assert np.array_equal(fast, np.asarray(decode_image(data, min_side=side)))
+
+
+def test_pngs_libspng_leaves_to_pillow_decode_as_before(monkeypatch):
+    """Palette, 16-bit, grey+alpha, colour-keyed and oriented PNGs are Pillow's: the same result
+    with and without libspng."""
+    import captioner.preprocess as pre
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = [
+        encode(smooth(300).quantize(colors=16)),
+        encode(Image.fromarray(np.asarray(smooth(300).convert("L")).astype(np.uint16) * 257), compress_level=1),
+        encode(smooth(300).convert("LA")),
+        encode(smooth(300), transparency=(0, 0, 0)),
+        encode(smooth(300, 200), exif=exif.tobytes()),
+    ]
+    got = [np.asarray(decode_image(d, min_side=MIN_SIDE)) for d in cases]
+    assert got[4].shape == (300, 200, 3)  # turned by its EXIF tag
+    assert not any(pre._spng_can_decode(d, Image.open(io.BytesIO(d))) for d in cases)
+    _pillow_only(monkeypatch)
+    for d, g in zip(cases, got, strict=True):
+        assert np.array_equal(g, np.asarray(decode_image(d, min_side=MIN_SIDE)))
