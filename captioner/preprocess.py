@@ -195,10 +195,11 @@ def _check_png_chunks(data: bytes) -> None:
         (length,) = struct.unpack_from(">I", data, i)
         end = i + 8 + length
         if end + 4 > len(data):
-            raise ValueError(f"truncated {bytes(view[i + 4 : i + 8])!r} chunk")
+            raise ValueError(f"truncated {data[i + 4 : i + 8]!r} chunk")
+        kind = data[i + 4 : i + 8]
         if zlib.crc32(view[i + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
-            raise ValueError(f"bad CRC in {bytes(view[i + 4 : i + 8])!r} chunk")
-        if view[i + 4 : i + 8] == b"IEND":
+            raise ValueError(f"bad CRC in {kind!r} chunk")
+        if kind == b"IEND":
             return
         i = end + 4
 
