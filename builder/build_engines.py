@@ -38,7 +38,7 @@ __all__ = [
 ]
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENCODER_INPUT = "uint8"  # why: docs/bench.md, "What the defaults are, and why"
-DEFAULT_LAYOUT = "auto"  # fused for small encoders: builder/runtime_choice.py
+DEFAULT_LAYOUT = "auto"  # whole for small encoders, fused for large: builder/runtime_choice.py
 TARGETS = ("auto", "cpu", "gpu")
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 ENCODER_INPUTS_CHOICES = ("float32", "uint8")

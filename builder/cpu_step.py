@@ -29,19 +29,19 @@ def cpu_runtime_and_input(b: BuildState) -> None:
             f"{b.artifacts['encoder_onnx'].name}: uint8 [S, S, 3] input, normalisation inside the graph "
             "(same float32 operations as captioner.preprocess.normalize)"
         )
-    fuse = cpu_runtime(b, Path(b.artifacts["encoder_onnx"]), float_graph)
-    b.layout = a.layout if a.layout != "auto" else ("fused" if fuse[0] else "split")
-    detail(f"layout {b.layout}" + (f" (auto: {fuse[1]})" if a.layout == "auto" else ""))
+    auto, why = cpu_runtime(b, Path(b.artifacts["encoder_onnx"]), float_graph)
+    b.layout = a.layout if a.layout != "auto" else auto
+    detail(f"layout {b.layout}" + (f" (auto: {why})" if a.layout == "auto" else ""))
 
 
-def cpu_runtime(b: BuildState, served: Path, float_graph: Path) -> tuple[bool, str]:
+def cpu_runtime(b: BuildState, served: Path, float_graph: Path) -> tuple[str, str]:
     """Step 6 on CPU: choose the runtime per graph (RUNTIME=auto times both), then check
     what will be served when its numerics are not the ones already checked: OpenVINO fp32
     against onnxruntime (tolerance), and every reduced-precision encoder run by OpenVINO
     (bf16 hint, or the int8 graph) by its greedy-caption agreement with fp32.
     `served` is timed; the checks run on `float_graph`, the same graph before the uint8
     wrapper, whose input step is bit-identical to captioner.preprocess.normalize.
-    Sets the runtimes, inference precision and precision label; returns (fuse?, why)
+    Sets the runtimes, inference precision and precision label; returns (layout, why)
     for LAYOUT=auto."""
     from captioner.serving import runtime as rt
 
@@ -80,7 +80,7 @@ def cpu_runtime(b: BuildState, served: Path, float_graph: Path) -> tuple[bool, s
     if b.precision != "fp32" and rt.openvino_version() is not None:
         _gate_openvino_reduced(b, float_graph, threads, chosen=report.encoder.runtime == rt.OPENVINO)
     b.runtimes = report.runtimes()
-    return runtime_choice.fused_layout(report)
+    return runtime_choice.auto_layout(report)
 
 
 def _check_openvino_fp32(b: BuildState, float_graph: Path, settings) -> None:

@@ -34,6 +34,12 @@ MARGIN = 1.05
 # in front of any work, so a refused request costs no Python execution and goodput holds
 # up better (docs/bench.md, "What the defaults are, and why").
 FUSE_ABOVE_IMAGES_PER_S = 0.0
+# The whole layout (decode, encoder and the caption loop in one Python model) for encoders
+# at least this fast: with ~2 ms or less of encoder per image the second Python hop and
+# batcher of the fused layout cost more than the caption loop overlapping the encoder
+# saves (docs/bench.md, "One Python model for small encoders"). A slow encoder
+# (seed-inception, 40-75 img/s here) keeps fused: there the loop runs beside the encoder.
+WHOLE_ABOVE_IMAGES_PER_S = 500.0
 
 
 @dataclass
@@ -123,7 +129,7 @@ def choose_runtimes(
     """Time what has to be timed and choose (the requested runtime is kept without timing)."""
     enc_rates: dict[str, dict[int, float | None]] = {}
     notes: list[str] = []
-    # An explicit runtime is timed too: the layout choice (`fused_layout`) needs its rate.
+    # An explicit runtime is timed too: the layout choice (`auto_layout`) needs its rate.
     if True:
         for name in candidates(requested, inference_precision):
             settings = rt.EngineSettings(runtime=name, threads=encoder_threads, inference_precision=inference_precision)
@@ -156,16 +162,21 @@ def choose_runtimes(
     return RuntimeReport(enc_choice, step_choice, inference_precision, enc_rates, notes)
 
 
-def fused_layout(report: RuntimeReport, fuse_above: float = FUSE_ABOVE_IMAGES_PER_S) -> tuple[bool, str]:
-    """(fuse?, why) for LAYOUT=auto, from the chosen encoder runtime's measured rate."""
+def auto_layout(
+    report: RuntimeReport, fuse_above: float = FUSE_ABOVE_IMAGES_PER_S, whole_above: float = WHOLE_ABOVE_IMAGES_PER_S
+) -> tuple[str, str]:
+    """(layout, why) for LAYOUT=auto, from the chosen encoder runtime's measured rate."""
     rate = report.encoder.rows_per_s.get(report.encoder.runtime)
     if rate is None:
-        return False, "encoder rate not measured: split"
-    verdict = rate >= fuse_above
-    return verdict, (
-        f"encoder {rate:.0f} img/s {'>=' if verdict else '<'} {fuse_above:.0f}: "
-        f"{'fused (decode + encoder in one model)' if verdict else 'split (encoder in its own model)'}"
-    )
+        return "split", "encoder rate not measured: split"
+    if rate >= whole_above:
+        return "whole", f"encoder {rate:.0f} img/s >= {whole_above:.0f}: whole (decode, encoder and caption loop in one model)"
+    if rate >= fuse_above:
+        return (
+            "fused",
+            f"encoder {rate:.0f} img/s < {whole_above:.0f} (whole), >= {fuse_above:.0f}: fused (decode + encoder in one model)",
+        )
+    return "split", f"encoder {rate:.0f} img/s < {fuse_above:.0f}: split (encoder in its own model)"
 
 
 def warm_cache(repo_dir: str | Path, version: int = 1) -> list[str]:

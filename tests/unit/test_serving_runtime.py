@@ -75,16 +75,18 @@ def test_auto_picks_the_faster_runtime_and_ties_keep_onnxruntime():
         rt.choose("tensorrt", {})
 
 
-def test_layout_auto_fuses_only_small_encoders():
-    from builder.runtime_choice import RuntimeReport, fused_layout
+def test_layout_auto_runs_small_encoders_whole_and_fuses_large_ones():
+    from builder.runtime_choice import RuntimeReport, auto_layout
 
     def report(rate):
         return RuntimeReport(rt.Choice("openvino", "x", {"openvino": rate}), rt.Choice("onnxruntime", "x", {}), "fp32")
 
-    assert fused_layout(report(4000.0))[0] and fused_layout(report(140.0))[0]  # default model, seed int8
-    assert fused_layout(report(36.0))[0]  # seed fp32: fused sheds load before any work (README, Reliability)
-    assert not fused_layout(report(36.0), fuse_above=50.0)[0]  # the threshold stays a knob
-    assert "split" in fused_layout(RuntimeReport(rt.Choice("openvino", "x", {}), rt.Choice("onnxruntime", "x", {}), "fp32"))[1]
+    assert auto_layout(report(4000.0))[0] == "whole"  # the default model: one hop, one batcher
+    assert auto_layout(report(140.0))[0] == auto_layout(report(36.0))[0] == "fused"  # seed int8, fp32
+    assert auto_layout(report(36.0), fuse_above=50.0)[0] == "split"  # the thresholds stay knobs
+    assert auto_layout(report(4000.0), whole_above=5000.0)[0] == "fused"
+    no_rate = RuntimeReport(rt.Choice("openvino", "x", {}), rt.Choice("onnxruntime", "x", {}), "fp32")
+    assert auto_layout(no_rate) == ("split", "encoder rate not measured: split")
 
 
 def test_bf16_needs_the_cpu_instructions():
@@ -267,10 +269,11 @@ def test_auto_records_both_runtimes_figures_and_onnxruntime_refuses_bf16(tmp_pat
     assert set(choice["rows_per_s"]) == {"onnxruntime", "openvino"} and all(v > 0 for v in choice["rows_per_s"].values())
     fastest = max(choice["rows_per_s"], key=choice["rows_per_s"].get)
     assert choice["runtime"] in (fastest, "onnxruntime")  # onnxruntime keeps a near-tie
-    # LAYOUT=auto: the small default encoder runs thousands of images/s, so decode and encoder share a model
-    assert manifest["layout"] == "fused" and not (repo / "encoder").exists()
+    # LAYOUT=auto: the small default encoder runs thousands of images/s, so decode, encoder
+    # and the caption loop share one model
+    assert manifest["layout"] == "whole" and not (repo / "encoder").exists() and not (repo / "caption_generator").exists()
     assert _params(repo, "preprocess")["runtime"] == choice["runtime"]
-    assert _params(repo, "caption_generator")["runtime"] == manifest["runtime"]["decoder_step"]["runtime"]
+    assert _params(repo, "preprocess")["step_runtime"] == manifest["runtime"]["decoder_step"]["runtime"]
     assert manifest["encoder_input"] == "uint8" and _params(repo, "preprocess")["output_type"] == "uint8"
     assert warm_cache(repo) == (["preprocess"] if choice["runtime"] == "openvino" else [])
     with pytest.raises(SystemExit):
