@@ -189,7 +189,7 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
 
 def _load_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
-    g.add_argument("--concurrency", type=_csv(int), default=_csv(int)(env("BENCH_CONCURRENCY", "1,4,16,32,64")))
+    g.add_argument("--concurrency", type=_csv(int), default=_csv(int)(env("BENCH_CONCURRENCY", "1,16,32,64")))
     g.add_argument("--batches", type=_csv(int), default=_csv(int)(env("BENCH_BATCHES", "1,8,32")), help="in-process batch sizes")
     g.add_argument("--duration", type=float, default=float(env("BENCH_DURATION", "6")), help="measured seconds per load level")
     g.add_argument("--warmup", type=float, default=float(env("BENCH_WARMUP", "1.5")), help="unmeasured seconds before each level")

@@ -120,13 +120,14 @@ class Launcher:
 
     def stub_models(self) -> list[str]:
         """The models on a caption's path that run in their own stub (the fused CPU
-        layout has no encoder model: preprocess runs it)."""
+        layout has no encoder model: preprocess runs it; the whole layout has preprocess
+        alone)."""
         have = {s.model for s in stubs_of(self.tritonserver().pid)}
         return [m for m in ("preprocess", "encoder", "caption_generator") if m in have]
 
     def encoder_model(self) -> str:
-        """The model that runs the encoder: its own, or the fused preprocess."""
-        return self.stub_models()[-2]
+        """The model that runs the encoder: its own, or preprocess (fused, whole)."""
+        return "encoder" if "encoder" in self.stub_models() else "preprocess"
 
     def stub(self, model: str) -> int:
         pids = [s.pid for s in stubs_of(self.tritonserver().pid) if s.model == model]

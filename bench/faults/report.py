@@ -107,7 +107,7 @@ def _rollout(r: dict, results: dict) -> list[str]:
         f"- readiness: `/v2/models/captioner/ready` not ready in {ready['/v2/models/captioner/ready']['not_ready']} "
         f"of {ready['/v2/models/captioner/ready']['polls']} polls; server `/v2/health/ready` (strict) not ready "
         f"{ready['/v2/health/ready']['not_ready_s']} s in all (while versions loaded or unloaded)",
-        f"- then a SIGKILLed caption_generator stub of the version served after it: repaired after "
+        f"- then a SIGKILLed {rep.get('model', 'caption_generator')} stub of the version served after it: repaired after "
         f"{rep['repaired_s']} s on version {rep['version']} (caption its own: {rep['caption_ok']})",
         _supervisor(r),
         "",

@@ -279,15 +279,17 @@ def measure(
 def repair_on_serving_version(
     launcher: Launcher, server: ro.Server, png: bytes, want: str, label: str, limit_s: float = 60.0
 ) -> dict:
-    """SIGKILL caption_generator's stub of the serving version (no load): seconds until the
+    """SIGKILL the stub of the serving version's last model on a caption's path
+    (caption_generator; preprocess in the whole layout), no load: seconds until the
     supervisor has it back on that version and a caption is the version's own again."""
     ts = launcher.tritonserver()
     version = int(label.split(":")[0])
-    victim = next(s for s in stubs_of(ts.pid) if s.model == "caption_generator" and s.version == version)
+    model = launcher.stub_models()[-1]
+    victim = next(s for s in stubs_of(ts.pid) if s.model == model and s.version == version)
     t0 = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
     while time.monotonic() - t0 < limit_s:
-        back = [s for s in stubs_of(ts.pid) if s.model == "caption_generator" and s.version == version and s.pid != victim.pid]
+        back = [s for s in stubs_of(ts.pid) if s.model == model and s.version == version and s.pid != victim.pid]
         if back and launcher.ready():
             try:
                 caption, named = ro.caption_through(server, png)
@@ -295,10 +297,11 @@ def repair_on_serving_version(
                 time.sleep(0.2)
                 continue
             return {
+                "model": model,
                 "repaired_s": round(time.monotonic() - t0, 2),
                 "version": named,
                 "caption_ok": caption == want,
                 "label_ok": named == label,
             }
         time.sleep(0.2)
-    return {"repaired_s": None, "version": None, "caption_ok": False, "label_ok": False}
+    return {"model": model, "repaired_s": None, "version": None, "caption_ok": False, "label_ok": False}

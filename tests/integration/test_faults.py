@@ -38,8 +38,9 @@ def test_overload_is_shed_fast_and_the_server_recovers(report):
 
 def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_nothing(report):
     killed = {target: r for (scenario, target), r in report.items() if scenario == "stub-kill"}
-    # every model on the caption's path (the fused CPU layout runs the encoder in preprocess)
-    assert {"preprocess", "caption_generator"} <= set(killed)
+    # every model on the caption's path that runs in a stub: LAYOUT=auto builds the small
+    # model whole (preprocess alone); fused and split add caption_generator
+    assert "preprocess" in killed
     for target, r in killed.items():
         assert r["not_ready_after_s"] is not None, f"{target}: readiness never said NOT ready while broken"
         assert r["repaired_after_s"] is not None, f"{target}: never ready again: {r['supervisor']}"
