@@ -97,7 +97,7 @@ class Bench:
         for spec in specs:
             n += len(a.batches) * len(spec.variants) * ("inprocess" in a.stacks)
             n += len(a.concurrency) * len(spec.variants) * ("triton" in a.stacks)
-            n += len(a.concurrency) * ("naive" in a.stacks)
+            n += len(a.peer_concurrency) * ("naive" in a.stacks)
             n += peers_run.steps(a, spec)
         return n
 
@@ -190,7 +190,7 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
 def _load_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
     g.add_argument("--concurrency", type=_csv(int), default=_csv(int)(env("BENCH_CONCURRENCY", "1,16,32,64")))
-    g.add_argument("--batches", type=_csv(int), default=_csv(int)(env("BENCH_BATCHES", "1,8,32")), help="in-process batch sizes")
+    g.add_argument("--batches", type=_csv(int), default=_csv(int)(env("BENCH_BATCHES", "1,32")), help="in-process batch sizes")
     g.add_argument("--duration", type=float, default=float(env("BENCH_DURATION", "6")), help="measured seconds per load level")
     g.add_argument("--warmup", type=float, default=float(env("BENCH_WARMUP", "1.5")), help="unmeasured seconds before each level")
     g.add_argument("--inproc-duration", type=float, default=float(env("BENCH_INPROC_DURATION", "4")))

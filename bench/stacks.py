@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,13 @@ def run_inprocess(s: Session, spec: ModelSpec, variant: str, paths: dict) -> Non
 
 
 def run_naive(s: Session, spec: ModelSpec) -> None:
-    """The naive server (bench/naive_server.py: FastAPI + uvicorn, eager torch at batch 1)."""
+    """The naive server (bench/naive_server.py: FastAPI + uvicorn, eager torch at batch 1),
+    at the peers' levels (--peer-concurrency)."""
     log = s.out / f"naive-{spec.name}.log"
+    levels = dataclasses.replace(s, a=argparse.Namespace(**{**vars(s.a), "concurrency": s.a.peer_concurrency}))
     with NaiveServer(spec.checkpoint, threads=s.a.naive_threads, max_length=spec.max_length, log_path=log) as srv:
         assert srv.proc is not None  # started by `with`
-        run_levels(s, spec, "naive", "torch fp32", lambda: HttpClient(srv.url + "/caption", s.images), [srv.proc.pid])
+        run_levels(levels, spec, "naive", "torch fp32", lambda: HttpClient(srv.url + "/caption", s.images), [srv.proc.pid])
 
 
 def run_levels(s: Session, spec: ModelSpec, stack: str, variant: str, make_client: Callable, pids: list[int]) -> None:
