@@ -52,8 +52,6 @@ log = logging.getLogger("launcher.supervisor")
 STUB_BINARY = "triton_python_backend_stub"
 # The supervisor's defaults, which the launcher's flags show (--hang-timeout, --max-restarts).
 DEFAULT_HANG_TIMEOUT_S = 8.0
-# How long stubs about to be killed run after SIGCONT, to leave the backend's IPC lock.
-RESUME_BEFORE_KILL_S = 0.5
 DEFAULT_MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 # What Triton answers once it has found a stub unresponsive (e.g. stopped): names the instance.
@@ -293,17 +291,9 @@ class Supervisor:
             for model in broken:
                 # Unload first: readiness turns false while the model is away.
                 self.control.unload_model(model, headers=self.headers)
-            # A hung stub never finishes its unload on its own: it is killed. A stopped one
-            # (SIGSTOP, a freezer) may hold the Python backend's shared-memory lock, and
-            # killing it there aborts tritonserver (boost::interprocess::lock_exception),
-            # so every stub of the model is resumed for a moment first to leave it.
-            victims = [s.pid for s in stubs_of(self._server_pid()) if s.model in broken]
-            if victims:
-                for pid in victims:
-                    _signal(pid, signal.SIGCONT)
-                time.sleep(RESUME_BEFORE_KILL_S)
-                for pid in victims:
-                    _signal(pid, signal.SIGKILL)
+            for s in stubs_of(self._server_pid()):
+                if s.model in broken:  # a hung stub never finishes its unload on its own
+                    _kill(s.pid)
             # No waiting for the unload: with a dead stub it lasts the Python backend's stub
             # timeout (30 s); the new instance loads beside the old one going away.
             for model in broken:
@@ -379,8 +369,8 @@ def drain(control, model: str, timeout_s: float, headers: dict[str, str] | None 
     return False
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
+def _kill(pid: int) -> None:
     try:
-        os.kill(pid, sig)
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
