@@ -268,6 +268,10 @@ class Stop:
         self.event.set()
 
 
+RELOAD_TIMEOUT_MIN_S = 15.0
+RELOAD_TIMEOUT_FACTOR = 3.0
+
+
 def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=None) -> threading.Thread:
     """metrics: a launcher.metrics.ReplicaMetrics that records the probes and events."""
     import tritonclient.http as httpclient
@@ -279,8 +283,12 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=N
     # Unload and the repository index answer in milliseconds; a server that does not has
     # wedged (seen: tritonserver aborting in its Python backend after a stub was killed
     # while holding a shared-memory lock) and is restarted. Only loading may take long.
+    # Loading one model again takes less than the start that loaded them all: a reload
+    # past RELOAD_TIMEOUT_FACTOR x that (at least RELOAD_TIMEOUT_MIN_S) has met a server
+    # wedged the same way, and is a restart instead of minutes of waiting.
+    reload_timeout_s = max(RELOAD_TIMEOUT_MIN_S, RELOAD_TIMEOUT_FACTOR * (server.startup_s or RELOAD_TIMEOUT_MIN_S))
     control = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=5.0)
-    loader = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=120.0)
+    loader = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=reload_timeout_s)
     sup = Supervisor(
         server,
         probe,

@@ -136,6 +136,7 @@ class TritonServer:
         self.log_file = None if str(log_file) == "-" else Path(log_file).resolve() if log_file else self._tmp / "tritonserver.log"
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
+        self.startup_s: float | None = None  # launch to ready, of the last start (every model loaded)
         self.extra_args = tuple(extra_args)
         if control_mode not in ("none", "explicit"):
             raise ValueError(f"control_mode must be none or explicit, got {control_mode!r}")
@@ -203,9 +204,11 @@ class TritonServer:
         wanted = dict(self.ports) if keep_ports else self._wanted
         for attempt in range(attempts):
             self.ports = free_ports(wanted, self.host)
+            t0 = time.monotonic()
             self._launch()
             try:
                 self.wait_ready(timeout_s)
+                self.startup_s = time.monotonic() - t0
                 atexit.register(self.stop)
                 return self
             except ServerError as e:
