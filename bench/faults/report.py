@@ -105,7 +105,9 @@ def _rollout(r: dict, results: dict) -> list[str]:
         f"{r['first_old_caption_after_rollback_command_s']} s after `make rollback`",
         f"- rollout phases (s) {r['rollout_phases_s']}; rollback phases (s) {r['rollback_phases_s']}",
         f"- readiness: `/v2/models/captioner/ready` not ready in {ready['/v2/models/captioner/ready']['not_ready']} "
-        f"of {ready['/v2/models/captioner/ready']['polls']} polls; server `/v2/health/ready` (strict) not ready "
+        f"of {ready['/v2/models/captioner/ready']['polls']} polls "
+        f"({ready['/v2/models/captioner/ready'].get('unanswered', 0)} not answered within 2 s); "
+        "server `/v2/health/ready` (strict) not ready "
         f"{ready['/v2/health/ready']['not_ready_s']} s in all (while versions loaded or unloaded)",
         f"- then a SIGKILLed {rep.get('model', 'caption_generator')} stub of the version served after it: repaired after "
         f"{rep['repaired_s']} s on version {rep['version']} (caption its own: {rep['caption_ok']})",

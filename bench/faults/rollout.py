@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,19 +76,28 @@ def p99_ms(latencies: list[float]) -> float | None:
 
 
 class Readiness(threading.Thread):
-    """Both readiness endpoints every 50 ms: [(time, path, ready)]."""
+    """Both readiness endpoints every 50 ms: [(time, path, ready)]; ready is None for a
+    poll with no answer within 2 s (the 2 cores busy building), which is not a NOT ready
+    answer (tests/integration/test_rollout.py counts them apart the same way)."""
 
     def __init__(self, http_url: str):
         super().__init__(daemon=True)
         self.url, self.stop = http_url, threading.Event()
-        self.seen: list[tuple[float, str, bool]] = []
+        self.seen: list[tuple[float, str, bool | None]] = []
 
     def run(self) -> None:
+        import socket
+
         while not self.stop.is_set():
             for path in READY_PATHS:
+                ok: bool | None
                 try:
                     with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
                         ok = r.status == 200
+                except TimeoutError:
+                    ok = None
+                except urllib.error.URLError as e:
+                    ok = None if isinstance(e.reason, (TimeoutError, socket.timeout)) else False
                 except OSError:
                     ok = False
                 self.seen.append((time.monotonic(), path, ok))
@@ -95,13 +105,19 @@ class Readiness(threading.Thread):
 
     def summary(self, path: str) -> dict:
         polls = [(t, ok) for t, p, ok in self.seen if p == path]
+        answered = [(t, ok) for t, ok in polls if ok is not None]
         down, since = 0.0, None
-        for t, ok in polls:
+        for t, ok in answered:
             if not ok and since is None:
                 since = t
             elif ok and since is not None:
                 down, since = down + t - since, None
-        return {"polls": len(polls), "not_ready": sum(not ok for _, ok in polls), "not_ready_s": round(down, 2)}
+        return {
+            "polls": len(polls),
+            "not_ready": sum(not ok for _, ok in answered),
+            "unanswered": len(polls) - len(answered),
+            "not_ready_s": round(down, 2),
+        }
 
 
 async def plain_clients(url: str, images: list[bytes], clients: int, stop: asyncio.Event, log: list) -> None:
