@@ -208,17 +208,10 @@ def served_paths(spec: ModelSpec, runtime: str, precision: str, built: dict, enc
         paths["encoder"] = dst
     paths.update(runtime=runtime, inference_precision="bf16" if precision == "bf16" else "fp32")
     if layout == "auto":
-        from builder.runtime_choice import FUSE_ABOVE_IMAGES_PER_S, WHOLE_ABOVE_IMAGES_PER_S
+        from builder.runtime_choice import layout_for_rate
 
         rates = paths.get("rates")
-        rate = json.loads(rates).get(runtime) if rates not in (None, "None") else None
-        paths["layout"] = (
-            "split"
-            if rate is None or rate < FUSE_ABOVE_IMAGES_PER_S
-            else "whole"
-            if rate >= WHOLE_ABOVE_IMAGES_PER_S
-            else "fused"
-        )
+        paths["layout"] = layout_for_rate(json.loads(rates).get(runtime) if rates not in (None, "None") else None)
     else:
         paths["layout"] = layout
     return paths

@@ -32,6 +32,11 @@ class Session:
     results: dict
     bar: tqdm
 
+    def at_levels(self, concurrency: list[int]) -> Session:
+        """This session with --concurrency replaced (the peers and the naive server run
+        at --peer-concurrency)."""
+        return dataclasses.replace(self, a=argparse.Namespace(**{**vars(self.a), "concurrency": concurrency}))
+
     def note(self, line: str) -> None:
         self.results["notes"].append(line)
 
@@ -91,7 +96,7 @@ def run_naive(s: Session, spec: ModelSpec) -> None:
     """The naive server (bench/naive_server.py: FastAPI + uvicorn, eager torch at batch 1),
     at the peers' levels (--peer-concurrency)."""
     log = s.out / f"naive-{spec.name}.log"
-    levels = dataclasses.replace(s, a=argparse.Namespace(**{**vars(s.a), "concurrency": s.a.peer_concurrency}))
+    levels = s.at_levels(s.a.peer_concurrency)
     with NaiveServer(spec.checkpoint, threads=s.a.naive_threads, max_length=spec.max_length, log_path=log) as srv:
         assert srv.proc is not None  # started by `with`
         run_levels(levels, spec, "naive", "torch fp32", lambda: HttpClient(srv.url + "/caption", s.images), [srv.proc.pid])

@@ -167,16 +167,26 @@ def auto_layout(
 ) -> tuple[str, str]:
     """(layout, why) for LAYOUT=auto, from the chosen encoder runtime's measured rate."""
     rate = report.encoder.rows_per_s.get(report.encoder.runtime)
+    layout = layout_for_rate(rate, fuse_above, whole_above)
     if rate is None:
-        return "split", "encoder rate not measured: split"
-    if rate >= whole_above:
-        return "whole", f"encoder {rate:.0f} img/s >= {whole_above:.0f}: whole (decode, encoder and caption loop in one model)"
-    if rate >= fuse_above:
+        return layout, "encoder rate not measured: split"
+    if layout == "whole":
+        return layout, f"encoder {rate:.0f} img/s >= {whole_above:.0f}: whole (decode, encoder and caption loop in one model)"
+    if layout == "fused":
         return (
-            "fused",
+            layout,
             f"encoder {rate:.0f} img/s < {whole_above:.0f} (whole), >= {fuse_above:.0f}: fused (decode + encoder in one model)",
         )
-    return "split", f"encoder {rate:.0f} img/s < {fuse_above:.0f}: split (encoder in its own model)"
+    return layout, f"encoder {rate:.0f} img/s < {fuse_above:.0f}: split (encoder in its own model)"
+
+
+def layout_for_rate(
+    rate: float | None, fuse_above: float = FUSE_ABOVE_IMAGES_PER_S, whole_above: float = WHOLE_ABOVE_IMAGES_PER_S
+) -> str:
+    """LAYOUT=auto's rule on the encoder's images/s at the max batch (None: not measured)."""
+    if rate is None or rate < fuse_above:
+        return "split"
+    return "whole" if rate >= whole_above else "fused"
 
 
 def warm_cache(repo_dir: str | Path, version: int = 1) -> list[str]:

@@ -86,8 +86,6 @@ class Readiness(threading.Thread):
         self.seen: list[tuple[float, str, bool | None]] = []
 
     def run(self) -> None:
-        import socket
-
         while not self.stop.is_set():
             for path in READY_PATHS:
                 ok: bool | None
@@ -97,7 +95,7 @@ class Readiness(threading.Thread):
                 except TimeoutError:
                     ok = None
                 except urllib.error.URLError as e:
-                    ok = None if isinstance(e.reason, (TimeoutError, socket.timeout)) else False
+                    ok = None if isinstance(e.reason, TimeoutError) else False
                 except OSError:
                     ok = False
                 self.seen.append((time.monotonic(), path, ok))

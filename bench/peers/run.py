@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -90,7 +89,7 @@ def run_peer(s: Session, spec: ModelSpec, name: str, variant: str, paths: dict) 
     s.bar.set_postfix_str(f"{spec.name} {name} {variant}: start")
     with PeerServer(name, env.python, spec_path, cfg, log_path=log, batch_log_dir=batch_dir) as server:
         s.note(parity(name, server, spec, variant, paths, s.images, batch_dir))
-        levels = dataclasses.replace(s, a=argparse.Namespace(**{**vars(a), "concurrency": a.peer_concurrency}))
+        levels = s.at_levels(a.peer_concurrency)
         run_levels(
             levels, spec, name, variant, lambda: clients.client(name, server, s.images, spec.params, batch_dir), server.pids
         )
