@@ -160,6 +160,11 @@ monitor-generate: | $(STAMP)
 	$(PY) -m monitor.config --k8s
 	$(PY) -m monitor.dashboard
 
+## ci-fresh       CI's own run (.ci/run) on a fresh clone of HEAD in /tmp, removed afterwards; log in reports/ci-fresh.log
+.PHONY: ci-fresh
+ci-fresh:
+	bash scripts/ci_fresh.sh
+
 ## clean          remove generated artifacts (data, runs, repository, reports); keeps .venv and models/
 clean:
 	rm -rf data runs reports artifacts
