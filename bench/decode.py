@@ -2,8 +2,9 @@
 side) costs per image on the exact and the fast path, side by side in one run, for the
 images callers send: 1024 px JPEG q90, 1024 px PNG, and the 128 px PNG the rest of the
 benchmark uses. Single-threaded, in-process, same bytes for both paths; the fast path
-once more with Pillow's PNG decoder in place of libspng (`fast, Pillow PNG`: what the fast
-path cost before libspng, and what it costs where pyspng is not installed).
+once more with Pillow alone (`fast, Pillow only`: Pillow's PNG decoder in place of
+libspng, Pillow's draft scales in place of libjpeg-turbo's M/8 through simplejpeg; what
+the fast path costs where neither is installed).
 
     python -m bench.decode                   # both model sides (64: default, 299: seed-inception)
     python -m bench.decode --sides 64 --rounds 5
@@ -52,10 +53,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def one_pass(images: list[bytes], cfg: PreprocessConfig, libspng: bool = True) -> tuple[float, float]:
-    """(CPU ms, wall ms) per image over one pass; libspng=False: Pillow decodes PNGs."""
-    keep = pre.pyspng
-    pre.pyspng = keep if libspng else None
+def one_pass(images: list[bytes], cfg: PreprocessConfig, libs: bool = True) -> tuple[float, float]:
+    """(CPU ms, wall ms) per image over one pass; libs=False: Pillow decodes PNGs and JPEGs
+    (no libspng, no libjpeg-turbo M/8 scales through simplejpeg)."""
+    keep, keep_jpeg = pre.pyspng, pre.simplejpeg
+    pre.pyspng = keep if libs else None
+    pre.simplejpeg = keep_jpeg if libs else None
     try:
         c0, w0 = time.process_time(), time.perf_counter()
         for data in images:
@@ -63,13 +66,13 @@ def one_pass(images: list[bytes], cfg: PreprocessConfig, libspng: bool = True) -
         n = len(images)
         return (time.process_time() - c0) * 1e3 / n, (time.perf_counter() - w0) * 1e3 / n
     finally:
-        pre.pyspng = keep
+        pre.pyspng, pre.simplejpeg = keep, keep_jpeg
 
 
 def measure(images: list[bytes], side: int, rounds: int) -> dict[str, tuple[float, float]]:
     exact = PreprocessConfig(side, decode="exact")
     fast = replace(exact, decode="fast")
-    paths = (("exact", exact, True), ("fast", fast, True), ("fast, Pillow PNG", fast, False))
+    paths = (("exact", exact, True), ("fast", fast, True), ("fast, Pillow only", fast, False))
     for _, cfg, spng in paths:  # warm: imports, first allocations
         one_pass(images[:2], cfg, spng)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in paths}
@@ -96,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     data = {name: [ph.data for ph in photos(a.images, a.seed, **kw)] for name, kw in WORKLOADS.items()}
     if pre.pyspng is None:
         print("pyspng is not installed (or CAPTIONER_PNG_DECODER=pillow): every column decodes PNGs with Pillow")
-    print("| model side | images | bytes/image | exact | fast | fast, Pillow PNG | exact / fast | Pillow PNG / libspng |")
+    if pre.simplejpeg is None:
+        print("simplejpeg is not installed (or CAPTIONER_JPEG_DECODER=pillow): the fast path's JPEGs use Pillow's draft")
+    print("| model side | images | bytes/image | exact | fast | fast, Pillow only | exact / fast | Pillow only / fast |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in sides:
         for name, images in data.items():
             r = measure(images, side, a.rounds)
-            (ec, ew), (fc, fw), (pc, pw) = r["exact"], r["fast"], r["fast, Pillow PNG"]
+            (ec, ew), (fc, fw), (pc, pw) = r["exact"], r["fast"], r["fast, Pillow only"]
             size = sum(map(len, images)) / len(images)
             print(
                 f"| {side} | {name} | {size / 1e3:,.0f} KB | {ec:.2f} ms ({ew:.2f}) | {fc:.2f} ms ({fw:.2f}) "

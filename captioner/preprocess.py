@@ -9,16 +9,20 @@ there is exactly one place that does it.
 Two decode paths (`PreprocessConfig.decode`):
   exact  every image decoded at full size, then resized to the model's side.
   fast   only the work the model needs: a JPEG is decoded at a reduced DCT scale
-         (1/2, 1/4 or 1/8, Pillow's `draft`), any other format is decoded and then
-         box-reduced by an integer factor (`Image.reduce`), both only as far as every
-         side stays >= FAST_DECODE_MARGIN x the model's input side; the same final
-         antialiased resize follows. An image smaller than that is decoded exactly as
-         on the exact path. Limits, checks and errors are the same on both paths.
+         (libjpeg-turbo's M/8, M = 1..8, through `simplejpeg`; Pillow's `draft`, 1/2,
+         1/4 or 1/8, where simplejpeg is missing or refuses the file), any other format
+         is decoded and then box-reduced by an integer factor (`Image.reduce`), both
+         only as far as every side stays >= FAST_DECODE_MARGIN x the model's input
+         side; the same final antialiased resize follows. An image smaller than that is
+         decoded exactly as on the exact path. Limits, checks and errors are the same on
+         both paths: a JPEG simplejpeg cannot decode without a warning goes to Pillow,
+         which accepts or refuses it as the exact path does.
 
 On both paths an 8-bit grey/RGB(A) PNG is inflated by libspng (`pyspng`) when it is
 installed: the same pixels as Pillow's decoder at about half its time on photo-sized
 files. Without it (a training image may lack it), or with CAPTIONER_PNG_DECODER=pillow
-in the environment (for before/after measurements), Pillow decodes every PNG.
+in the environment (for before/after measurements), Pillow decodes every PNG. Likewise
+CAPTIONER_JPEG_DECODER=pillow leaves the fast path's JPEGs to Pillow's `draft`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,16 @@ except ImportError:  # optional: Pillow decodes PNGs without it, to the same pix
     pyspng = None
 if PNG_DECODER == "pillow":
     pyspng = None
+JPEG_DECODERS = ("turbojpeg", "pillow")
+JPEG_DECODER = os.environ.get("CAPTIONER_JPEG_DECODER", "turbojpeg")
+if JPEG_DECODER not in JPEG_DECODERS:
+    raise ValueError(f"CAPTIONER_JPEG_DECODER must be one of {JPEG_DECODERS}, got {JPEG_DECODER!r}")
+try:
+    import simplejpeg
+except ImportError:  # optional: the fast path falls back to Pillow's coarser draft scales
+    simplejpeg = None
+if JPEG_DECODER == "pillow":
+    simplejpeg = None
 
 # Decoding a truncated file must fail, never yield a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -148,6 +162,8 @@ def decode_image(data: bytes | bytearray | memoryview, limits: Limits | None = N
         if fmt == "PNG" and _spng_can_decode(data, img):
             _check_png_chunks(data)  # libspng, as pyspng sets it up, decodes past bad CRCs
             img = Image.fromarray(pyspng.load(data))
+        elif min_side and fmt in ("JPEG", "MPO") and (scaled := _turbo_scaled(data, img, min_side)) is not None:
+            img = scaled
         else:
             if min_side and fmt in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
                 # libjpeg's scaled IDCT: the largest of 1/8, 1/4, 1/2 that keeps both sides
@@ -163,6 +179,35 @@ def decode_image(data: bytes | bytearray | memoryview, limits: Limits | None = N
         if k >= 2:
             img = img.reduce(k)  # an integer box: every decoded pixel counted once
     return img
+
+
+# What ImageOps.exif_transpose does for each EXIF orientation.
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _turbo_scaled(data: bytes, img: Image.Image, min_side: int) -> Image.Image | None:
+    """A YCbCr JPEG at the smallest libjpeg-turbo scale (M/8) that keeps both sides >=
+    min_side, EXIF-transposed; None (Pillow decodes it) without simplejpeg, for grey or
+    CMYK JPEGs, or when libjpeg reports anything at all: Pillow then accepts or refuses
+    the file exactly as on the exact path."""
+    if simplejpeg is None or img.mode != "RGB" or min(img.size) <= min_side:
+        return None
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side, strict=True)
+    except ValueError:
+        return None
+    # Pillow's own reading of the orientation (EXIF, else XMP), as exif_transpose uses it.
+    method = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
+    out = Image.fromarray(arr)
+    return out.transpose(method) if method is not None else out
 
 
 # PNG colour types libspng hands back as Pillow's own modes: grey, RGB, RGBA (pyspng has no

@@ -3,7 +3,7 @@ bench on first use and reused while its requirements are unchanged.
 
 Each holds the peer framework at the exact pin in bench/peers/requirements-<name>.txt and
 the runtime packages it shares with the Triton stack (numpy, onnxruntime, openvino,
-pillow) at the project's own pins from requirements.txt, so a peer runs the same graphs
+pillow and the fast decoders) at the project's own pins from requirements.txt, so a peer runs the same graphs
 through the same runtime build. No peer goes into .venv: their dependency trees pin
 fastapi, uvicorn, grpcio and protobuf differently from ours, and `make setup` / `make
 test` must not install a distributed runtime to test a captioner.
@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = ("ray", "litserve", "mlserver")
 VENV_ROOT = ROOT / ".peers"
 # What a peer imports from the Triton stack's dependencies: same versions, same kernels.
-SHARED = ("numpy", "onnxruntime", "openvino", "pillow", "pyspng")
+SHARED = ("numpy", "onnxruntime", "openvino", "pillow", "pyspng", "simplejpeg")
 STAMP = ".bench-stamp.json"
 
 

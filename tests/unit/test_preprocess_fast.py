@@ -83,12 +83,19 @@ def test_jpeg_is_decoded_at_a_reduced_dct_scale_other_formats_box_reduced():
     assert decode_image(encode(smooth(1000), "JPEG")).size == (1000, 1000)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_images_under_twice_the_rule_decode_exactly_as_before(fmt):
-    for side in (128, 200, 255):
+@pytest.mark.parametrize("fmt, sides", [("PNG", (128, 200, 255)), ("JPEG", (128, 140))])
+def test_images_no_reduction_fits_decode_exactly_as_before(fmt, sides):
+    """No integer box (other formats: under 2x the rule) and no M/8 DCT scale (JPEG: under
+    8/7 of it) keeps the rule: the fast path is the exact path."""
+    for side in sides:
         data = encode(smooth(side), fmt)
         assert np.array_equal(prepare_bytes(data, FAST), prepare_bytes(data, EXACT)), side
         assert decode_image(data, min_side=MIN_SIDE).size == (side, side)
+
+
+def test_a_small_jpeg_is_decoded_at_the_smallest_m8_scale_the_rule_allows():
+    assert decode_image(encode(smooth(200), "JPEG"), min_side=MIN_SIDE).size == (150, 150)  # 6/8
+    assert decode_image(encode(smooth(250), "JPEG"), min_side=MIN_SIDE).size == (157, 157)  # 5/8, rounded up
 
 
 @pytest.mark.parametrize("fmt, kw", [("JPEG", {"quality": 95}), ("PNG", {"compress_level": 1})])
@@ -213,6 +220,7 @@ def _pillow_only(monkeypatch):
     import captioner.preprocess as pre
 
     monkeypatch.setattr(pre, "pyspng", None)
+    monkeypatch.setattr(pre, "simplejpeg", None)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
@@ -256,3 +264,53 @@ def test_pngs_libspng_leaves_to_pillow_decode_as_before(monkeypatch):
     _pillow_only(monkeypatch)
     for d, g in zip(cases, got, strict=True):
         assert np.array_equal(g, np.asarray(decode_image(d, min_side=MIN_SIDE)))
+
+
+def test_jpegs_go_through_libjpeg_turbos_finer_scales(monkeypatch):
+    """simplejpeg (pinned) decodes a YCbCr JPEG at libjpeg-turbo's M/8 scales: a 1024 px
+    photo for a 299 px model (min side 598) at 5/8 = 640 px, where Pillow's draft (1/2,
+    1/4, 1/8 only) must decode it whole. At a scale both have (1/8 for the 64 px model)
+    the pixels are Pillow's own."""
+    import captioner.preprocess as pre
+
+    assert pre.simplejpeg is not None, "simplejpeg is pinned in requirements.txt: the JPEG fast decoder is missing"
+    data = encode_photo(smooth(128), "jpeg", side=1024)
+    calls = []
+    real = pre.simplejpeg.decode_jpeg
+    monkeypatch.setattr(pre.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seed_side = decode_side(PreprocessConfig(299, decode="fast"))
+    assert decode_image(data, min_side=seed_side).size == (640, 640)
+    at_eighth = np.asarray(decode_image(data, min_side=MIN_SIDE))
+    assert at_eighth.shape == (128, 128, 3)
+    assert len(calls) == 2, "libjpeg-turbo's scaled decode was not used"
+    _pillow_only(monkeypatch)
+    assert decode_image(data, min_side=seed_side).size == (1024, 1024)
+    assert np.array_equal(at_eighth, np.asarray(decode_image(data, min_side=MIN_SIDE)))
+
+
+def test_the_finer_jpeg_scale_prepares_nearly_the_exact_tensor_for_a_299_px_model():
+    data = encode(smooth(1024), "JPEG", quality=95)
+    exact, fast = PreprocessConfig(299), PreprocessConfig(299, decode="fast")
+    diff = np.abs(preprocess_bytes(data, exact) - preprocess_bytes(data, fast)) * 0.5 * 255
+    assert diff.max() <= 3.0 and diff.mean() <= 0.5, (diff.max(), diff.mean())
+
+
+def test_jpegs_turbojpeg_leaves_to_pillow_decode_as_before(monkeypatch):
+    """Grey and CMYK JPEGs, and a JPEG libjpeg warns about, are Pillow's: the same result
+    (pixels or refusal) with and without simplejpeg."""
+    base = smooth(700)
+    damaged = bytearray(encode(base, "JPEG", quality=90))
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 8] = b"\x00" * 8
+    cases = [encode(base.convert("L"), "JPEG"), encode(base.convert("CMYK"), "JPEG"), bytes(damaged)]
+
+    def outcome(d):
+        try:
+            return np.asarray(decode_image(d, min_side=MIN_SIDE))
+        except ImageError as e:
+            return e.reason
+
+    got = [outcome(d) for d in cases]
+    _pillow_only(monkeypatch)
+    for d, g in zip(cases, got, strict=True):
+        want = outcome(d)
+        assert type(g) is type(want) and (np.array_equal(g, want) if isinstance(g, np.ndarray) else g == want)
