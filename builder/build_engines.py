@@ -109,6 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "exact; exact decodes every image at full size (env CAPTIONER_DECODE, default fast)",
     )
     p.add_argument(
+        "--decode-min-agreement",
+        type=float,
+        default=env("CAPTIONER_DECODE_MIN_AGREEMENT"),
+        help="the fast decode path's gate: share of greedy captions identical to the exact path's "
+        "(env CAPTIONER_DECODE_MIN_AGREEMENT; default builder/decode_gate.py's MIN_AGREEMENT, 0.99); 0 for a "
+        "speed-only model with random weights, whose captions say nothing about quality (the bench's seed-inception)",
+    )
+    p.add_argument(
         "--repo", default=env("CAPTIONER_REPO", "model_repository"), help="Triton model repository to write (env CAPTIONER_REPO)"
     )
     p.add_argument(
@@ -193,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--queue-budget-ms must be >= 1")
     if not 0.0 <= a.min_agreement <= 1.0:
         p.error("--min-agreement must be in [0, 1]")
+    if a.decode_min_agreement is not None and not 0.0 <= a.decode_min_agreement <= 1.0:
+        p.error("--decode-min-agreement must be in [0, 1]")
     if a.target == "cpu" and a.precision == "fp16":
         p.error("PRECISION=fp16 is a TensorRT precision; on CPU use fp32, bf16 or int8")
     if a.precision == "bf16" and a.target == "gpu":

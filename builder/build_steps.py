@@ -295,7 +295,9 @@ def write_repository(b: BuildState) -> None:
     from .decode_gate import choose
 
     # The decode path served (preprocess.json, the rates measured next, the manifest).
-    b.ck.preprocess, b.manifest["decode"] = choose(b.ck, getattr(a, "decode", "fast"), log=detail)
+    b.ck.preprocess, b.manifest["decode"] = choose(
+        b.ck, getattr(a, "decode", "fast"), log=detail, min_agreement=getattr(a, "decode_min_agreement", None)
+    )
     measured = _measure_capacity(b) if b.target == "cpu" else None
     fused = b.layout in ("fused", "whole")  # preprocess runs the encoder: its queue is the encoder's
     queues = capacity.policies(

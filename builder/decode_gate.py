@@ -183,10 +183,17 @@ def check(
 
 
 def choose(
-    ck: Checkpoint, requested: str, tokens: TokensFn | None = None, log: Callable[[str], None] = print, n: int = GATE_SCENES
+    ck: Checkpoint,
+    requested: str,
+    tokens: TokensFn | None = None,
+    log: Callable[[str], None] = print,
+    n: int = GATE_SCENES,
+    min_agreement: float | None = None,
 ) -> tuple[PreprocessConfig, dict]:
     """The preprocessing config the repository serves, and the manifest's `decode` entry:
-    `exact` as asked; `fast` when the gate passes, else `exact` (and the build says so)."""
+    `exact` as asked; `fast` when the gate passes, else `exact` (and the build says so).
+    min_agreement: None is MIN_AGREEMENT; 0 only measures and reports the agreement (a
+    speed-only model with random weights, as the precision gate is run for it)."""
     if requested not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {requested!r}")
     entry: dict = {"requested": requested, "checkpoint": ck.preprocess.decode}
@@ -194,7 +201,7 @@ def choose(
         log("exact decode requested (--decode exact): every image decoded at full size")
         entry.update(served="exact", gate=None)
         return replace(ck.preprocess, decode="exact"), entry
-    report = check(ck, tokens, n=n)
+    report = check(ck, tokens, n=n, min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement)
     for line in report.lines():
         log(line)
     served = "fast" if report.passed else "exact"

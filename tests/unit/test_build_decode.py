@@ -90,3 +90,20 @@ def test_the_decode_flag_defaults_from_the_environment(monkeypatch):
     assert be.parse_args([]).decode == "fast"
     monkeypatch.setenv("CAPTIONER_DECODE", "exact")
     assert be.parse_args([]).decode == "exact"
+
+
+def test_a_speed_only_build_measures_the_decode_gate_without_refusing(model_dir, tmp_path, monkeypatch, capsys):
+    """--decode-min-agreement 0 (the bench's random-weight seed-inception): the gate runs and
+    is recorded, its disagreement does not refuse the fast path."""
+
+    def pixel_tokens(ck):
+        return lambda images: [(4 + int(x.astype(np.int64).sum()) % 5,) for x in images]
+
+    monkeypatch.setattr(decode_gate, "torch_tokens", pixel_tokens)
+    rc, manifest, served = build(model_dir, tmp_path, monkeypatch, "--decode-min-agreement", "0")
+    assert rc == 0, capsys.readouterr().out
+    gate = manifest["decode"]["gate"]
+    assert gate["min_agreement"] == 0 and gate["share"] < decode_gate.MIN_AGREEMENT and gate["passed"] is True
+    assert manifest["decode"]["served"] == served["decode"] == "fast"
+    monkeypatch.setenv("CAPTIONER_DECODE_MIN_AGREEMENT", "0.5")
+    assert be.parse_args([]).decode_min_agreement == 0.5
