@@ -13,10 +13,11 @@ Two decode paths (`PreprocessConfig.decode`):
          1/4 or 1/8, where simplejpeg is missing or refuses the file), any other format
          is decoded and then box-reduced by an integer factor (`Image.reduce`), both
          only as far as every side stays >= FAST_DECODE_MARGIN x the model's input
-         side; the same final antialiased resize follows. An image smaller than that is
-         decoded exactly as on the exact path. Limits, checks and errors are the same on
-         both paths: a JPEG simplejpeg cannot decode without a warning goes to Pillow,
-         which accepts or refuses it as the exact path does.
+         side; the same final antialiased resize follows. An image no reduction fits
+         (other formats: under twice that side; a JPEG: under 8/7 of it) is decoded
+         exactly as on the exact path. Limits, checks and errors are the same on both
+         paths: a JPEG simplejpeg cannot decode without a warning goes to Pillow, which
+         accepts or refuses it as the exact path does.
 
 On both paths an 8-bit grey/RGB(A) PNG is inflated by libspng (`pyspng`) when it is
 installed: the same pixels as Pillow's decoder at about half its time on photo-sized
@@ -202,7 +203,7 @@ def _turbo_scaled(data: bytes, img: Image.Image, min_side: int) -> Image.Image |
         return None
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side, strict=True)
-    except ValueError:
+    except Exception:  # ValueError for anything libjpeg reports; whatever it is, Pillow decides
         return None
     # Pillow's own reading of the orientation (EXIF, else XMP), as exif_transpose uses it.
     method = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
