@@ -235,7 +235,10 @@ def test_a_killed_stub_is_repaired_and_pid_1_reaps_the_orphans(served):
     took = _wait(served.ready, 60, "ready again once the launcher has reloaded the model")
     # The model is ready again before tritonserver has waited for the old instance's dead
     # stub (it loads the new instance beside the one going away); then the pid is gone.
-    _wait(lambda: stub["pid"] not in {p["pid"] for p in served.processes()}, 40, "the killed stub reaped")
+    try:
+        _wait(lambda: stub["pid"] not in {p["pid"] for p in served.processes()}, 40, "the killed stub reaped")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the container's log ends:\n{served.logs()[-4000:]}") from None
     procs = served.processes()
     assert stub["pid"] not in {p["pid"] for p in procs}
     with CaptionClient(served.grpc_url, timeout=60) as client:
