@@ -43,8 +43,8 @@ def cpu_by_label(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for p in [root] + root.children(recursive=True):
         try:
-            t = p.cpu_times()
-            out[label(p)] = out.get(label(p), 0.0) + t.user + t.system
+            t, k = p.cpu_times(), label(p)
+            out[k] = out.get(k, 0.0) + t.user + t.system
         except psutil.NoSuchProcess:
             continue
     return out

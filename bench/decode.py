@@ -73,12 +73,12 @@ def measure(images: list[bytes], side: int, rounds: int) -> dict[str, tuple[floa
     exact = PreprocessConfig(side, decode="exact")
     fast = replace(exact, decode="fast")
     paths = (("exact", exact, True), ("fast", fast, True), ("fast, Pillow only", fast, False))
-    for _, cfg, spng in paths:  # warm: imports, first allocations
-        one_pass(images[:2], cfg, spng)
+    for _, cfg, libs in paths:  # warm: imports, first allocations
+        one_pass(images[:2], cfg, libs)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in paths}
     for _ in range(rounds):
-        for name, cfg, spng in paths:
-            runs[name].append(one_pass(images, cfg, spng))
+        for name, cfg, libs in paths:
+            runs[name].append(one_pass(images, cfg, libs))
     return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in runs.items()}
 
 
