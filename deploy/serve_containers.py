@@ -18,13 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captioner.signals import StopFlag
 from deploy.containers import POD_GRACE_S, ROOT, SERVER_IMAGE, ContainerError, build_manifest, image_exists, pod_run_args, podman
 
 TEMPLATE = ROOT / "deploy" / "proxy" / "nginx.conf"
@@ -233,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag().install()
     fleet = Fleet(a.repo.resolve(), a.replicas, a.listen, a.image)
     try:
         fleet.start()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from captioner.cli import env, flag
 from captioner.serving import PRECISIONS
+from captioner.signals import StopFlag
 
 from . import tracing
 from .captions import caption_samples, http_probe
@@ -249,18 +249,13 @@ def build(args: argparse.Namespace) -> None:
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT)
 
 
-class Stop:
+class Stop(StopFlag):
     """Set by SIGTERM/SIGINT, or by a supervisor giving up (`gave_up`: the launcher then
     exits 1 so that the process manager above it acts); the main thread waits on it."""
 
     def __init__(self):
-        self.event = threading.Event()
-        self.reason = ""
+        super().__init__()
         self.gave_up = False
-
-    def __call__(self, signum=None, frame=None):
-        self.reason = self.reason or (signal.Signals(signum).name if signum else "stop")
-        self.event.set()
 
     def give_up(self) -> None:
         self.gave_up = True
@@ -303,7 +298,7 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=N
 
     def loop():
         try:
-            sup.run(stopping=stop.event.is_set)
+            sup.run(stopping=stop.is_set)
         except GiveUp as e:
             print(f"error: supervisor gave up on {server.grpc_url}: {e}", file=sys.stderr, flush=True)
             stop.give_up()
@@ -436,18 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for k in range(args.replicas)
     ]
-    stop = Stop()
+    stop = Stop().install()
     supervisors: list[threading.Thread] = []
-    signal.signal(signal.SIGTERM, stop)
-    # A shell starts background jobs with SIGINT ignored: install ours so Ctrl-C (or kill
-    # -INT) always stops us in order.
-    signal.signal(signal.SIGINT, stop)
     try:
         for server in servers:
             print(f"Starting {server.binary.path} on {repo} (log: {server.log_file or 'standard output'}) ...", flush=True)
             server.start(timeout_s=args.startup_timeout)
             print(f"Ready. gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}", flush=True)
-            if stop.event.is_set():
+            if stop.is_set():
                 return 0
         if len(servers) > 1:
             print("CAPTIONER_URL=" + ",".join(s.grpc_url for s in servers), flush=True)
@@ -457,11 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             recorders = supervisor_metrics(servers, args)
             supervisors += [supervise(server, args, stop, rec) for server, rec in zip(servers, recorders)]
             print("Serving; supervised; Ctrl-C or SIGTERM drains and stops.", flush=True)
-            while not stop.event.wait(0.5):
+            while not stop.wait(0.5):
                 pass
             return 1 if stop.gave_up else 0
         print("Serving; Ctrl-C or SIGTERM drains and stops.", flush=True)
-        while not stop.event.wait(0.5):
+        while not stop.wait(0.5):
             dead = next((s for s in servers if not s.running()), None)
             if dead is not None:
                 code = dead.process.returncode if dead.process is not None else None
@@ -472,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if stop.event.is_set():
+        if stop.is_set():
             print(f"\n{stop.reason}: draining (up to {args.drain_timeout} s) and stopping tritonserver ...", flush=True)
         stop.event.set()  # supervisors stop before the servers do: a drain is not a crash
         for thread in supervisors:

@@ -16,7 +16,8 @@ A rollout builds the checkpoint into the repository as its next version N (build
    N in MODEL_VERSION; this also warms N;
 3. switch: the ensemble's steps are re-pinned from S to N in its config and Triton
    reloads the ensemble: it builds the re-pinned ensemble in the background and swaps it
-   in when ready, so requests from then on run through N. A request holds the models it
+   in when ready (the switch ends when a fresh request is answered by N), so requests
+   from then on run through N. A request holds the models it
    was started with (the ensemble and every step's model, taken when it arrives) until it
    ends: every request runs through one version end to end and none fails;
 4. unload: the composing models load N only. Triton releases S and destroys it when the
@@ -54,7 +55,7 @@ from captioner.serving.versions import OUTPUT as MODEL_VERSION
 
 from .tritonserver import DEFAULT_PORTS, PROJECT_ROOT
 
-EXIT_REFUSED, EXIT_USAGE = 1, 2
+EXIT_REFUSED, EXIT_USAGE, EXIT_FAILED = 1, 2, 3
 LOCK = ".rollout.lock"
 
 
@@ -93,7 +94,7 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase -> (start, end), time.monotonic()
     switch_started: float = 0.0  # time.monotonic() when the ensemble load was asked
-    switched: float = 0.0  # ... when it returned: new requests get the new version
+    switched: float = 0.0  # ... when a fresh request got the new version: new requests get it from then on
 
 
 def _log(msg: str) -> None:
@@ -138,6 +139,24 @@ def ready_versions(server: Server) -> dict[str, set[int]]:
 def served_label(server: Server, png: bytes) -> str:
     """MODEL_VERSION of one caption through the ensemble as clients ask for it (no version)."""
     return caption_through(server, png)[1]
+
+
+SWITCH_CONFIRM_S = 30.0
+
+
+def await_label(server: Server, label: str, timeout_s: float = SWITCH_CONFIRM_S) -> None:
+    """Until a fresh request through the ensemble is answered by `label`; RolloutFailed
+    after timeout_s (the server answers from some other version)."""
+    from captioner.scenes import encoded_scenes
+
+    png = encoded_scenes(1, seed=7)[0][0]
+    deadline, got = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        got = served_label(server, png)
+        if got == label:
+            return
+        time.sleep(0.01)
+    raise RolloutFailed(f"{ENSEMBLE} still answers as {got}, {timeout_s:g} s after it was switched to {label}")
 
 
 def caption_through(server: Server, png: bytes, model: str = ENSEMBLE, version: str = "") -> tuple[str, str]:
@@ -311,6 +330,9 @@ def switch(
             versions.set_serving(repo, serving)
             _revert(server, repo, serving, names, log)
             raise RolloutRefused(f"{ENSEMBLE} pinned to version {target} failed to load: {e}") from None
+        # A request sent just after Triton answered the load can still get the old ensemble:
+        # the switch is done once a fresh request gets the new version.
+        await_label(server, record["model_version"])
         out.switched = time.monotonic()
     log(f"[unload] version {serving} of {', '.join(names)} (each goes once its last request has finished)")
     with _phase(out, "unload", log):
@@ -486,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     except RolloutRefused as e:
         print(f"{a.action} REFUSED, serving unchanged: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except RolloutFailed as e:
+        print(f"{a.action} FAILED after the switch began (both versions stay loaded): {e}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

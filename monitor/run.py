@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.cli import env
+from captioner.signals import StopFlag
 from launcher.tritonserver import DEFAULT_PORTS, PROJECT_ROOT
 
 from . import config
@@ -253,9 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopFlag().install()
     m = Monitor(
         a.work,
         replicas=a.replicas,

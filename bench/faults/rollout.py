@@ -76,45 +76,54 @@ def p99_ms(latencies: list[float]) -> float | None:
 
 
 class Readiness(threading.Thread):
-    """Both readiness endpoints every 50 ms: [(time, path, ready)]; ready is None for a
-    poll with no answer within 2 s (the 2 cores busy building), which is not a NOT ready
-    answer (tests/integration/test_rollout.py counts them apart the same way)."""
+    """Both readiness endpoints every 50 ms: [(time, path, ready, detail)]; ready is None
+    for a poll with no answer within 2 s (the 2 cores busy building), which is not a NOT
+    ready answer (tests/integration/test_rollout.py counts them apart the same way);
+    detail says what a NOT ready answer was (status and body, or the connection error)."""
 
     def __init__(self, http_url: str):
         super().__init__(daemon=True)
         self.url, self.stop = http_url, threading.Event()
-        self.seen: list[tuple[float, str, bool | None]] = []
+        self.seen: list[tuple[float, str, bool | None, str]] = []
 
     def run(self) -> None:
         while not self.stop.is_set():
             for path in READY_PATHS:
                 ok: bool | None
+                detail = ""
                 try:
                     with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
                         ok = r.status == 200
+                        detail = "" if ok else f"HTTP {r.status}"
                 except TimeoutError:
                     ok = None
+                except urllib.error.HTTPError as e:
+                    ok, detail = False, f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}"
                 except urllib.error.URLError as e:
                     ok = None if isinstance(e.reason, TimeoutError) else False
-                except OSError:
-                    ok = False
-                self.seen.append((time.monotonic(), path, ok))
+                    detail = repr(e.reason)[:200]
+                except OSError as e:
+                    ok, detail = False, repr(e)[:200]
+                self.seen.append((time.monotonic(), path, ok, detail))
             time.sleep(0.05)
 
-    def summary(self, path: str) -> dict:
-        polls = [(t, ok) for t, p, ok in self.seen if p == path]
-        answered = [(t, ok) for t, ok in polls if ok is not None]
+    def summary(self, path: str, t0: float | None = None) -> dict:
+        """Counts for one endpoint; `not_ready_samples`: the first NOT ready answers,
+        (seconds after t0, detail)."""
+        polls = [(t, ok, d) for t, p, ok, d in self.seen if p == path]
+        answered = [(t, ok, d) for t, ok, d in polls if ok is not None]
         down, since = 0.0, None
-        for t, ok in answered:
+        for t, ok, _ in answered:
             if not ok and since is None:
                 since = t
             elif ok and since is not None:
                 down, since = down + t - since, None
         return {
             "polls": len(polls),
-            "not_ready": sum(not ok for _, ok in answered),
+            "not_ready": sum(not ok for _, ok, _ in answered),
             "unanswered": len(polls) - len(answered),
             "not_ready_s": round(down, 2),
+            "not_ready_samples": [(round(t - (t0 or 0.0), 2), d) for t, ok, d in answered if not ok][:3],
         }
 
 
@@ -230,7 +239,7 @@ def rollout(run: FaultRun, model: str) -> None:
         model=model,
         clients=clients,
         **measure(log, expected, t_cmd, out, t_back, back, steady_s),
-        readiness={p: ready.summary(p) for p in READY_PATHS},
+        readiness={p: ready.summary(p, t_cmd) for p in READY_PATHS},
         versions={
             "from": out.from_version,
             "to": out.to_version,
@@ -287,6 +296,12 @@ def measure(
         "first_old_caption_after_rollback_command_s": round(min(first_old) - t_back, 2) if first_old else None,
         "rollout_phases_s": out.seconds,
         "rollback_phases_s": back.seconds,
+        # each phase's (start, end), seconds after the rollout command: places readiness samples
+        "phase_windows_s": {
+            f"{o.action} {name}": (round(a - t_cmd, 2), round(b - t_cmd, 2))
+            for o in (out, back)
+            for name, (a, b) in o.phases.items()
+        },
     }
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
+
+from captioner.signals import StopFlag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(build_app(a), name="captioner", route_prefix="/")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag().install()
     print(f"ray serve peer on http://{a.host}:{a.port}", flush=True)
     stop.wait()
     serve.shutdown()

@@ -259,7 +259,7 @@ def test_a_supervisor_giving_up_is_told_apart_from_a_signal():
 
     signalled = Stop()
     signalled(signal.SIGTERM)
-    assert signalled.event.is_set() and signalled.reason == "SIGTERM" and not signalled.gave_up  # exit 0
+    assert signalled.is_set() and signalled.reason == "SIGTERM" and not signalled.gave_up  # exit 0
     gave_up = Stop()
     gave_up.give_up()
     assert gave_up.event.is_set() and gave_up.gave_up  # exit 1: the process manager takes over
