@@ -153,7 +153,7 @@ def stub_fault(run: FaultRun, model: str, launcher: Launcher, target: str, name:
         not_ready_after_s=after(watch.not_ready_at),
         repaired_after_s=after(watch.ready_again_at),
         **outcome(log, t_fault),
-        supervisor=launcher.supervisor_events()[-3:],
+        supervisor=launcher.supervisor_events()[-6:],
     )
 
 
@@ -170,7 +170,7 @@ def server_kill(run: FaultRun, model: str, launcher: Launcher) -> None:
         model=model,
         **outcome(log, t_kill),
         orphaned_stubs_left=sum(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in old_stubs),
-        supervisor=launcher.supervisor_events()[-3:],
+        supervisor=launcher.supervisor_events()[-6:],
     )
 
 
