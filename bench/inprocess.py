@@ -87,6 +87,23 @@ class InProcessResult:
         return asdict(self)
 
 
+def merge_inprocess(results: Sequence[InProcessResult]) -> InProcessResult:
+    """Several windows of one batch size, measured apart, as one (captions and seconds summed)."""
+    if not results:
+        raise ValueError("nothing to merge")
+    elapsed = sum(r.elapsed_s for r in results)
+    captions = sum(r.captions for r in results)
+    return InProcessResult(
+        results[0].batch_size,
+        captions,
+        elapsed,
+        captions / elapsed,
+        sum(r.mean_tokens * r.captions for r in results) / captions,
+        sum(r.cpu * r.elapsed_s for r in results) / elapsed,
+        sum(r.other_cpu * r.elapsed_s for r in results) / elapsed,
+    )
+
+
 def measure(
     cap: InProcessCaptioner, images: Sequence[bytes], batch_size: int, duration: float, warmup_batches: int = 1
 ) -> InProcessResult:

@@ -115,6 +115,7 @@ async def run_level(
     min_completed: int = 0,
     max_duration: float | None = None,
     server_pids: Sequence[int] = (),
+    samples: list[float] | None = None,
 ) -> LevelResult:
     """Drive `send(i)` (i = request index, 0, 1, 2, ...) from `concurrency` workers.
 
@@ -122,7 +123,8 @@ async def run_level(
     (seconds measured after `warmup` seconds) bounds the level. In duration mode the
     window is stretched, up to `max_duration`, until `min_completed` replies fell in it:
     a slow stack must not be summarised from a handful of replies. A request fails when
-    `send` raises; failures are counted, never timed."""
+    `send` raises; failures are counted, never timed. `samples`, when given, receives the
+    latency (seconds) of every counted reply, for merging windows (merge_levels)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if (requests is None) == (duration is None):
@@ -190,6 +192,8 @@ async def run_level(
                 t.cancel()
     elapsed = end[0] - start[0]
     client_cpu, server_cpu, other_cpu = meter.shares(start, end)
+    if samples is not None:
+        samples.extend(latencies)
     p = percentiles(latencies)
     return LevelResult(
         concurrency=concurrency,
@@ -205,6 +209,39 @@ async def run_level(
         server_cpu=server_cpu,
         other_cpu=other_cpu,
         error_samples=errors,
+    )
+
+
+def merge_levels(levels: Sequence[LevelResult], samples: Sequence[float]) -> LevelResult:
+    """Several windows of one level (the same concurrency), measured apart, as one: replies
+    and seconds summed, CPU shares weighted by seconds, percentiles of all the windows'
+    `samples` (run_level's)."""
+    if not levels:
+        raise ValueError("nothing to merge")
+    elapsed = sum(r.elapsed_s for r in levels)
+    completed = sum(r.completed for r in levels)
+
+    def weighted(get: Callable[[LevelResult], float | None]) -> float | None:
+        values = [get(r) for r in levels]
+        if any(v is None for v in values):
+            return None
+        return sum(v * r.elapsed_s for v, r in zip(values, levels)) / elapsed if elapsed > 0 else float("nan")  # type: ignore[operator]
+
+    p = percentiles(samples)
+    return LevelResult(
+        concurrency=levels[0].concurrency,
+        completed=completed,
+        errors=sum(r.errors for r in levels),
+        elapsed_s=elapsed,
+        throughput=completed / elapsed if elapsed > 0 else float("nan"),
+        p50_ms=p[50],
+        p95_ms=p[95],
+        p99_ms=p[99],
+        mean_ms=float(np.mean(samples) * 1e3) if len(samples) else float("nan"),
+        client_cpu=weighted(lambda r: r.client_cpu) or 0.0,
+        server_cpu=weighted(lambda r: r.server_cpu),
+        other_cpu=weighted(lambda r: r.other_cpu) or 0.0,
+        error_samples=[e for r in levels for e in r.error_samples][:MAX_ERROR_SAMPLES],
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from bench.loadgen import HttpClient, percentiles, run_level
+from bench.loadgen import HttpClient, merge_levels, percentiles, run_level
 
 DELAY_S = 0.02
 
@@ -130,3 +130,25 @@ def test_a_slow_level_is_stretched_until_enough_replies_are_in():
 
     r = asyncio.run(run_level(send, 2, duration=0.1, warmup=0.0, min_completed=6, max_duration=5.0))
     assert r.completed >= 6 and r.elapsed_s < 5.0
+
+
+def test_windows_merge_into_one_level_with_every_reply_counted_once():
+    async def go():
+        state = _Server()
+        runner, url = await _serve(state)
+        try:
+            async with HttpClient(url, [b"x"]) as client:
+                samples: list[float] = []
+                windows = [await run_level(client, 2, duration=0.3, warmup=0.1, samples=samples) for _ in range(3)]
+            return windows, samples
+        finally:
+            await runner.cleanup()
+
+    windows, samples = asyncio.run(go())
+    m = merge_levels(windows, samples)
+    assert len(samples) == m.completed == sum(w.completed for w in windows)
+    assert m.elapsed_s == pytest.approx(sum(w.elapsed_s for w in windows))
+    assert m.throughput == pytest.approx(m.completed / m.elapsed_s)
+    assert m.p99_ms == pytest.approx(percentiles(samples)[99]) and m.p50_ms >= DELAY_S * 1e3
+    with pytest.raises(ValueError):
+        merge_levels([], [])

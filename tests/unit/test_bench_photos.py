@@ -88,3 +88,20 @@ def test_the_decode_served_is_the_flag_else_the_build_else_the_checkpoint():
     assert photos.decode_for(build, {"decode": "fast"}, "exact") == "fast"
     assert photos.decode_for(build, {"decode": None}, "exact") == "exact"
     assert photos.decode_for(argparse.Namespace(decode="exact"), {"decode": "fast"}, "fast") == "exact"
+
+
+def test_targets_show_each_interleaved_window_and_the_bound_merges_windows():
+    from bench.inprocess import InProcessResult, merge_inprocess
+
+    rows = [
+        {**_row("default", "128px-png", "triton", 600.0, 90.0), "rounds": [580.0, 620.0, 600.0]},
+        {**_row("default", "1024px-mix", "triton", 330.0, 240.0), "rounds": [319.0, 341.0, 330.0]},
+    ]
+    (p1,) = [t for t in photos.targets({"photos": rows}) if t.name.startswith("P1")]
+    assert p1.windows == pytest.approx([0.55, 0.55, 0.55])
+    assert "windows 0.55x, 0.55x, 0.55x" in p1.line()
+    a = InProcessResult(32, 64, 2.0, 32.0, 5.0, 0.9, 0.0)
+    b = InProcessResult(32, 32, 2.0, 16.0, 7.0, 0.7, 0.1)
+    m = merge_inprocess([a, b])
+    assert (m.captions, m.elapsed_s, m.captions_per_s) == (96, 4.0, 24.0)
+    assert m.mean_tokens == pytest.approx((64 * 5 + 32 * 7) / 96) and m.cpu == pytest.approx(0.8)
