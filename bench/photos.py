@@ -150,6 +150,7 @@ def run_triton(s, spec, variant: str, url: str, pids: list[int], decode: str) ->
     from .loadgen import TritonClient, merge_levels, run_level
 
     rounds, c = max(1, s.a.photo_rounds), s.a.photo_concurrency
+    images = {w: workload_images(w) for w in WORKLOADS}  # made once: encoding 1024 px photos takes seconds
 
     async def go():
         windows: dict[str, list] = {w: [] for w in WORKLOADS}
@@ -157,7 +158,7 @@ def run_triton(s, spec, variant: str, url: str, pids: list[int], decode: str) ->
         for k in range(rounds):
             for w in WORKLOADS:
                 s.bar.set_postfix_str(f"{spec.name} triton {variant} {w} x{c} ({k + 1}/{rounds})")
-                async with TritonClient(url, workload_images(w), parameters=spec.params) as client:
+                async with TritonClient(url, images[w], parameters=spec.params) as client:
                     await client(0)
                     r = await run_level(
                         client,

@@ -160,8 +160,9 @@ def decode_image(data: bytes | bytearray | memoryview, limits: Limits | None = N
         raise ImageError("too_many_pixels", f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
     fmt = img.format
     try:
-        if fmt == "PNG" and _spng_can_decode(data, img):
-            _check_png_chunks(data)  # libspng, as pyspng sets it up, decodes past bad CRCs
+        if fmt == "PNG" and _spng_takes(data, img) and not (walk := _png_walk(data))[0]:
+            if walk[1]:  # libspng, as pyspng sets it up, decodes past bad CRCs
+                raise ValueError(walk[1])
             img = Image.fromarray(pyspng.load(data))
         elif min_side and fmt in ("JPEG", "MPO") and (scaled := _turbo_scaled(data, img, min_side)) is not None:
             img = scaled
@@ -214,40 +215,50 @@ def _turbo_scaled(data: bytes, img: Image.Image, min_side: int) -> Image.Image |
 # PNG colour types libspng hands back as Pillow's own modes: grey, RGB, RGBA (pyspng has no
 # grey+alpha output).
 _SPNG_COLOUR_TYPES = (0, 2, 6)
-# Where a PNG can say how it is oriented (Pillow's exif_transpose reads all three).
-_PNG_ORIENTATION_MARKS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+# Where a PNG can say how it is oriented (Pillow's exif_transpose reads all three): an eXIf
+# chunk, or a text chunk with one of these keywords.
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_ORIENTATION_KEYS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
-def _spng_can_decode(data: bytes, img: Image.Image) -> bool:
-    """Whether libspng decodes this PNG to exactly Pillow's pixels: 8 bits per sample, no
-    palette, no tRNS colour key, nothing that could carry an orientation (Pillow handles
-    those)."""
-    if pyspng is None or len(data) < 29:
-        return False
+def _spng_takes(data: bytes, img: Image.Image) -> bool:
+    """From the header: 8 bits per sample, no palette, no tRNS colour key."""
     return (
-        data[24] == 8
+        pyspng is not None
+        and len(data) >= 29
+        and data[24] == 8
         and data[25] in _SPNG_COLOUR_TYPES
         and "transparency" not in img.info
-        and not any(mark in data for mark in _PNG_ORIENTATION_MARKS)
     )
 
 
-def _check_png_chunks(data: bytes) -> None:
-    """Raise ValueError unless every chunk up to IEND is whole and its CRC matches."""
-    view, i = memoryview(data), 8
+def _png_walk(data: bytes) -> tuple[bool, str | None]:
+    """One walk over a PNG's chunks up to IEND: (whether one can carry an orientation, what
+    is wrong with the file: a chunk cut short or with a bad CRC; None when nothing)."""
+    view, i, oriented = memoryview(data), 8, False
     while True:
         if i + 12 > len(data):
-            raise ValueError("truncated before IEND")
+            return oriented, "truncated before IEND"
         (length,) = struct.unpack_from(">I", data, i)
         end = i + 8 + length
-        if end + 4 > len(data):
-            raise ValueError(f"truncated {data[i + 4 : i + 8]!r} chunk")
         kind = data[i + 4 : i + 8]
+        if end + 4 > len(data):
+            return oriented, f"truncated {kind!r} chunk"
+        if kind == b"eXIf" or (
+            kind in _PNG_TEXT_CHUNKS and bytes(view[i + 8 : min(end, i + 88)]).split(b"\0", 1)[0] in _PNG_ORIENTATION_KEYS
+        ):
+            oriented = True
         if zlib.crc32(view[i + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
-            raise ValueError(f"bad CRC in {kind!r} chunk")
+            return oriented, f"bad CRC in {kind!r} chunk"
         if kind == b"IEND":
-            return
+            return oriented, None
         i = end + 4
+
+
+def _spng_can_decode(data: bytes, img: Image.Image) -> bool:
+    """Whether libspng decodes this PNG to exactly Pillow's pixels: what _spng_takes checks,
+    and no chunk that could carry an orientation (Pillow handles those)."""
+    return _spng_takes(data, img) and not _png_walk(data)[0]
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:

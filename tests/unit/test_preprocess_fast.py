@@ -244,6 +244,38 @@ def test_libspng_decodes_a_png_to_pillows_pixels(mode, side, monkeypatch):
     assert np.array_equal(fast, np.asarray(decode_image(data, min_side=side)))
 
 
+XMP_ORIENTATION_6 = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def _text_chunk(key: str, value: str, kind: str = "itxt"):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if kind == "itxt":
+        info.add_itxt(key, value)
+    else:
+        info.add_text(key, value, zip=kind == "ztxt")
+    return info
+
+
+@pytest.mark.parametrize("kind", ["itxt", "text", "ztxt"])
+def test_one_chunk_walk_finds_every_place_an_orientation_can_hide_and_every_bad_crc(kind):
+    import captioner.preprocess as pre
+
+    plain = encode(smooth(64))
+    assert pre._png_walk(plain) == (False, None)
+    for key in ("Raw profile type exif", "XML:com.adobe.xmp"):
+        assert pre._png_walk(encode(smooth(64), pnginfo=_text_chunk(key, "x", kind)))[0]
+    assert pre._png_walk(encode(smooth(64), pnginfo=_text_chunk("Comment", "XML:com.adobe.xmp", kind))) == (False, None)
+    bad = bytearray(plain)
+    bad[-20] ^= 0xFF  # inside the last IDAT
+    assert "bad CRC" in pre._png_walk(bytes(bad))[1]
+    assert "truncated" in pre._png_walk(plain[:-5])[1]
+
+
 def test_pngs_libspng_leaves_to_pillow_decode_as_before(monkeypatch):
     """Palette, 16-bit, grey+alpha, colour-keyed and oriented PNGs are Pillow's: the same result
     with and without libspng."""
@@ -257,9 +289,10 @@ def test_pngs_libspng_leaves_to_pillow_decode_as_before(monkeypatch):
         encode(smooth(300).convert("LA")),
         encode(smooth(300), transparency=(0, 0, 0)),
         encode(smooth(300, 200), exif=exif.tobytes()),
+        encode(smooth(300, 200), pnginfo=_text_chunk("XML:com.adobe.xmp", XMP_ORIENTATION_6)),
     ]
     got = [np.asarray(decode_image(d, min_side=MIN_SIDE)) for d in cases]
-    assert got[4].shape == (300, 200, 3)  # turned by its EXIF tag
+    assert got[4].shape == got[5].shape == (300, 200, 3)  # turned by its EXIF tag, by its XMP
     assert not any(pre._spng_can_decode(d, Image.open(io.BytesIO(d))) for d in cases)
     _pillow_only(monkeypatch)
     for d, g in zip(cases, got, strict=True):
