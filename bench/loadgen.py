@@ -222,10 +222,13 @@ def merge_levels(levels: Sequence[LevelResult], samples: Sequence[float]) -> Lev
     completed = sum(r.completed for r in levels)
 
     def weighted(get: Callable[[LevelResult], float | None]) -> float | None:
-        values = [get(r) for r in levels]
-        if any(v is None for v in values):
-            return None
-        return sum(v * r.elapsed_s for v, r in zip(values, levels)) / elapsed if elapsed > 0 else float("nan")  # type: ignore[operator]
+        total = 0.0
+        for r in levels:
+            v = get(r)
+            if v is None:
+                return None
+            total += v * r.elapsed_s
+        return total / elapsed if elapsed > 0 else float("nan")
 
     p = percentiles(samples)
     return LevelResult(

@@ -152,9 +152,10 @@ def run_triton(s, spec, variant: str, url: str, pids: list[int], decode: str) ->
     rounds, c = max(1, s.a.photo_rounds), s.a.photo_concurrency
     images = {w: workload_images(w) for w in WORKLOADS}  # made once: encoding 1024 px photos takes seconds
 
+    windows: dict[str, list] = {w: [] for w in WORKLOADS}
+    samples: dict[str, list[float]] = {w: [] for w in WORKLOADS}
+
     async def go():
-        windows: dict[str, list] = {w: [] for w in WORKLOADS}
-        samples: dict[str, list[float]] = {w: [] for w in WORKLOADS}
         for k in range(rounds):
             for w in WORKLOADS:
                 s.bar.set_postfix_str(f"{spec.name} triton {variant} {w} x{c} ({k + 1}/{rounds})")

@@ -7,8 +7,8 @@ the share correct by the spec's rule (captioner.scenes.caption_is_correct) must 
 
 The build runs it when asked for the fast path (`--decode fast`, the default), records
 the outcome in build_manifest.json, and serves the exact path when it fails. An image
-whose prepared pixels are identical on both paths (any image under twice the rule's
-side, e.g. every gate image for a 299 px model) agrees without being captioned."""
+whose prepared pixels are identical on both paths (e.g. a PNG under twice the rule's
+side: nothing to reduce) agrees without being captioned."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import Self
 
 
 class StopFlag:
@@ -28,7 +29,7 @@ class StopFlag:
         self.reason = self.reason or (signal.Signals(signum).name if signum else "stop")
         self.signalled = True
 
-    def install(self, *signums: int) -> StopFlag:
+    def install(self, *signums: int) -> Self:
         """Handle `signums` (default SIGTERM and SIGINT: a shell starts background jobs
         with SIGINT ignored, and Ctrl-C must still stop in order). Main thread only."""
         for s in signums or (signal.SIGTERM, signal.SIGINT):
