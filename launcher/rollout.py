@@ -152,7 +152,10 @@ def await_label(server: Server, label: str, timeout_s: float = SWITCH_CONFIRM_S)
     png = encoded_scenes(1, seed=7)[0][0]
     deadline, got = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
-        got = served_label(server, png)
+        try:
+            got = served_label(server, png)
+        except Exception as e:  # noqa: BLE001 - asked again until the deadline; the last answer is reported
+            got = f"an error ({type(e).__name__}: {str(e)[:200]})"
         if got == label:
             return
         time.sleep(0.01)

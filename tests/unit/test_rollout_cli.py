@@ -56,3 +56,12 @@ def test_rollback_goes_to_the_version_served_before_else_the_highest_older_one(r
     assert ro._previous(r, 3) == 1
     with pytest.raises(ro.RolloutRefused, match="no version before 1"):
         ro._previous(r, 1)
+
+
+def test_the_switch_ends_only_when_a_fresh_request_gets_the_new_version(monkeypatch):
+    answers = iter(["1:old", "1:old", "2:new"])
+    monkeypatch.setattr(ro, "served_label", lambda server, png: next(answers))
+    ro.await_label(ro.Server(), "2:new", timeout_s=5.0)  # the third answer names it
+    monkeypatch.setattr(ro, "served_label", lambda server, png: "1:old")
+    with pytest.raises(ro.RolloutFailed, match="still answers as 1:old"):
+        ro.await_label(ro.Server(), "2:new", timeout_s=0.2)
