@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,17 +49,23 @@ PHOTO_ROUNDS = 3  # interleaved windows per workload (module docstring)
 
 
 def workload_images(name: str, n: int = 64, seed: int = 7) -> list[bytes]:
-    """The encoded images of one workload (seed 7: bench_images' scenes)."""
+    """The encoded images of one workload (seed 7: bench_images' scenes); made once per
+    process (encoding 1024 px photos takes seconds), for every model and stack."""
+    return list(_encoded(name, n, seed))
+
+
+@functools.cache
+def _encoded(name: str, n: int, seed: int) -> tuple[bytes, ...]:
     if name == "128px-png":
         from .variants import bench_images
 
-        return bench_images(n, seed)
+        return tuple(bench_images(n, seed))
     if name == "1024px-jpeg":
-        return [p.data for p in photos(n, seed, "jpeg")]
+        return tuple(p.data for p in photos(n, seed, "jpeg"))
     if name == "1024px-mix":
         jpeg = photos(MIX_IMAGES, seed, "jpeg")
         png = photos(MIX_IMAGES, seed, "png")
-        return [(png if i % PNG_EVERY == PNG_EVERY - 1 else jpeg)[i].data for i in range(MIX_IMAGES)]
+        return tuple((png if i % PNG_EVERY == PNG_EVERY - 1 else jpeg)[i].data for i in range(MIX_IMAGES))
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
 
@@ -122,12 +129,12 @@ def run_inprocess(s, spec, variant: str, paths: dict) -> None:
 
     cap = captioner(spec, paths, s.a.inproc_threads, s.a.inproc_spinning)
     cap.cfg = replace(cap.cfg, decode=decode_for(s.a, paths, cap.cfg.decode))
-    images = {w: workload_images(w) for w in WORKLOADS}
+    rounds = max(1, s.a.photo_rounds)
     windows: dict[str, list] = {w: [] for w in WORKLOADS}
-    for k in range(max(1, s.a.photo_rounds)):
+    for k in range(rounds):
         for w in WORKLOADS:
-            s.bar.set_postfix_str(f"{spec.name} in-process {variant} {w} ({k + 1}/{s.a.photo_rounds})")
-            windows[w].append(measure(cap, images[w], s.a.photo_batch, s.a.inproc_duration))
+            s.bar.set_postfix_str(f"{spec.name} in-process {variant} {w} ({k + 1}/{rounds})")
+            windows[w].append(measure(cap, workload_images(w), s.a.photo_batch, s.a.inproc_duration))
     for w in WORKLOADS:
         s.results.setdefault("photos", []).append(
             {
@@ -150,7 +157,6 @@ def run_triton(s, spec, variant: str, url: str, pids: list[int], decode: str) ->
     from .loadgen import TritonClient, merge_levels, run_level
 
     rounds, c = max(1, s.a.photo_rounds), s.a.photo_concurrency
-    images = {w: workload_images(w) for w in WORKLOADS}  # made once: encoding 1024 px photos takes seconds
 
     windows: dict[str, list] = {w: [] for w in WORKLOADS}
     samples: dict[str, list[float]] = {w: [] for w in WORKLOADS}
@@ -159,7 +165,7 @@ def run_triton(s, spec, variant: str, url: str, pids: list[int], decode: str) ->
         for k in range(rounds):
             for w in WORKLOADS:
                 s.bar.set_postfix_str(f"{spec.name} triton {variant} {w} x{c} ({k + 1}/{rounds})")
-                async with TritonClient(url, images[w], parameters=spec.params) as client:
+                async with TritonClient(url, workload_images(w), parameters=spec.params) as client:
                     await client(0)
                     r = await run_level(
                         client,

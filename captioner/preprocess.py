@@ -160,9 +160,9 @@ def decode_image(data: bytes | bytearray | memoryview, limits: Limits | None = N
         raise ImageError("too_many_pixels", f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
     fmt = img.format
     try:
-        if fmt == "PNG" and _spng_takes(data, img) and not (walk := _png_walk(data))[0]:
-            if walk[1]:  # libspng, as pyspng sets it up, decodes past bad CRCs
-                raise ValueError(walk[1])
+        if fmt == "PNG" and (spng := _spng_plan(data, img))[0]:
+            if spng[1]:  # libspng, as pyspng sets it up, decodes past bad CRCs
+                raise ValueError(spng[1])
             img = Image.fromarray(pyspng.load(data))
         elif min_side and fmt in ("JPEG", "MPO") and (scaled := _turbo_scaled(data, img, min_side)) is not None:
             img = scaled
@@ -221,17 +221,6 @@ _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 _PNG_ORIENTATION_KEYS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
-def _spng_takes(data: bytes, img: Image.Image) -> bool:
-    """From the header: 8 bits per sample, no palette, no tRNS colour key."""
-    return (
-        pyspng is not None
-        and len(data) >= 29
-        and data[24] == 8
-        and data[25] in _SPNG_COLOUR_TYPES
-        and "transparency" not in img.info
-    )
-
-
 def _png_walk(data: bytes) -> tuple[bool, str | None]:
     """One walk over a PNG's chunks up to IEND: (whether one can carry an orientation, what
     is wrong with the file: a chunk cut short or with a bad CRC; None when nothing)."""
@@ -255,10 +244,15 @@ def _png_walk(data: bytes) -> tuple[bool, str | None]:
         i = end + 4
 
 
-def _spng_can_decode(data: bytes, img: Image.Image) -> bool:
-    """Whether libspng decodes this PNG to exactly Pillow's pixels: what _spng_takes checks,
-    and no chunk that could carry an orientation (Pillow handles those)."""
-    return _spng_takes(data, img) and not _png_walk(data)[0]
+def _spng_plan(data: bytes, img: Image.Image) -> tuple[bool, str | None]:
+    """(whether libspng decodes this PNG to exactly Pillow's pixels, what is wrong with the
+    file or None). libspng takes 8 bits per sample, no palette, no tRNS colour key, and
+    no chunk that could carry an orientation (Pillow handles those); only then are the
+    chunks walked."""
+    if pyspng is None or len(data) < 29 or data[24] != 8 or data[25] not in _SPNG_COLOUR_TYPES or "transparency" in img.info:
+        return False, None
+    oriented, problem = _png_walk(data)
+    return not oriented, problem
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:

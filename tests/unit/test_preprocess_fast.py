@@ -293,7 +293,7 @@ def test_pngs_libspng_leaves_to_pillow_decode_as_before(monkeypatch):
     ]
     got = [np.asarray(decode_image(d, min_side=MIN_SIDE)) for d in cases]
     assert got[4].shape == got[5].shape == (300, 200, 3)  # turned by its EXIF tag, by its XMP
-    assert not any(pre._spng_can_decode(d, Image.open(io.BytesIO(d))) for d in cases)
+    assert not any(pre._spng_plan(d, Image.open(io.BytesIO(d)))[0] for d in cases)
     _pillow_only(monkeypatch)
     for d, g in zip(cases, got, strict=True):
         assert np.array_equal(g, np.asarray(decode_image(d, min_side=MIN_SIDE)))
