@@ -269,8 +269,7 @@ RELOAD_TIMEOUT_FACTOR = 3.0
 
 def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=None) -> threading.Thread:
     """metrics: a launcher.metrics.ReplicaMetrics that records the probes and events."""
-    import tritonclient.http as httpclient
-
+    from .control import ModelControl
     from .supervisor import BackgroundProbe, GiveUp, Supervisor
 
     observe = metrics.probe if metrics is not None else None
@@ -282,8 +281,14 @@ def supervise(server: TritonServer, a: argparse.Namespace, stop: Stop, metrics=N
     # past RELOAD_TIMEOUT_FACTOR x that (at least RELOAD_TIMEOUT_MIN_S) has met a server
     # wedged the same way, and is a restart instead of minutes of waiting.
     reload_timeout_s = max(RELOAD_TIMEOUT_MIN_S, RELOAD_TIMEOUT_FACTOR * (server.startup_s or RELOAD_TIMEOUT_MIN_S))
-    control = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=5.0)
-    loader = httpclient.InferenceServerClient(server.http_url, connection_timeout=5.0, network_timeout=reload_timeout_s)
+
+    # A call waiting for its answer is given up as soon as the server stops listening (an
+    # abort closes the endpoints at once; the process may linger): a restart follows.
+    def serving() -> bool:
+        return server.running() and server.listening()
+
+    control = ModelControl(server.http_url, 5.0, serving=serving)
+    loader = ModelControl(server.http_url, reload_timeout_s, serving=serving)
     sup = Supervisor(
         server,
         probe,

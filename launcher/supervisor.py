@@ -121,7 +121,7 @@ class Supervisor:
         self,
         server: TritonServer,
         probe,
-        control,  # tritonclient.http.InferenceServerClient (or anything with load/unload_model)
+        control,  # launcher.control.ModelControl (or anything with load/unload_model and the index)
         *,
         loader=None,  # the client for load_model: loading may take long, the other calls must not
         interval_s: float = 0.5,

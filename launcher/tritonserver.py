@@ -272,6 +272,18 @@ class TritonServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def listening(self) -> bool:
+        """Whether the HTTP endpoint takes connections. Only a refused connect says no (no
+        listener: an aborted server closes its endpoints before it exits); a slow one is
+        a busy server, not a gone one."""
+        try:
+            with socket.create_connection((_client_host(self.host), self.ports["http"]), timeout=1.0):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True
+
     def stop(self, wait_s: float | None = None) -> bool:
         """Drain and stop: on SIGTERM Triton turns readiness false, refuses new requests
         with UNAVAILABLE and finishes those in flight for up to exit_timeout_s. Killed

@@ -45,7 +45,7 @@ def test_a_killed_stub_is_detected_and_repaired_and_clients_with_retries_lose_no
         assert r["not_ready_after_s"] is not None, f"{target}: readiness never said NOT ready while broken"
         assert r["repaired_after_s"] is not None, f"{target}: never ready again: {r['supervisor']}"
         assert r["captions_again_after_s"] is not None, r["supervisor"]
-        assert r["lost"] == 0, r["lost_samples"]
+        assert r["lost"] == 0, (r["lost_samples"], r["supervisor"])
 
 
 def test_a_stopped_stub_is_repaired(report):
@@ -56,7 +56,7 @@ def test_a_stopped_stub_is_repaired(report):
     assert r["not_ready_after_s"] is not None and r["repaired_after_s"] is not None, r["supervisor"]
     assert any("model_broken model=preprocess" in e for e in r["supervisor"]), r["supervisor"]
     assert r["captions_again_after_s"] is not None, r["supervisor"]
-    assert r["lost"] == 0, r["lost_samples"]
+    assert r["lost"] == 0, (r["lost_samples"], r["supervisor"])
 
 
 def test_a_stub_frozen_between_executes_is_repaired(report):
@@ -66,14 +66,14 @@ def test_a_stub_frozen_between_executes_is_repaired(report):
     assert r["stopped"] == "between executes"
     assert r["not_ready_after_s"] is not None and r["repaired_after_s"] is not None, r["supervisor"]
     assert any(f"model_broken model={r['target']}" in e for e in r["supervisor"]), r["supervisor"]
-    assert r["lost"] == 0, r["lost_samples"]
+    assert r["lost"] == 0, (r["lost_samples"], r["supervisor"])
 
 
 def test_a_killed_tritonserver_is_restarted_without_orphans(report):
     r = report[("server-kill", None)]
     assert r["captions_again_after_s"] is not None, r["supervisor"]
     assert r["orphaned_stubs_left"] == 0
-    assert r["lost"] == 0, r["lost_samples"]
+    assert r["lost"] == 0, (r["lost_samples"], r["supervisor"])
 
 
 def test_sigterm_drains_every_accepted_request(report):
