@@ -16,6 +16,9 @@ Every scenario starts the launcher the way `make serve` does (`python -m launche
   library caption with retries: time until readiness says NOT ready and until it is
   ready again (repaired), time until captions come back, requests lost;
 - server-kill: SIGKILL of tritonserver itself: time to captions again, orphaned stubs left;
+- abort-in-repair: SIGKILL of a stub, then SIGABRT of tritonserver while the supervisor
+  reloads its model (the Python backend's abort on a lock the dead stub held): the
+  reload given up, the server restarted, requests lost;
 - drain: SIGTERM to the launcher under load: accepted requests that failed (must be 0),
   what new requests got;
 - soak: steady load: failures and the server's memory (RSS of tritonserver and its stubs);

@@ -67,6 +67,17 @@ def _server_kill(r: dict, results: dict) -> list[str]:
     ]
 
 
+def _abort_in_repair(r: dict, results: dict) -> list[str]:
+    return [
+        f"## abort-in-repair: {r['model']} `{r['target']}` stub (SIGKILL), then tritonserver SIGABRT during the repair",
+        f"- abort ({r['abort']}) {r['aborted_after_s']} s after the kill; ready again "
+        f"**{r['ready_again_after_abort_s']} s** after the abort; "
+        f"requests {r['requests']}, lost **{r['lost']}** {r['lost_samples'] or ''}",
+        _supervisor(r),
+        "",
+    ]
+
+
 def _drain(r: dict, results: dict) -> list[str]:
     return [
         f"## drain: {r['model']} (SIGTERM to the launcher, {results['plan']['fault_clients'] * 2} clients)",
@@ -122,6 +133,7 @@ RENDERERS: dict[str, Callable[[dict, dict], list[str]]] = {
     "hang": _stub_fault,
     "hang-idle": _stub_fault,
     "server-kill": _server_kill,
+    "abort-in-repair": _abort_in_repair,
     "drain": _drain,
     "soak": _soak,
     "rollout": _rollout,

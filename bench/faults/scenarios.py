@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -171,6 +172,65 @@ def server_kill(run: FaultRun, model: str, launcher: Launcher) -> None:
         **outcome(log, t_kill),
         orphaned_stubs_left=sum(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in old_stubs),
         supervisor=launcher.supervisor_events()[-6:],
+    )
+
+
+@scenario("abort-in-repair")
+def abort_in_repair(run: FaultRun, model: str, launcher: Launcher) -> None:
+    """SIGKILL of the first stub model's stub, then SIGABRT of tritonserver once the
+    supervisor repairs it: what the Python backend does when the stub died holding its
+    shared-memory lock (boost::interprocess::lock_exception while the model reloads). The
+    endpoints close at once but the process may linger: the reload must be given up and
+    the server restarted, not waited out while every client is refused. Now and then the
+    kill alone makes tritonserver abort before the repair begins; that is recorded as
+    such (`abort`: "by itself")."""
+    target = launcher.stub_models()[0]
+    server = launcher.tritonserver()
+    seen = len(launcher.supervisor_events())
+    aborted: list[tuple[str, float]] = []  # (how, when)
+
+    def abort_once_repairing() -> None:
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline:
+            events = launcher.supervisor_events()[seen:]
+            if any("server_exited" in e for e in events):
+                aborted.append(("by itself", time.monotonic()))
+                return
+            if any("model_broken" in e for e in events):
+                time.sleep(0.05)  # the unload is done and the reload sent (it takes ~2 s)
+                server.send_signal(signal.SIGABRT)
+                aborted.append(("SIGABRT during the repair", time.monotonic()))
+                return
+            time.sleep(0.005)
+
+    def fault() -> None:
+        os.kill(launcher.stub(target), signal.SIGKILL)
+        threading.Thread(target=abort_once_repairing, name="abort", daemon=True).start()
+
+    def ready_after_abort() -> float | None:
+        t = watch.ready_again_at
+        return t - aborted[0][1] if aborted and t is not None and t > aborted[0][1] else None
+
+    with ReadinessWatch(launcher.ready) as watch:
+        log, t_fault, _ = under_load(
+            launcher.grpc_url,
+            run.images,
+            run.plan.fault_clients,
+            run.params(model),
+            fault,
+            run.plan.watch_s,
+            repaired=lambda: ready_after_abort() is not None,
+        )
+    after_abort = ready_after_abort()
+    run.record(
+        scenario="abort-in-repair",
+        model=model,
+        target=target,
+        abort=aborted[0][0] if aborted else None,
+        aborted_after_s=round(aborted[0][1] - t_fault, 2) if aborted else None,
+        ready_again_after_abort_s=None if after_abort is None else round(after_abort, 2),
+        **outcome(log, t_fault),
+        supervisor=launcher.supervisor_events()[seen:][-6:],
     )
 
 

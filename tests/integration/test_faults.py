@@ -76,6 +76,20 @@ def test_a_killed_tritonserver_is_restarted_without_orphans(report):
     assert r["lost"] == 0, (r["lost_samples"], r["supervisor"])
 
 
+def test_a_server_aborting_during_a_repair_is_restarted_at_once_and_clients_lose_nothing(report):
+    """The Python backend's abort when a killed stub held its shared-memory lock: the
+    endpoints close, the process lingers. The reload is given up (not waited out for its
+    timeout while every client is refused) and the server restarted."""
+    (r,) = [r for (scenario, _), r in report.items() if scenario == "abort-in-repair"]
+    events = r["supervisor"]
+    # "by itself": the kill alone made tritonserver abort, before the repair began
+    assert r["abort"] in ("SIGABRT during the repair", "by itself"), f"no abort seen: {events}"
+    assert any("restarted" in e for e in events), events
+    assert not any("reload_failed" in e and "TimeoutError" in e for e in events), events
+    assert r["ready_again_after_abort_s"] is not None, events
+    assert r["lost"] == 0, (r["lost_samples"], events)
+
+
 def test_sigterm_drains_every_accepted_request(report):
     r = report[("drain", None)]
     assert r["in_flight_at_sigterm"] > 0

@@ -154,9 +154,9 @@ def observed(triton_server, tmp_path_factory):
                         out["dashboard"][(title, expr)] = e
             out["load"] = dict(load.counts)
             # Three repairs of one model. The stub is killed between requests (only the
-            # supervisor's probe runs now): a stub SIGKILLed mid-request can leave
-            # tritonserver wedged (docs/operations.md), and then the supervisor restarts it
-            # only after its 120 s load timeout.
+            # supervisor's probe runs now): a stub SIGKILLed mid-request can make
+            # tritonserver abort (docs/operations.md), and the supervisor then restarts it:
+            # a restart, not the repair this test counts.
             for n in (1, 2, 3):
                 killed = srv.stub(KILLED)
                 os.kill(killed, signal.SIGKILL)
