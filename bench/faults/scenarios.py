@@ -122,6 +122,16 @@ def hang_idle(run: FaultRun, model: str, launcher: Launcher) -> None:
     stub_fault(run, model, launcher, launcher.encoder_model(), "hang-idle")
 
 
+def faulted_load(
+    run: FaultRun, model: str, launcher: Launcher, fault: Callable[[], object], repaired: Callable[[], bool], watch_s: float = 0.0
+) -> tuple[list, float, object]:
+    """load.under_load with the run's images, clients and the model's parameters, against
+    `launcher`, watching for up to watch_s (default: the plan's)."""
+    return under_load(
+        launcher.grpc_url, run.images, run.plan.fault_clients, run.params(model), fault, watch_s or run.plan.watch_s, repaired
+    )
+
+
 def stub_fault(run: FaultRun, model: str, launcher: Launcher, target: str, name: str) -> None:
     """One stub fault under client-library load, timed by readiness: NOT ready, and
     ready again (the supervisor's repair)."""
@@ -131,15 +141,7 @@ def stub_fault(run: FaultRun, model: str, launcher: Launcher, target: str, name:
     else:
         sig, fault = signal.SIGSTOP, lambda: launcher.stop_stub(target, inside=name == "hang")
     with ReadinessWatch(launcher.ready) as watch:
-        log, t_fault, stopped = under_load(
-            launcher.grpc_url,
-            run.images,
-            run.plan.fault_clients,
-            run.params(model),
-            fault,
-            run.plan.watch_s,
-            repaired=lambda: watch.ready_again_at is not None,
-        )
+        log, t_fault, stopped = faulted_load(run, model, launcher, fault, lambda: watch.ready_again_at is not None)
     inside = stopped[1] if isinstance(stopped, tuple) else None  # stop_stub's (pid, inside); a kill returns None
 
     def after(t: float | None) -> float | None:
@@ -163,9 +165,7 @@ def server_kill(run: FaultRun, model: str, launcher: Launcher) -> None:
     """SIGKILL of tritonserver itself: captions again, and no stub of it left behind."""
     ts = launcher.tritonserver()
     old_stubs = [s.pid for s in stubs_of(ts.pid)]
-    log, t_kill, _ = under_load(
-        launcher.grpc_url, run.images, run.plan.fault_clients, run.params(model), ts.kill, run.plan.watch_s * 2
-    )
+    log, t_kill, _ = faulted_load(run, model, launcher, ts.kill, lambda: True, run.plan.watch_s * 2)
     run.record(
         scenario="server-kill",
         model=model,
@@ -212,15 +212,7 @@ def abort_in_repair(run: FaultRun, model: str, launcher: Launcher) -> None:
         return t - aborted[0][1] if aborted and t is not None and t > aborted[0][1] else None
 
     with ReadinessWatch(launcher.ready) as watch:
-        log, t_fault, _ = under_load(
-            launcher.grpc_url,
-            run.images,
-            run.plan.fault_clients,
-            run.params(model),
-            fault,
-            run.plan.watch_s,
-            repaired=lambda: ready_after_abort() is not None,
-        )
+        log, t_fault, _ = faulted_load(run, model, launcher, fault, lambda: ready_after_abort() is not None)
     after_abort = ready_after_abort()
     run.record(
         scenario="abort-in-repair",
