@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 
 from builder import versions
 from launcher import rollout as ro
@@ -310,15 +311,21 @@ def repair_on_serving_version(
 ) -> dict:
     """SIGKILL the stub of the serving version's last model on a caption's path
     (caption_generator; preprocess in the whole layout), no load: seconds until the
-    supervisor has it back on that version and a caption is the version's own again."""
-    ts = launcher.tritonserver()
+    supervisor has it back on that version and a caption is the version's own again. A
+    kill that makes tritonserver abort is repaired by a restart (a new tritonserver, which
+    loads the versions the configs pin)."""
     version = int(label.split(":")[0])
     model = launcher.stub_models()[-1]
-    victim = next(s for s in stubs_of(ts.pid) if s.model == model and s.version == version)
+    victim = next(s for s in stubs_of(launcher.tritonserver().pid) if s.model == model and s.version == version)
     t0 = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
     while time.monotonic() - t0 < limit_s:
-        back = [s for s in stubs_of(ts.pid) if s.model == model and s.version == version and s.pid != victim.pid]
+        try:
+            stubs = stubs_of(launcher.tritonserver().pid)
+        except (RuntimeError, psutil.Error):  # between a restart's kill and its start
+            time.sleep(0.2)
+            continue
+        back = [s for s in stubs if s.model == model and s.version == version and s.pid != victim.pid]
         if back and launcher.ready():
             try:
                 caption, named = ro.caption_through(server, png)
