@@ -5,8 +5,8 @@ supervisor, on plain http.client: one connection per call, so any thread may cal
 A call that waits for its answer asks `serving()` every `poll_s` and is abandoned with
 ServerGone when it says no. A tritonserver that aborts inside its Python backend
 (`boost::interprocess::lock_exception` when a stub died holding a shared-memory lock)
-closes its endpoints but does not exit; a load sent just before would otherwise wait out
-its whole timeout while every client is refused."""
+closes its endpoints at once, but its process can linger; a load sent just before would
+otherwise wait out its whole timeout while every client is refused."""
 
 from __future__ import annotations
 
@@ -45,9 +45,6 @@ class ModelControl:
 
     def get_model_repository_index(self, headers: dict[str, str] | None = None) -> list[dict]:
         return json.loads(self._call("/v2/repository/index", headers) or b"[]")
-
-    def close(self) -> None:
-        """Nothing held between calls; here for the client interface."""
 
     def _call(self, path: str, headers: dict[str, str] | None) -> bytes:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
