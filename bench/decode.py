@@ -4,7 +4,8 @@ images callers send: 1024 px JPEG q90, 1024 px PNG, and the 128 px PNG the rest 
 benchmark uses. Single-threaded, in-process, same bytes for both paths; the fast path
 once more with Pillow alone (`fast, Pillow only`: Pillow's PNG decoder in place of
 libspng, Pillow's draft scales in place of libjpeg-turbo's M/8 through simplejpeg; what
-the fast path costs where neither is installed).
+the fast path costs where neither is installed), and with libspng inflating PNGs itself
+(`fast, zlib inflate`: without libdeflate).
 
     python -m bench.decode                   # both model sides (64: default, 299: seed-inception)
     python -m bench.decode --sides 64 --rounds 5
@@ -53,12 +54,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def one_pass(images: list[bytes], cfg: PreprocessConfig, libs: bool = True) -> tuple[float, float]:
-    """(CPU ms, wall ms) per image over one pass; libs=False: Pillow decodes PNGs and JPEGs
-    (no libspng, no libjpeg-turbo M/8 scales through simplejpeg)."""
-    keep, keep_jpeg = pre.pyspng, pre.simplejpeg
-    pre.pyspng = keep if libs else None
-    pre.simplejpeg = keep_jpeg if libs else None
+# The decoding libraries captioner.preprocess uses where installed.
+LIBS = ("pyspng", "deflate", "simplejpeg")
+
+
+def one_pass(images: list[bytes], cfg: PreprocessConfig, without: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(CPU ms, wall ms) per image over one pass, with the libraries named in `without`
+    left out: ("deflate",) has libspng inflate PNGs with zlib; all of LIBS, Pillow
+    decodes PNGs and JPEGs (no libjpeg-turbo M/8 scales through simplejpeg)."""
+    keep = {name: getattr(pre, name) for name in LIBS}
+    for name in without:
+        setattr(pre, name, None)
     try:
         c0, w0 = time.process_time(), time.perf_counter()
         for data in images:
@@ -66,19 +72,25 @@ def one_pass(images: list[bytes], cfg: PreprocessConfig, libs: bool = True) -> t
         n = len(images)
         return (time.process_time() - c0) * 1e3 / n, (time.perf_counter() - w0) * 1e3 / n
     finally:
-        pre.pyspng, pre.simplejpeg = keep, keep_jpeg
+        for name, lib in keep.items():
+            setattr(pre, name, lib)
 
 
 def measure(images: list[bytes], side: int, rounds: int) -> dict[str, tuple[float, float]]:
     exact = PreprocessConfig(side, decode="exact")
     fast = replace(exact, decode="fast")
-    paths = (("exact", exact, True), ("fast", fast, True), ("fast, Pillow only", fast, False))
-    for _, cfg, libs in paths:  # warm: imports, first allocations
-        one_pass(images[:2], cfg, libs)
+    paths: tuple[tuple[str, PreprocessConfig, tuple[str, ...]], ...] = (
+        ("exact", exact, ()),
+        ("fast", fast, ()),
+        ("fast, zlib inflate", fast, ("deflate",)),
+        ("fast, Pillow only", fast, LIBS),
+    )
+    for _, cfg, without in paths:  # warm: imports, first allocations
+        one_pass(images[:2], cfg, without)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in paths}
     for _ in range(rounds):
-        for name, cfg, libs in paths:
-            runs[name].append(one_pass(images, cfg, libs))
+        for name, cfg, without in paths:
+            runs[name].append(one_pass(images, cfg, without))
     return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in runs.items()}
 
 
@@ -99,18 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     data = {name: [ph.data for ph in photos(a.images, a.seed, **kw)] for name, kw in WORKLOADS.items()}
     if pre.pyspng is None:
         print("pyspng is not installed (or CAPTIONER_PNG_DECODER=pillow): every column decodes PNGs with Pillow")
+    if pre.deflate is None:
+        print("deflate is not installed (or CAPTIONER_PNG_DECODER is not libdeflate): libspng inflates PNGs itself")
     if pre.simplejpeg is None:
         print("simplejpeg is not installed (or CAPTIONER_JPEG_DECODER=pillow): the fast path's JPEGs use Pillow's draft")
-    print("| model side | images | bytes/image | exact | fast | fast, Pillow only | exact / fast | Pillow only / fast |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| model side | images | bytes/image | exact | fast | fast, zlib inflate | fast, Pillow only "
+        "| exact / fast | zlib inflate / fast | Pillow only / fast |"
+    )
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in sides:
         for name, images in data.items():
             r = measure(images, side, a.rounds)
-            (ec, ew), (fc, fw), (pc, pw) = r["exact"], r["fast"], r["fast, Pillow only"]
+            (ec, ew), (fc, fw), (zc, zw), (pc, pw) = (r["exact"], r["fast"], r["fast, zlib inflate"], r["fast, Pillow only"])
             size = sum(map(len, images)) / len(images)
             print(
                 f"| {side} | {name} | {size / 1e3:,.0f} KB | {ec:.2f} ms ({ew:.2f}) | {fc:.2f} ms ({fw:.2f}) "
-                f"| {pc:.2f} ms ({pw:.2f}) | {ec / fc:.2f}x | {pc / fc:.2f}x |",
+                f"| {zc:.2f} ms ({zw:.2f}) | {pc:.2f} ms ({pw:.2f}) | {ec / fc:.2f}x | {zc / fc:.2f}x | {pc / fc:.2f}x |",
                 flush=True,
             )
     return 0

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = ("ray", "litserve", "mlserver")
 VENV_ROOT = ROOT / ".peers"
 # What a peer imports from the Triton stack's dependencies: same versions, same kernels.
-SHARED = ("numpy", "onnxruntime", "openvino", "pillow", "pyspng", "simplejpeg")
+SHARED = ("numpy", "onnxruntime", "openvino", "pillow", "pyspng", "deflate", "simplejpeg")
 STAMP = ".bench-stamp.json"
 
 

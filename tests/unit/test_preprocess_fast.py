@@ -244,6 +244,66 @@ def test_libspng_decodes_a_png_to_pillows_pixels(mode, side, monkeypatch):
     assert np.array_equal(fast, np.asarray(decode_image(data, min_side=side)))
 
 
+def _rechunked(data: bytes, edit) -> bytes:
+    """The PNG with edit(kind, payload) -> payload applied to each chunk, CRCs made valid
+    again (so the damage reaches the decoders, not the chunk walk)."""
+    out, i = [data[:8]], 8
+    while i < len(data):
+        (n,) = struct.unpack_from(">I", data, i)
+        kind = data[i + 4 : i + 8]
+        out.append(_chunk(kind, edit(kind, data[i + 8 : i + 8 + n])))
+        i += 12 + n
+    return b"".join(out)
+
+
+def _detailed(mode: str, side: int = 700) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    arr = np.asarray(smooth(side).convert(mode)).copy()
+    arr ^= rng.integers(0, 16, arr.shape, dtype=np.uint8)  # detail the filters must carry
+    return arr
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize("level", [1, 9])
+def test_libdeflate_inflates_and_libspng_unfilters_to_the_same_pixels(mode, level):
+    """With libdeflate (deflate, pinned in requirements.txt) installed, a PNG's image data
+    (Pillow writes it as many IDAT chunks) is inflated by libdeflate and handed to libspng
+    stored: the pixels are the original's, as libspng alone decodes them."""
+    import captioner.preprocess as pre
+
+    assert pre.deflate is not None, "deflate is pinned in requirements.txt: the PNG inflater is missing"
+    arr = _detailed(mode)
+    data = encode(Image.fromarray(arr), compress_level=level)
+    assert data.count(b"IDAT") > 1
+    remade = pre._inflated(data)
+    assert remade is not None and remade.count(b"IDAT") == 1
+    assert np.array_equal(pre.pyspng.load(remade), arr)
+    assert np.array_equal(np.asarray(decode_image(data)), np.asarray(pre.to_rgb(Image.fromarray(arr))))
+
+
+def test_pngs_libdeflate_cannot_inflate_are_libspngs_to_accept_or_refuse(monkeypatch):
+    """A damaged deflate stream (valid CRCs), image data shorter than the header declares,
+    or an interlaced PNG: libspng gets the original file and accepts or refuses it exactly
+    as without libdeflate."""
+    import captioner.preprocess as pre
+
+    data = encode(Image.fromarray(_detailed("RGB", 300)), compress_level=6)
+
+    def damage(kind, payload):
+        return payload[:40] + bytes(b ^ 0x5A for b in payload[40:80]) + payload[80:] if kind == b"IDAT" else payload
+
+    damaged = _rechunked(data, damage)
+    taller = _rechunked(data, lambda kind, p: p[:4] + struct.pack(">I", 301) + p[8:] if kind == b"IHDR" else p)
+    interlaced = _rechunked(data, lambda kind, p: p[:12] + b"\x01" if kind == b"IHDR" else p)
+    assert pre._inflated(data) is not None
+    for case in (damaged, taller, interlaced):
+        assert pre._inflated(case) is None
+    with_libdeflate = [reasons(case) for case in (damaged, taller, interlaced)]
+    monkeypatch.setattr(pre, "deflate", None)
+    assert with_libdeflate == [reasons(case) for case in (damaged, taller, interlaced)]
+    assert with_libdeflate[0] == ["corrupt"] * 2 and with_libdeflate[1] == ["corrupt"] * 2
+
+
 XMP_ORIENTATION_6 = (
     '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
     '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
