@@ -31,6 +31,12 @@ from captioner.serving.triton import EXECUTING_DIR_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# glibc malloc settings for tritonserver and its stubs (docs/operations.md, memory): blocks
+# under 16 MiB come from the heap and up to 64 MiB of freed heap stays in the process, so
+# the megabytes a photo's decode allocates and frees per image are reused, not handed back
+# to the kernel and page-faulted in again on the next request. An operator's own
+# GLIBC_TUNABLES replaces these.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=16777216:glibc.malloc.trim_threshold=67108864"
 
 
 class ServerError(RuntimeError):
@@ -189,6 +195,7 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if sys.prefix != sys.base_prefix:
             env["VIRTUAL_ENV"] = sys.prefix
+        env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
         self.executing_dir.mkdir(parents=True, exist_ok=True)
         env[EXECUTING_DIR_ENV] = str(self.executing_dir)
         if self.binary.wheel_root is not None:
