@@ -89,9 +89,12 @@ def stubs_of(server_pid: int) -> list[Stub]:
         if cmd and os.path.basename(cmd[0]) == STUB_BINARY and len(cmd) > 8:
             version_dir = os.path.dirname(cmd[1])
             version = os.path.basename(version_dir)
-            out.append(
-                Stub(p.pid, os.path.basename(os.path.dirname(version_dir)), cmd[8], int(version) if version.isdigit() else 1)
-            )
+            model = os.path.basename(os.path.dirname(version_dir))
+            if cmd[8] == model:
+                # The model's own stub, not an instance's: Triton runs it while it loads the
+                # model (config auto-complete) and ends it; its going away is no failure.
+                continue
+            out.append(Stub(p.pid, model, cmd[8], int(version) if version.isdigit() else 1))
     return out
 
 

@@ -334,6 +334,9 @@ def test_stubs_of_reads_model_and_instance_from_the_stub_command_line(monkeypatc
         P(5, [stub, "/repo/encoder/1/model.py", "shm", "1", "1", "9", "/x", "336", "encoder_0_0", "DEFAULT"]),
         P(6, [stub, "/repo/preprocess/1/model.py", "shm", "1", "1", "9", "/x", "336", "preprocess_0_0", "DEFAULT"], "zombie"),
         P(7, ["/usr/bin/something-else"]),
+        # the model's own stub, named after the model: Triton runs it only while it loads the
+        # model, so it is never watched (its exit is no failure)
+        P(8, [stub, "/repo/preprocess/2/model.py", "shm", "1", "1", "9", "/x", "336", "preprocess", "DEFAULT"]),
     ]
 
     class Root:
