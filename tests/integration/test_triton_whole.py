@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,14 @@ def test_whole_layout_captions_equal_the_reference_and_refuses_a_corrupt_image_a
         jobs = [(d, None) for d in images] + [(d, {"beam_size": 3}) for d in images[:8]]
         jobs.insert(N_SCENES // 2, (corrupt, None))
         answers = ask_all(server.grpc_url, jobs, concurrency=len(jobs))
-        inferences, executions = (a - b for a, b in zip(_stats(client, "preprocess"), before))
+        # The backend reports an execution's statistics after sending its responses: read
+        # until they include every request (or the deadline, and the assert below says so).
+        deadline = time.monotonic() + 15
+        while True:
+            inferences, executions = (a - b for a, b in zip(_stats(client, "preprocess"), before))
+            if inferences >= len(jobs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         ready = client.is_model_ready("captioner")
         client.close()
     bad = answers.pop(N_SCENES // 2)
